@@ -1,0 +1,207 @@
+"""Command line: run the bot (default), generate locally, sync the command tree, download a model.
+
+python -m bot                      run the bot
+python -m bot generate "a prompt" --seed 42 --out panda.png
+python -m bot sync [--guild ID]
+python -m bot download [MODEL_ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from bot.requests import InvalidRequest, RawOptions
+from bot.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("bot")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+async def open_service(settings: Settings):
+    """The store, the model runner and the executor, wired together but not yet started."""
+    from bot.pipelines import PipelineOptions, PipelineRunner
+    from bot.service import ImagineService
+    from bot.store import Store
+
+    store = await Store.open(settings.database_path)
+    runner = PipelineRunner(
+        PipelineOptions(
+            device=settings.device,
+            dtype=None if settings.dtype == "auto" else settings.dtype,
+            cache_dir=settings.model_cache,
+            attention_slicing=settings.attention_slicing,
+            vae_slicing=settings.vae_slicing,
+            safety_checker=settings.safety_checker,
+        )
+    )
+    return ImagineService(settings, store, runner)
+
+
+def make_bot(settings: Settings, service):
+    from bot.app import ImagineBot
+    from bot.discord_api import use_api_base
+
+    if settings.discord_api_base:
+        use_api_base(settings.discord_api_base)
+    return ImagineBot(settings, service)
+
+
+async def run_bot(settings: Settings) -> None:
+    from bot.discord_api import use_advertised_gateway
+
+    service = await open_service(settings)
+    bot = make_bot(settings, service)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.close()))
+    try:
+        async with bot:
+            await bot.login(settings.discord_token)
+            if settings.discord_api_base:
+                await use_advertised_gateway(bot)
+            await service.start()
+            await bot.connect()
+    finally:
+        await service.close()
+        log.info("stopped")
+
+
+async def sync_commands(settings: Settings, guild_id: int | None) -> None:
+    import discord
+
+    service = await open_service(settings)
+    try:
+        async with make_bot(settings, service) as bot:
+            await bot.login(settings.discord_token)
+            guild = discord.Object(guild_id) if guild_id else None
+            if guild is not None:
+                bot.tree.copy_global_to(guild=guild)
+            synced = await bot.tree.sync(guild=guild)
+            where = f"guild {guild_id}" if guild_id else "every server (may take up to an hour)"
+            print(
+                f"synced {len(synced)} command(s) to {where}: {', '.join(c.name for c in synced)}"
+            )
+    finally:
+        await service.store.close()
+
+
+async def generate(settings: Settings, args: argparse.Namespace) -> int:
+    """Generate through the same store and executor the bot uses, without Discord."""
+    service = await open_service(settings)
+    raw = RawOptions(
+        args.prompt,
+        args.seed,
+        args.negative_prompt,
+        args.steps,
+        args.guidance,
+        args.width,
+        args.height,
+        args.scheduler,
+        args.count,
+    )
+    try:
+        request = service.validate(raw)
+    except InvalidRequest as problem:
+        await service.store.close()
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def collect(result) -> None:
+        if result.job.id == admission.job.id and not done.done():
+            done.set_result(result)
+
+    service.add_listener(collect)
+    try:
+        await service.start()
+        admission = await service.submit(request, member_id=0)
+        for note in admission.notes:
+            print(f"note: {note}", file=sys.stderr)
+        result = await done
+    finally:
+        await service.close()
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    from bot.images import parameters_text, png_bytes
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for seed, generated in zip(request.seeds, result.images, strict=True):
+        path = out if request.count == 1 else out.with_stem(f"{out.stem}-{seed}")
+        if generated.withheld:
+            print(f"seed {seed}: withheld by the safety checker", file=sys.stderr)
+            continue
+        path.write_bytes(png_bytes(generated.image, parameters_text(request, seed)))
+        print(f"wrote {path} (seed {seed}, {result.seconds:.1f} s)")
+    return 0
+
+
+def download(settings: Settings, model_id: str) -> None:
+    """Fetch a model into the cache, so the bot can start offline (HF_HUB_OFFLINE=1)."""
+    from bot.pipelines import PipelineOptions, load_pipeline
+
+    load_pipeline(model_id, PipelineOptions(device="cpu", cache_dir=settings.model_cache))
+    print(f"{model_id} is in {settings.model_cache}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the bot (the default)")
+    gen = sub.add_parser("generate", help="generate images locally, without Discord")
+    gen.add_argument("prompt")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--scheduler")
+    gen.add_argument("--count", type=int)
+    gen.add_argument("--out", default="image.png", help="PNG path (several images get -SEED)")
+    sync = sub.add_parser("sync", help="register the slash commands with Discord")
+    sync.add_argument("--guild", type=int, help="sync to one server at once instead of globally")
+    dl = sub.add_parser("download", help="fetch a model into MODEL_CACHE")
+    dl.add_argument("model_id", nargs="?", help="Hub id (default: MODEL_ID)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = args.command or "run"
+    try:
+        settings = load_settings(require_token=command in ("run", "sync"))
+    except SettingsError as problem:
+        print(f"configuration error: {problem}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    from bot.pipelines import ModelNotAvailable
+
+    try:
+        if command == "generate":
+            return asyncio.run(generate(settings, args))
+        if command == "sync":
+            asyncio.run(sync_commands(settings, args.guild))
+        elif command == "download":
+            download(settings, args.model_id or settings.model_id)
+        else:
+            asyncio.run(run_bot(settings))
+    except ModelNotAvailable as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

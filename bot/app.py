@@ -1,0 +1,57 @@
+"""The Bot: owns the service's Discord side, loads the cogs, answers app-command errors."""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.service import ImagineService
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("cogs.imagine",)
+
+
+class ImagineTree(app_commands.CommandTree):
+    """The one error funnel for app commands: a member sees a short apology, never a traceback."""
+
+    async def on_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        log.error(
+            "command %r failed", interaction.command and interaction.command.name, exc_info=error
+        )
+        message = "Something went wrong on our side; nothing was charged. Please try again."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(message, ephemeral=True)
+            else:
+                await interaction.response.send_message(message, ephemeral=True)
+        except discord.HTTPException:
+            log.warning("could not tell the member about the error")
+
+
+class ImagineBot(commands.Bot):
+    def __init__(self, settings: Settings, service: ImagineService) -> None:
+        # Default intents: no privileged message content; slash commands and buttons need none.
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=discord.Intents.default(),
+            tree_cls=ImagineTree,
+            help_command=None,
+        )
+        self.settings = settings
+        self.service = service
+
+    async def setup_hook(self) -> None:
+        """Load the cogs. The command tree is not synced here: `python -m bot sync` does that,
+        because syncing is rate limited and rarely needed."""
+        for extension in EXTENSIONS:
+            try:
+                await self.load_extension(extension)
+            except commands.ExtensionError:
+                log.exception("could not load %s", extension)

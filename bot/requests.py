@@ -1,0 +1,228 @@
+"""What a member may ask for: request types, limits and validation.
+
+Pure Python on purpose: no torch, no discord, so the rules are testable on their own
+and the same checks guard slash commands, buttons and the command line.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+# Names a member understands, in the order shown in Discord's choice list.
+SCHEDULERS: tuple[str, ...] = ("DPM++ 2M", "Euler a", "Euler", "DDIM", "PNDM", "LMS", "UniPC")
+DEFAULT_SCHEDULER = "DPM++ 2M"
+
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 1500
+SIZE_STEP = 8
+
+
+class InvalidRequest(ValueError):
+    """A member's option is out of bounds; the message names the option and what is allowed."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"`{option}`: {message}")
+        self.option = option
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a server owner sets; members are held to them before anything is queued."""
+
+    max_steps: int = 50
+    min_side: int = 256
+    max_side: int = 1024
+    max_count: int = 4
+    max_guidance: float = 30.0
+    default_steps: int = 25
+    default_guidance: float = 7.5
+    default_width: int = 512
+    default_height: int = 512
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Everything one diffusers call takes as a single value; jobs share a call only if equal."""
+
+    model: str
+    mode: str
+    width: int
+    height: int
+    steps: int
+    scheduler: str
+    guidance: float
+    strength: float | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request: every parameter that decides the pixels, nothing about Discord."""
+
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    scheduler: str
+    count: int
+    model: str
+    negative_prompt: str = ""
+    mode: str = "text"
+    strength: float | None = None
+
+    @property
+    def batch_key(self) -> BatchKey:
+        return BatchKey(
+            model=self.model,
+            mode=self.mode,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            scheduler=self.scheduler,
+            guidance=self.guidance,
+            strength=self.strength,
+        )
+
+    @property
+    def seeds(self) -> list[int]:
+        """A job of count n uses seeds s, s+1, ... s+n-1."""
+        return [self.seed + i for i in range(self.count)]
+
+    def with_seed(self, seed: int) -> GenerationRequest:
+        return replace(self, seed=seed)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image inside a diffusers call: the parts that may differ within a batch."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+
+
+@dataclass
+class RawOptions:
+    """Options as they arrive from Discord or the command line, before any checking."""
+
+    prompt: Any
+    seed: Any = None
+    negative_prompt: Any = None
+    steps: Any = None
+    guidance: Any = None
+    width: Any = None
+    height: Any = None
+    scheduler: Any = None
+    count: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _integer(option: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(option, f"must be a whole number from {low} to {high}.")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise InvalidRequest(option, f"must be a whole number from {low} to {high}.")
+        value = int(value)
+    if not low <= value <= high:
+        raise InvalidRequest(option, f"must be from {low} to {high}, got {value}.")
+    return value
+
+
+def _text(option: str, value: Any, *, required: bool) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise InvalidRequest(option, "must be text.")
+    cleaned = "".join(ch for ch in value if ch.isprintable() or ch == " ").strip()
+    if required and not cleaned:
+        raise InvalidRequest(option, "must not be empty.")
+    if len(cleaned) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(
+            option, f"is {len(cleaned)} characters long; at most {MAX_PROMPT_CHARS} are allowed."
+        )
+    return cleaned
+
+
+def _side(option: str, value: Any, default: int, limits: Limits) -> int:
+    if value is None:
+        return default
+    side = _integer(option, value, limits.min_side, limits.max_side)
+    if side % SIZE_STEP:
+        raise InvalidRequest(
+            option,
+            f"must be a multiple of {SIZE_STEP} from {limits.min_side} to {limits.max_side}, "
+            f"got {side}.",
+        )
+    return side
+
+
+def validate(
+    raw: RawOptions, limits: Limits, model: str, rng: random.Random | None = None
+) -> GenerationRequest:
+    """Check every option against the limits and fill defaults; raise InvalidRequest on the first
+    problem so the member sees exactly which option to fix."""
+    prompt = _text("prompt", raw.prompt, required=True)
+    negative = _text("negative_prompt", raw.negative_prompt, required=False)
+    count = 1 if raw.count is None else _integer("count", raw.count, 1, limits.max_count)
+    if raw.seed is None:
+        seed = (rng or random.SystemRandom()).randint(0, MAX_SEED - count + 1)
+    else:
+        seed = _integer("seed", raw.seed, 0, MAX_SEED - count + 1)
+    steps = (
+        limits.default_steps
+        if raw.steps is None
+        else _integer("steps", raw.steps, 1, limits.max_steps)
+    )
+    if raw.guidance is None:
+        guidance = limits.default_guidance
+    else:
+        if isinstance(raw.guidance, bool) or not isinstance(raw.guidance, int | float):
+            raise InvalidRequest("guidance", f"must be a number from 0 to {limits.max_guidance}.")
+        guidance = float(raw.guidance)
+        if not math.isfinite(guidance) or not 0 <= guidance <= limits.max_guidance:
+            raise InvalidRequest(
+                "guidance", f"must be a number from 0 to {limits.max_guidance}, got {guidance}."
+            )
+        guidance = round(guidance, 2)
+    width = _side("width", raw.width, limits.default_width, limits)
+    height = _side("height", raw.height, limits.default_height, limits)
+    scheduler = DEFAULT_SCHEDULER if raw.scheduler is None else raw.scheduler
+    if scheduler not in SCHEDULERS:
+        raise InvalidRequest("scheduler", f"must be one of: {', '.join(SCHEDULERS)}.")
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        scheduler=scheduler,
+        count=count,
+        model=model,
+    )
+
+
+@dataclass(frozen=True)
+class Job:
+    """An admitted request as the store holds it: who asked, where to answer, and its state."""
+
+    id: int
+    member_id: int
+    guild_id: int | None
+    channel_id: int | None
+    request: GenerationRequest
+    status: str = "queued"
+    queued_at: float = 0.0
+    attempts: int = 0
+    batch_id: int | None = None
+
+    @property
+    def image_specs(self) -> list[ImageSpec]:
+        r = self.request
+        return [ImageSpec(r.prompt, r.negative_prompt, seed) for seed in r.seeds]

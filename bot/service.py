@@ -1,0 +1,115 @@
+"""Admission and the executor, shared by the Discord cogs and the command line.
+
+Knows nothing of Discord: a cog turns an interaction into `RawOptions` and a member id,
+and registers a listener to hear about finished jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bot.executor import Executor, JobResult, Runner
+from bot.requests import GenerationRequest, Job, RawOptions, validate
+from bot.settings import Settings
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+# CLIP reads 77 tokens: the start and end markers plus 75 of the prompt.
+MAX_PROMPT_TOKENS = 75
+
+
+class ModelRunner(Runner, Protocol):
+    def load(self, model: str) -> None: ...
+
+    def token_count(self, model: str, prompt: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a member is told right after asking: the job, where it stands, and any caveats."""
+
+    job: Job
+    position: int
+    notes: list[str] = field(default_factory=list)
+
+
+Listener = Callable[[JobResult], Awaitable[None]]
+
+
+class ImagineService:
+    def __init__(self, settings: Settings, store: Store, runner: ModelRunner) -> None:
+        self.settings = settings
+        self.store = store
+        self.runner = runner
+        self._listeners: list[Listener] = []
+        self.executor = Executor(
+            store, runner, max_batch_size=settings.max_batch_size, deliver=self._announce
+        )
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
+    async def start(self) -> None:
+        """Load the model in the worker thread (a missing model fails here, not on a member's
+        first request), put interrupted jobs back in the queue, and start draining it."""
+        await self.executor.run_in_worker(self.runner.load, self.settings.model_id)
+        requeued = await self.store.requeue_interrupted()
+        if requeued:
+            log.info("put %d interrupted job(s) back in the queue", requeued)
+        self.executor.start()
+
+    async def close(self) -> None:
+        await self.executor.stop()
+        await self.store.close()
+
+    def validate(self, raw: RawOptions) -> GenerationRequest:
+        """Raise InvalidRequest before anything is stored or charged."""
+        return validate(raw, self.settings.limits, self.settings.model_id)
+
+    def prompt_notes(self, request: GenerationRequest) -> list[str]:
+        notes = []
+        for label, text in (
+            ("prompt", request.prompt),
+            ("negative prompt", request.negative_prompt),
+        ):
+            tokens = self.runner.token_count(request.model, text) if text else 0
+            if tokens > MAX_PROMPT_TOKENS:
+                notes.append(
+                    f"The {label} is {tokens} tokens long; the model reads the first "
+                    f"{MAX_PROMPT_TOKENS}, so the rest is ignored."
+                )
+        return notes
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        member_id: int,
+        guild_id: int | None = None,
+        channel_id: int | None = None,
+        interaction_id: int | None = None,
+    ) -> Admission:
+        job = await self.store.admit(
+            request,
+            member_id=member_id,
+            guild_id=guild_id,
+            channel_id=channel_id,
+            interaction_id=interaction_id,
+        )
+        self.executor.wake()
+        position = await self.store.queue_position(job.id)
+        return Admission(job, position, self.prompt_notes(request))
+
+    async def _announce(self, result: JobResult) -> None:
+        for listener in list(self._listeners):
+            try:
+                await listener(result)
+            except Exception:
+                log.exception("a listener failed on job %s", result.job.id)

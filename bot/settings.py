@@ -1,0 +1,183 @@
+"""Typed settings from the environment and `.env`.
+
+Built by `load_settings()` rather than at import time, so tests and the command line import
+the package without a token. Each bad value stops start-up with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from bot.requests import Limits
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable and what is allowed."""
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class Settings:
+    discord_token: str
+    model_id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    database_path: Path = Path("data/bot.sqlite3")
+    model_cache: Path = Path("data/models")
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 8
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    safety_checker: bool = True
+    discord_api_base: str | None = None
+    log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+
+    def __repr__(self) -> str:  # never let the token reach a log line or traceback
+        return f"Settings(model_id={self.model_id!r}, device={self.device!r}, token=<hidden>)"
+
+
+def _parse_int(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(
+                f"{name} must be a whole number from {low} to {high}, got {raw!r}"
+            ) from None
+        if not low <= value <= high:
+            raise SettingsError(f"{name} must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _parse_float(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(
+                f"{name} must be a number from {low} to {high}, got {raw!r}"
+            ) from None
+        if not low <= value <= high:
+            raise SettingsError(f"{name} must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}") from None
+
+
+def _parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw not in choices:
+            raise SettingsError(
+                f"{name} must be one of {', '.join(choices)}, got {raw!r}"
+            ) from None
+        return raw
+
+    return parse
+
+
+def _parse_side(name: str, raw: str) -> int:
+    value = _parse_int(8, 4096)(name, raw)
+    if value % 8:
+        raise SettingsError(f"{name} must be a multiple of 8, got {value}")
+    return value
+
+
+def _parse_text(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise SettingsError(f"{name} must not be empty")
+    return raw.strip()
+
+
+# variable -> (field, parser); one table, so .env.example and the README can list the same names.
+_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "MODEL_ID": ("model_id", _parse_text),
+    "DATABASE_PATH": ("database_path", lambda n, raw: Path(_parse_text(n, raw))),
+    "MODEL_CACHE": ("model_cache", lambda n, raw: Path(_parse_text(n, raw))),
+    "DEVICE": ("device", _parse_choice(DEVICES)),
+    "DTYPE": ("dtype", _parse_choice(DTYPES)),
+    "MAX_BATCH_SIZE": ("max_batch_size", _parse_int(1, 64)),
+    "ATTENTION_SLICING": ("attention_slicing", _parse_bool),
+    "VAE_SLICING": ("vae_slicing", _parse_bool),
+    "SAFETY_CHECKER": ("safety_checker", _parse_bool),
+    "DISCORD_API_BASE": ("discord_api_base", _parse_text),
+    "LOG_LEVEL": ("log_level", lambda n, raw: _parse_choice(LOG_LEVELS)(n, raw.upper())),
+}
+_LIMIT_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "MAX_STEPS": ("max_steps", _parse_int(1, 150)),
+    "MIN_SIZE": ("min_side", _parse_side),
+    "MAX_SIZE": ("max_side", _parse_side),
+    "MAX_IMAGES_PER_REQUEST": ("max_count", _parse_int(1, 10)),
+    "DEFAULT_STEPS": ("default_steps", _parse_int(1, 150)),
+    "DEFAULT_GUIDANCE": ("default_guidance", _parse_float(0.0, 30.0)),
+    "DEFAULT_WIDTH": ("default_width", _parse_side),
+    "DEFAULT_HEIGHT": ("default_height", _parse_side),
+}
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    env_file: str | Path | None = ".env",
+    *,
+    require_token: bool = True,
+) -> Settings:
+    """Read settings from `environ` (default: the process environment) over `env_file`.
+    The environment wins over the file, as in every twelve-factor app."""
+    values: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+
+    token = values.get("DISCORD_TOKEN", "").strip()
+    if require_token and not token:
+        raise SettingsError(
+            "DISCORD_TOKEN is not set: copy the bot token from the Discord developer portal "
+            "into the environment or .env"
+        )
+    kwargs: dict[str, Any] = {"discord_token": token}
+    for variable, (name, parse) in _FIELDS.items():
+        if values.get(variable, "") != "":
+            kwargs[name] = parse(variable, values[variable])
+    limit_kwargs: dict[str, Any] = {}
+    for variable, (name, parse) in _LIMIT_FIELDS.items():
+        if values.get(variable, "") != "":
+            limit_kwargs[name] = parse(variable, values[variable])
+    limits = Limits(**limit_kwargs)
+    if limits.min_side > limits.max_side:
+        raise SettingsError(
+            f"MIN_SIZE ({limits.min_side}) must not exceed MAX_SIZE ({limits.max_side})"
+        )
+    for variable, side in (
+        ("DEFAULT_WIDTH", limits.default_width),
+        ("DEFAULT_HEIGHT", limits.default_height),
+    ):
+        if not limits.min_side <= side <= limits.max_side:
+            raise SettingsError(
+                f"{variable} must be from MIN_SIZE {limits.min_side} "
+                f"to MAX_SIZE {limits.max_side}, got {side}"
+            )
+    if limits.default_steps > limits.max_steps:
+        raise SettingsError(
+            f"DEFAULT_STEPS ({limits.default_steps}) must not exceed MAX_STEPS ({limits.max_steps})"
+        )
+    return Settings(**kwargs, limits=limits)

@@ -1,0 +1,168 @@
+"""/imagine: parse options, refuse bad input ephemerally, queue, and deliver the images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.executor import JobResult
+from bot.images import grid, parameters_text, png_bytes
+from bot.requests import SCHEDULERS, GenerationRequest, InvalidRequest, RawOptions
+from bot.service import ImagineService
+
+log = logging.getLogger(__name__)
+
+# Interaction tokens live 15 minutes; past this age we post to the channel instead.
+FOLLOWUP_WINDOW_SECONDS = 14 * 60
+
+
+def describe(request: GenerationRequest, seconds: float | None = None) -> discord.Embed:
+    """Everything needed to reproduce the images, shown under them."""
+    embed = discord.Embed(description=request.prompt[:4000], colour=discord.Colour.blurple())
+    if request.negative_prompt:
+        embed.add_field(name="Negative prompt", value=request.negative_prompt[:1024], inline=False)
+    seeds = request.seeds
+    embed.add_field(name="Seed" if len(seeds) == 1 else "Seeds", value=", ".join(map(str, seeds)))
+    embed.add_field(name="Steps", value=str(request.steps))
+    embed.add_field(name="Guidance", value=f"{request.guidance:g}")
+    embed.add_field(name="Size", value=f"{request.width}×{request.height}")
+    embed.add_field(name="Scheduler", value=request.scheduler)
+    embed.add_field(name="Model", value=request.model[:1024])
+    if seconds is not None:
+        embed.set_footer(text=f"Generated in {seconds:.1f} s")
+    return embed
+
+
+def result_files(request: GenerationRequest, result: JobResult) -> tuple[list[discord.File], int]:
+    """PNG files for the delivered images (a grid first when there are several), and how many
+    images the safety checker withheld. Runs in a thread: encoding big grids is slow."""
+    kept = [
+        (seed, generated.image)
+        for seed, generated in zip(request.seeds, result.images, strict=True)
+        if not generated.withheld
+    ]
+    files = []
+    if len(kept) > 1:
+        files.append(
+            discord.File(io.BytesIO(png_bytes(grid([img for _, img in kept]))), "grid.png")
+        )
+    for seed, image in kept:
+        data = png_bytes(image, parameters_text(request, seed))
+        files.append(discord.File(io.BytesIO(data), f"seed-{seed}.png"))
+    return files, len(result.images) - len(kept)
+
+
+class ImagineCog(commands.Cog):
+    def __init__(self, bot: commands.Bot, service: ImagineService) -> None:
+        self.bot = bot
+        self.service = service
+        # job id -> (interaction, monotonic time it arrived); memory only: tokens are secrets
+        self._interactions: dict[int, tuple[discord.Interaction, float]] = {}
+
+    async def cog_load(self) -> None:
+        self.service.add_listener(self.deliver)
+
+    async def cog_unload(self) -> None:
+        self.service.remove_listener(self.deliver)
+
+    @app_commands.command(name="imagine", description="Generate images from a text prompt")
+    @app_commands.describe(
+        prompt="What to draw",
+        seed="Seed for a repeatable image (random when left out)",
+        negative_prompt="What to keep out of the image",
+        steps="Denoising steps: more is slower and finer",
+        guidance="How closely to follow the prompt (classifier-free guidance scale)",
+        width="Width in pixels, a multiple of 8",
+        height="Height in pixels, a multiple of 8",
+        scheduler="Sampling method",
+        count="How many images (seeds follow on from the first)",
+    )
+    @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in SCHEDULERS])
+    async def imagine(
+        self,
+        interaction: discord.Interaction,
+        prompt: str,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        scheduler: str | None = None,
+        count: int | None = None,
+    ) -> None:
+        arrived = time.monotonic()
+        raw = RawOptions(
+            prompt, seed, negative_prompt, steps, guidance, width, height, scheduler, count
+        )
+        try:
+            request = self.service.validate(raw)
+        except InvalidRequest as problem:
+            await interaction.response.send_message(str(problem), ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        admission = await self.service.submit(
+            request,
+            member_id=interaction.user.id,
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+            interaction_id=interaction.id,
+        )
+        self._interactions[admission.job.id] = (interaction, arrived)
+        lines = [f"Queued as job #{admission.job.id}: {queue_text(admission.position)}"]
+        lines += admission.notes
+        await interaction.edit_original_response(content="\n".join(lines))
+
+    async def deliver(self, result: JobResult) -> None:
+        job = result.job
+        request = job.request
+        interaction, arrived = self._interactions.pop(job.id, (None, 0.0))
+        if result.error is not None:
+            content = f"<@{job.member_id}> job #{job.id} failed: {result.error}"
+            await self._post(job.id, job.channel_id, interaction, arrived, content=content)
+            return
+        files, withheld = await asyncio.to_thread(result_files, request, result)
+        lines = [f"<@{job.member_id}> job #{job.id}"]
+        if withheld:
+            lines.append(f"{withheld} of {request.count} image(s) withheld by the safety checker.")
+        await self._post(
+            job.id,
+            job.channel_id,
+            interaction,
+            arrived,
+            content="\n".join(lines),
+            embed=describe(request, result.seconds),
+            files=files,
+        )
+
+    async def _post(
+        self,
+        job_id: int,
+        channel_id: int | None,
+        interaction: discord.Interaction | None,
+        arrived: float,
+        **message: object,
+    ) -> None:
+        """Follow up while the interaction token is young; otherwise post in the channel."""
+        if interaction is not None and time.monotonic() - arrived < FOLLOWUP_WINDOW_SECONDS:
+            sent = await interaction.followup.send(wait=True, **message)
+        else:
+            channel = self.bot.get_channel(channel_id) or await self.bot.fetch_channel(channel_id)
+            sent = await channel.send(**message)
+        await self.service.store.record_delivery(job_id, sent.channel.id, sent.id)
+
+
+def queue_text(position: int) -> str:
+    if position <= 1:
+        return "next in line."
+    return f"position {position} in the queue."
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(ImagineCog(bot, bot.service))

@@ -1,0 +1,106 @@
+import asyncio
+import sqlite3
+
+import pytest
+
+from bot.requests import GenerationRequest
+from bot.store import MIGRATIONS, Store
+
+REQUEST = GenerationRequest(
+    prompt="a panda",
+    negative_prompt="blur",
+    seed=42,
+    steps=20,
+    guidance=7.5,
+    width=512,
+    height=512,
+    scheduler="Euler a",
+    count=2,
+    model="m",
+)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        self.now += 1
+        return self.now
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = await Store.open(tmp_path / "db" / "bot.sqlite3", clock=Clock())
+    yield store
+    await store.close()
+
+
+async def test_schema_is_migrated_with_wal_and_foreign_keys(tmp_path):
+    path = tmp_path / "bot.sqlite3"
+    store = await Store.open(path)
+    assert await store.schema_version() == len(MIGRATIONS)
+    await store.close()
+    store = await Store.open(path)  # reopening runs no migration twice
+    assert await store.schema_version() == len(MIGRATIONS)
+    await store.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_admitted_job_keeps_every_parameter(store):
+    job = await store.admit(REQUEST, member_id=7, guild_id=8, channel_id=9, interaction_id=10)
+    record = await store.job(job.id)
+    assert record.job.request == REQUEST
+    assert (record.job.member_id, record.job.guild_id, record.job.channel_id) == (7, 8, 9)
+    assert record.job.status == "queued" and record.interaction_id == 10
+
+
+async def test_claim_marks_a_batch_running_and_positions_move(store):
+    other = GenerationRequest(**{**REQUEST.__dict__, "width": 256, "count": 1})
+    first = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
+    odd = await store.admit(other, member_id=2, guild_id=1, channel_id=1)
+    third = await store.admit(REQUEST, member_id=3, guild_id=1, channel_id=1)
+    assert [await store.queue_position(j.id) for j in (first, odd, third)] == [1, 2, 3]
+
+    batch_id, jobs = await store.claim_batch(8)
+    assert [j.id for j in jobs] == [first.id, third.id]
+    for job in jobs:
+        record = await store.job(job.id)
+        assert record.job.status == "running" and record.job.batch_id == batch_id
+        assert record.batch_size == 4 and record.job.attempts == 1 and record.started_at
+    assert await store.queue_position(odd.id) == 1
+    assert await store.queue_position(first.id) == 0
+
+    await store.mark_done(first.id, withheld=1)
+    await store.mark_failed(third.id, "boom")
+    await store.record_delivery(first.id, 55, 66)
+    done, failed = await store.job(first.id), await store.job(third.id)
+    assert (done.job.status, done.withheld, done.result_message_id) == ("done", 1, 66)
+    assert done.finished_at is not None
+    assert (failed.job.status, failed.error) == ("failed", "boom")
+
+
+async def test_interrupted_jobs_are_queued_again_in_order(store):
+    a = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
+    b = await store.admit(REQUEST, member_id=2, guild_id=1, channel_id=1)
+    await store.claim_batch(2)  # a alone fills the cap of 2 images
+    assert await store.requeue_interrupted() == 1
+    assert [j.id for j in await store.pending_jobs()] == [a.id, b.id]
+
+
+async def test_concurrent_claims_never_hand_out_a_job_twice(store):
+    for member in range(10):
+        await store.admit(REQUEST, member_id=member, guild_id=1, channel_id=1)
+    claims = await asyncio.gather(*(store.claim_batch(4) for _ in range(8)))
+    seen = [job.id for claim in claims if claim for job in claim[1]]
+    assert len(seen) == len(set(seen)) == 10
+
+
+async def test_status_check_constraint_rejects_unknown_states(store, tmp_path):
+    await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
+    with (
+        sqlite3.connect(tmp_path / "db" / "bot.sqlite3") as raw,
+        pytest.raises(sqlite3.IntegrityError),
+    ):
+        raw.execute("UPDATE jobs SET status = 'lost'")
