@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {problem}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if command == "download":  # the Hub client reads this once, at import
+        os.environ["HF_HUB_OFFLINE"] = "0"
     from bot.pipelines import ModelNotAvailable
 
     try:

@@ -1,0 +1,25 @@
+# GPU image: CUDA PyTorch base, non-root user, model cache and database on the /data volume.
+#   docker build -t imagine-bot .
+#   docker run --rm -v imagine-data:/data imagine-bot python -m bot download   # once
+#   docker run -d --gpus all --env-file .env -v imagine-data:/data imagine-bot
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    DATABASE_PATH=/data/bot.sqlite3 \
+    MODEL_CACHE=/data/models \
+    HF_HOME=/data/huggingface \
+    HF_HUB_OFFLINE=1
+
+RUN useradd --create-home --uid 1000 bot && mkdir /data && chown bot:bot /data
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY bot ./bot
+COPY cogs ./cogs
+RUN pip install .
+
+USER bot
+VOLUME /data
+# The model is never fetched at start-up: `python -m bot download` does it (it needs
+# HF_HUB_OFFLINE=0, which the download command sets for itself).
+CMD ["python", "-m", "bot"]

@@ -1,0 +1,432 @@
+"""Loading Stable Diffusion pipelines and running one diffusers call per batch.
+
+Everything torch touches lives here, so the rest of the bot can stay importable and testable
+without a GPU. The tiny random-weight model goes through the same loading code as real ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+# The top-level name is a placeholder that raises when scipy is missing; the real class is here.
+from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
+
+from bot.requests import SCHEDULERS, BatchKey, ImageSpec
+
+# CLIP sees 77 positions: a start token, 75 prompt tokens and an end token.
+MAX_PROMPT_TOKENS = 75
+TINY_MODEL = "tiny"
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ModelNotAvailable(RuntimeError):
+    """The weights are not on this machine and cannot be fetched now; the message says how."""
+
+
+def resolve_device(setting: str, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """Turn the `device`/`dtype` settings into torch values; fail at start-up, not mid-batch."""
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
+    if setting == "auto":
+        if torch.cuda.is_available():
+            device = torch.device("cuda")
+        elif torch.backends.mps.is_available():
+            device = torch.device("mps")
+        else:
+            device = torch.device("cpu")
+    elif setting == "cpu":
+        device = torch.device("cpu")
+    elif setting == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' was asked for but this machine has no MPS backend.")
+        device = torch.device("mps")
+    elif setting == "cuda" or setting.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {setting!r} was asked for but CUDA is not available here "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+                "use 'cpu' or 'auto'."
+            )
+        try:
+            device = torch.device(setting)
+        except RuntimeError as exc:
+            raise ValueError(f"device {setting!r} is not a valid CUDA device name.") from exc
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {setting!r} was asked for but only {torch.cuda.device_count()} "
+                "CUDA device(s) are visible."
+            )
+    else:
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {setting!r}.")
+    if dtype is not None:
+        return device, _DTYPES[dtype]
+    return device, torch.float32 if device.type == "cpu" else torch.float16
+
+
+@dataclass
+class PipelineOptions:
+    """How pipelines are loaded; one value per bot process, taken from the settings."""
+
+    device: str = "auto"
+    dtype: str | None = None
+    cache_dir: Path = Path("data/models")
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    safety_checker: bool = True
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-to-printable-character table, which CLIP's byte-level BPE also uses."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer with no merges: every byte is a token, so any text encodes offline."""
+    symbols = list(_bytes_to_unicode().values())
+    tokens = [*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _tiny_pipeline(with_safety_checker: bool) -> StableDiffusionPipeline:
+    """SD 1.x's architecture at toy size: same classes and latent geometry, random weights."""
+    tokenizer = _tiny_tokenizer()
+    ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4}
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    # Four blocks give SD's VAE scale factor of 8: 64×64 pixels ↔ 8×8 latents.
+    vae = AutoencoderKL(
+        sample_size=64,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(**small, **ids, num_hidden_layers=2, max_position_embeddings=77)
+    )
+    # SD 1.5's scheduler_config.json verbatim; PNDM keeps `clip_sample` as a hidden entry that
+    # DDIM picks up, as it does with the real model.
+    scheduler = PNDMScheduler.from_config(
+        {
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "trained_betas": None,
+            "skip_prk_steps": True,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+            "clip_sample": False,
+        }
+    )
+    safety_checker = feature_extractor = None
+    if with_safety_checker:
+        safety_checker = StableDiffusionSafetyChecker(
+            CLIPConfig(
+                text_config={**small, **ids, "num_hidden_layers": 1},
+                vision_config={**small, "num_hidden_layers": 1, "image_size": 32, "patch_size": 8},
+                projection_dim=32,
+            )
+        )
+        feature_extractor = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=with_safety_checker,
+    )
+
+
+def build_tiny_model(folder: Path, *, with_safety_checker: bool = False) -> Path:
+    """Save a tiny random SD 1.x model into `folder` (reused if already complete), so tests and
+    offline smoke runs exercise the real loading code without downloading weights."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if index.is_file():
+        has_checker = json.loads(index.read_text()).get("safety_checker", [None])[0] is not None
+        if has_checker != with_safety_checker:
+            raise FileExistsError(
+                f"{folder} holds a tiny model {'with' if has_checker else 'without'} a safety "
+                "checker; delete it or use another folder."
+            )
+        return folder
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty but holds no model_index.json.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so an interrupted build never looks complete.
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            pipe = _tiny_pipeline(with_safety_checker)
+        pipe.save_pretrained(staging)
+        if folder.exists():
+            folder.rmdir()
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _looks_like_path(model_id: str) -> bool:
+    """Hub ids are `owner/name`; anything else with a separator or dot prefix is a folder."""
+    return (
+        Path(model_id).expanduser().exists()
+        or model_id.startswith((".", "~", "/", "\\"))
+        or model_id.count("/") > 1
+        or "\\" in model_id
+    )
+
+
+def _not_available(model_id: str, options: PipelineOptions, reason: str) -> ModelNotAvailable:
+    cache = options.cache_dir
+    if _looks_like_path(model_id):
+        hint = (
+            "Point the model setting at a folder written by `save_pretrained` (it holds "
+            "model_index.json), or at a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
+        )
+    else:
+        offline = (
+            " HF_HUB_OFFLINE is set, so nothing is downloaded at start-up."
+            if (os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"})
+            else ""
+        )
+        hint = (
+            f"Fetch it once with `python -m bot download {model_id}` or "
+            f"`huggingface-cli download {model_id} --cache-dir {cache}`, then start the bot "
+            f"again.{offline}"
+        )
+    return ModelNotAvailable(f"Model {model_id!r} is not available: {reason}. {hint}")
+
+
+def load_pipeline(model_id: str, options: PipelineOptions) -> StableDiffusionPipeline:
+    """Load a text-to-image pipeline from a Hub id or a local folder, ready to call on the device;
+    `tiny` is built locally first and then loaded exactly like a real model."""
+    device, dtype = resolve_device(options.device, options.dtype)
+    source = model_id
+    if model_id == TINY_MODEL:
+        source = str(build_tiny_model(Path(options.cache_dir) / "tiny-sd"))
+    elif _looks_like_path(model_id):
+        folder = Path(model_id).expanduser()
+        if not folder.is_dir():
+            raise _not_available(model_id, options, "no such folder")
+        if not (folder / "model_index.json").is_file():
+            raise _not_available(model_id, options, "the folder holds no model_index.json")
+        source = str(folder)
+    extra: dict[str, Any] = {}
+    if not options.safety_checker:
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, dtype=dtype, cache_dir=str(options.cache_dir), **extra
+        )
+    except (OSError, HFValidationError, EntryNotFoundError) as exc:
+        # huggingface_hub's "not cached", "offline", "not found" and connection errors are all
+        # OSError subclasses; the first line of the original names the real cause.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _not_available(model_id, options, reason) from exc
+    if options.attention_slicing:
+        pipe.enable_attention_slicing()
+    if options.vae_slicing:
+        pipe.vae.enable_slicing()
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class _ExactLMSScheduler(LMSDiscreteScheduler):
+    """LMS with its coefficient integrated exactly (it is a polynomial), so scipy is not needed;
+    scipy's quadrature gives the same numbers up to rounding."""
+
+    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        sigmas = self.sigmas.double().numpy()
+        poly = np.polynomial.Polynomial([1.0])
+        for k in range(order):
+            if k != current_order:
+                root = sigmas[t - k]
+                poly *= np.polynomial.Polynomial([-root, 1.0]) / (sigmas[t - current_order] - root)
+        antiderivative = poly.integ()
+        return float(antiderivative(sigmas[t + 1]) - antiderivative(sigmas[t]))
+
+
+_SCHEDULER_TYPES: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "Euler a": (EulerAncestralDiscreteScheduler, {}),
+    "Euler": (EulerDiscreteScheduler, {}),
+    "DDIM": (DDIMScheduler, {}),
+    "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
+    "LMS": (_ExactLMSScheduler, {}),
+    "UniPC": (UniPCMultistepScheduler, {}),
+}
+
+
+def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
+    """A fresh scheduler for one call, built from the model's own config (betas, offsets), since
+    scheduler instances keep per-run state."""
+    if name not in _SCHEDULER_TYPES:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of: {', '.join(SCHEDULERS)}.")
+    cls, overrides = _SCHEDULER_TYPES[name]
+    return cls.from_config(base_config, **overrides)
+
+
+def _with_scheduler(base: StableDiffusionPipeline, name: str) -> StableDiffusionPipeline:
+    """A shallow copy of `base` sharing its modules (no weights copied) with a fresh scheduler;
+    not `from_pipe`, which casts the shared modules to float32 unless given a dtype."""
+    scheduler = make_scheduler(name, base.scheduler.config)
+    pipe = StableDiffusionPipeline(
+        **{**base.components, "scheduler": scheduler},
+        requires_safety_checker=base.config.requires_safety_checker,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class GeneratedImage:
+    """One output image; `withheld` images were flagged by the safety checker and must not be
+    delivered (their pixels are blacked out anyway)."""
+
+    image: PIL.Image.Image
+    withheld: bool
+
+
+class PipelineRunner:
+    """Owns the loaded pipelines, one per model id, loaded lazily and kept for the process.
+
+    Not thread-safe and needs no lock: a single worker thread per device calls `load` and
+    `generate`. `token_count` uses its own tokenizer copy, so another thread may call it for a
+    model that is already loaded.
+    """
+
+    def __init__(self, options: PipelineOptions) -> None:
+        self.options = options
+        self.device, self.dtype = resolve_device(options.device, options.dtype)
+        self._pipelines: dict[str, StableDiffusionPipeline] = {}
+        self._tokenizers: dict[str, Any] = {}
+
+    def load(self, model: str) -> StableDiffusionPipeline:
+        """Load `model` now (at start-up) so missing weights fail early and nobody waits."""
+        pipe = self._pipelines.get(model)
+        if pipe is None:
+            pipe = load_pipeline(model, self.options)
+            # The pipeline reconfigures its tokenizer on every call; counting uses a copy.
+            self._tokenizers[model] = copy.deepcopy(pipe.tokenizer)
+            self._pipelines[model] = pipe
+        return pipe
+
+    def token_count(self, model: str, prompt: str) -> int:
+        """CLIP tokens `prompt` takes without start/end tokens; past MAX_PROMPT_TOKENS is cut."""
+        if model not in self._tokenizers:
+            self.load(model)
+        tokenizer = self._tokenizers[model]
+        return len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def generate(
+        self,
+        key: BatchKey,
+        specs: list[ImageSpec],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[GeneratedImage]:
+        """Run ONE diffusers call for the batch with a generator per image, so each image depends
+        only on its own spec and the key. `progress(done, total)` is called after each step."""
+        if key.mode != "text":
+            raise ValueError(f"mode {key.mode!r} is not supported yet; only 'text'.")
+        if not specs:
+            return []
+        base = self.load(key.model)
+        pipe = _with_scheduler(base, key.scheduler)
+        # MPS generators are not reliable across torch versions; diffusers accepts CPU ones.
+        gen_device = torch.device("cpu") if self.device.type == "mps" else self.device
+        extra: dict[str, Any] = {}
+        if progress is not None:
+
+            def on_step(call: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                progress(step + 1, call.num_timesteps)
+                return kwargs
+
+            extra["callback_on_step_end"] = on_step
+        out = pipe(
+            prompt=[spec.prompt for spec in specs],
+            negative_prompt=[spec.negative_prompt for spec in specs],
+            generator=[torch.Generator(gen_device).manual_seed(spec.seed) for spec in specs],
+            num_inference_steps=key.steps,
+            guidance_scale=key.guidance,
+            width=key.width,
+            height=key.height,
+            output_type="pil",
+            **extra,
+        )
+        flags = out.nsfw_content_detected or [False] * len(specs)
+        return [
+            GeneratedImage(image=image, withheld=bool(flag))
+            for image, flag in zip(out.images, flags, strict=True)
+        ]

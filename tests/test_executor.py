@@ -1,0 +1,155 @@
+"""The executor on the tiny model through the real store: batching, seeds, a free event loop."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from bot.requests import RawOptions
+from bot.service import ImagineService
+from bot.store import Store
+
+
+class Collector:
+    """Listens for finished jobs the way a cog does, in delivery order."""
+
+    def __init__(self):
+        self.results = []
+
+    async def __call__(self, result):
+        self.results.append(result)
+
+
+@pytest.fixture
+async def service(settings, tiny_runner):
+    store = await Store.open(settings.database_path)
+    service = ImagineService(settings, store, tiny_runner)
+    yield service
+    await service.close()
+
+
+async def submit(service, member, **options):
+    options.setdefault("prompt", f"member {member}'s picture")
+    request = service.validate(RawOptions(**options))
+    return await service.submit(request, member_id=member, guild_id=1, channel_id=2)
+
+
+def pixels(result, index=0):
+    return np.asarray(result.images[index].image, dtype=np.int16)
+
+
+async def test_compatible_jobs_share_a_batch_and_keep_their_seeds(service, tiny_runner):
+    collected = Collector()
+    service.add_listener(collected)
+    # Queue first, then start: the worker finds all six waiting, as after a burst.
+    admitted = [await submit(service, member, seed=100 + member) for member in range(6)]
+    assert [a.position for a in admitted] == [1, 2, 3, 4, 5, 6]
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+
+    by_job = {r.job.id: r for r in collected.results}
+    assert len(by_job) == 6 and all(r.error is None for r in collected.results)
+    batches = [r.batch_id for r in sorted(collected.results, key=lambda r: r.job.id)]
+    assert batches[:4] == [batches[0]] * 4 and batches[4:] == [batches[4]] * 2
+    assert batches[0] != batches[4]
+    for admission in admitted:
+        record = await service.store.job(admission.job.id)
+        assert record.job.status == "done"
+        assert record.job.batch_id == by_job[admission.job.id].batch_id
+
+    # The image for a seed is the same when its job runs alone.
+    alone = Collector()
+    service.remove_listener(collected)
+    service.add_listener(alone)
+    solo = await submit(service, 99, prompt="member 3's picture", seed=103)
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert alone.results[0].job.id == solo.job.id and alone.results[0].batch_images == 1
+    difference = np.abs(pixels(alone.results[0]) - pixels(by_job[admitted[3].job.id])).max()
+    assert difference <= 1
+    other_seed = pixels(by_job[admitted[2].job.id])
+    assert np.abs(other_seed - pixels(by_job[admitted[3].job.id])).max() > 10
+
+
+async def test_incompatible_jobs_run_apart_and_the_oldest_first(service):
+    collected = Collector()
+    service.add_listener(collected)
+    first = await submit(service, 1, seed=1, width=128)
+    second = await submit(service, 2, seed=2)
+    third = await submit(service, 3, seed=3, width=128, count=2)
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    order = [r.job.id for r in collected.results]
+    assert order == [first.job.id, third.job.id, second.job.id]
+    assert collected.results[0].batch_id == collected.results[1].batch_id
+    assert collected.results[2].batch_id != collected.results[0].batch_id
+    assert [r.images[0].image.size for r in collected.results] == [(128, 64), (128, 64), (64, 64)]
+    assert len(collected.results[1].images) == 2
+
+
+async def test_event_loop_stays_free_while_a_batch_runs(service):
+    gaps = []
+    stop = asyncio.Event()
+
+    async def tick():
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    service.executor.start()
+    for member in range(8):
+        await submit(service, member, seed=member, steps=8)
+    await asyncio.wait_for(service.executor.wait_idle(), 120)
+    stop.set()
+    await ticker
+    assert len(gaps) > 20, "the batches ran too fast to observe the loop"
+    assert max(gaps) < 0.25, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+class FailingRunner:
+    """Wraps the real runner and fails the call for one prompt, like a bad model or driver."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def load(self, model):
+        self.runner.load(model)
+
+    def token_count(self, model, prompt):
+        return self.runner.token_count(model, prompt)
+
+    def generate(self, key, specs):
+        if any("explode" in spec.prompt for spec in specs):
+            raise RuntimeError("the device fell over")
+        return self.runner.generate(key, specs)
+
+
+async def test_a_failed_call_fails_its_jobs_with_the_reason_and_the_worker_goes_on(
+    settings, tiny_runner
+):
+    store = await Store.open(settings.database_path)
+    service = ImagineService(settings, store, FailingRunner(tiny_runner))
+    collected = Collector()
+    service.add_listener(collected)
+    try:
+        bad = await submit(service, 1, prompt="explode", seed=1)
+        good = await submit(service, 2, seed=2, width=128)
+        service.executor.start()
+        await asyncio.wait_for(service.executor.wait_idle(), 60)
+        results = {r.job.id: r for r in collected.results}
+        assert results[bad.job.id].error == "RuntimeError: the device fell over"
+        assert results[good.job.id].error is None
+        record = await store.job(bad.job.id)
+        assert (record.job.status, record.error) == ("failed", "RuntimeError: the device fell over")
+    finally:
+        await service.close()
+
+
+async def test_long_prompts_are_admitted_with_a_note(service):
+    admission = await submit(service, 1, prompt=" ".join(["panda"] * 120), seed=1)
+    assert any("tokens long" in note and "ignored" in note for note in admission.notes)
+    assert (await submit(service, 1, prompt="a short prompt", seed=1)).notes == []
