@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import numpy as np
 import PIL.Image
 import torch
@@ -247,6 +248,7 @@ def _looks_like_path(model_id: str) -> bool:
 
 
 def _not_available(model_id: str, options: PipelineOptions, reason: str) -> ModelNotAvailable:
+    """The error an operator sees at start-up: what is missing and the command that fetches it."""
     cache = options.cache_dir
     if _looks_like_path(model_id):
         hint = (
@@ -256,7 +258,7 @@ def _not_available(model_id: str, options: PipelineOptions, reason: str) -> Mode
     else:
         offline = (
             " HF_HUB_OFFLINE is set, so nothing is downloaded at start-up."
-            if (os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"})
+            if huggingface_hub.constants.HF_HUB_OFFLINE
             else ""
         )
         hint = (

@@ -95,17 +95,30 @@ class ImagineService:
         guild_id: int | None = None,
         channel_id: int | None = None,
         interaction_id: int | None = None,
+        exempt: bool = False,
     ) -> Admission:
+        """Admit a validated request: raises AdmissionRefused (banned, blocked, over quota)
+        without storing or charging anything."""
         job = await self.store.admit(
             request,
             member_id=member_id,
             guild_id=guild_id,
             channel_id=channel_id,
             interaction_id=interaction_id,
+            default_limit=self.settings.daily_quota,
+            exempt=exempt,
         )
         self.executor.wake()
         position = await self.store.queue_position(job.id)
         return Admission(job, position, self.prompt_notes(request))
+
+    async def quota(self, guild_id: int | None, member_id: int, *, exempt: bool = False):
+        return await self.store.quota_status(
+            guild_id, member_id, default_limit=self.settings.daily_quota, exempt=exempt
+        )
+
+    def is_exempt(self, role_ids: list[int]) -> bool:
+        return not self.settings.quota_exempt_roles.isdisjoint(role_ids)
 
     async def _announce(self, result: JobResult) -> None:
         for listener in list(self._listeners):

@@ -40,6 +40,8 @@ class Settings:
     safety_checker: bool = True
     discord_api_base: str | None = None
     log_level: str = "INFO"
+    daily_quota: int = 0
+    quota_exempt_roles: frozenset[int] = frozenset()
     limits: Limits = field(default_factory=Limits)
 
     def __repr__(self) -> str:  # never let the token reach a log line or traceback
@@ -103,6 +105,13 @@ def _parse_side(name: str, raw: str) -> int:
     return value
 
 
+def _parse_ids(name: str, raw: str) -> frozenset[int]:
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    if not all(part.isdigit() for part in parts):
+        raise SettingsError(f"{name} must be role ids separated by commas, got {raw!r}")
+    return frozenset(int(part) for part in parts)
+
+
 def _parse_text(name: str, raw: str) -> str:
     if not raw.strip():
         raise SettingsError(f"{name} must not be empty")
@@ -121,6 +130,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "VAE_SLICING": ("vae_slicing", _parse_bool),
     "SAFETY_CHECKER": ("safety_checker", _parse_bool),
     "DISCORD_API_BASE": ("discord_api_base", _parse_text),
+    "DAILY_QUOTA": ("daily_quota", _parse_int(0, 100_000)),
+    "QUOTA_EXEMPT_ROLES": ("quota_exempt_roles", _parse_ids),
     "LOG_LEVEL": ("log_level", lambda n, raw: _parse_choice(LOG_LEVELS)(n, raw.upper())),
 }
 _LIMIT_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {

@@ -17,6 +17,8 @@ from pathlib import Path
 import aiosqlite
 
 from bot.batching import form_batch
+from bot.blocklist import find_blocked, normalize_term
+from bot.quota import WINDOW_SECONDS, MemberBanned, PromptBlocked, QuotaExceeded, QuotaStatus
 from bot.requests import GenerationRequest, Job
 
 # Each entry moves the schema from version i to i+1; PRAGMA user_version records where we are.
@@ -64,12 +66,83 @@ MIGRATIONS: tuple[str, ...] = (
         finished_at REAL
     );
     """,
+    """
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY,
+        guild_id INTEGER NOT NULL,
+        member_id INTEGER NOT NULL,
+        job_id INTEGER REFERENCES jobs(id) ON DELETE SET NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('charge', 'refund')),
+        images INTEGER NOT NULL,
+        window_at REAL NOT NULL,
+        recorded_at REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX ledger_once_per_job ON ledger (job_id, kind) WHERE job_id IS NOT NULL;
+    CREATE INDEX ledger_by_member ON ledger (member_id, guild_id, window_at);
+    CREATE TABLE member_quotas (
+        guild_id INTEGER NOT NULL,
+        member_id INTEGER NOT NULL,
+        daily_limit INTEGER,
+        reset_at REAL,
+        UNIQUE (guild_id, member_id)
+    );
+    CREATE TABLE guild_settings (
+        guild_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (guild_id, name)
+    );
+    CREATE TABLE bans (
+        guild_id INTEGER NOT NULL,
+        member_id INTEGER NOT NULL,
+        reason TEXT,
+        moderator_id INTEGER NOT NULL,
+        at REAL NOT NULL,
+        UNIQUE (guild_id, member_id)
+    );
+    CREATE TABLE blocklist (
+        guild_id INTEGER NOT NULL,
+        term TEXT NOT NULL,
+        normalized TEXT NOT NULL,
+        moderator_id INTEGER NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (guild_id, normalized)
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        guild_id INTEGER,
+        moderator_id INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        target_id INTEGER,
+        detail TEXT,
+        at REAL NOT NULL
+    );
+    """,
 )
 
 JOB_COLUMNS = (
     "id, member_id, guild_id, channel_id, prompt, negative_prompt, seed, count, steps, guidance,"
     " width, height, scheduler, model, mode, strength, status, queued_at, attempts, batch_id"
 )
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    moderator_id: int
+    action: str
+    target_id: int | None
+    detail: str
+    at: float
+
+
+@dataclass(frozen=True)
+class UsageStats:
+    images_day: int
+    images_week: int
+    top_members: list[tuple[int, int]]
+    mean_wait: float | None
+    mean_generation: float | None
+    busy_share: float
 
 
 @dataclass(frozen=True)
@@ -132,6 +205,7 @@ class Store:
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute("PRAGMA busy_timeout=5000")
         await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA secure_delete=ON")  # deleted prompts are overwritten on disk
         store = cls(db, clock)
         await store._migrate()
         return store
@@ -173,10 +247,30 @@ class Store:
         guild_id: int | None,
         channel_id: int | None,
         interaction_id: int | None = None,
+        default_limit: int = 0,
+        exempt: bool = False,
     ) -> Job:
-        """Write the job before anyone is told it is queued."""
+        """Check the ban list, the blocklist and the quota, then write the job and its charge,
+        all in one transaction: concurrent requests can never overspend, and a refused request
+        leaves nothing behind. The job is written before anyone is told it is queued."""
         now = self._clock()
+        guild = guild_id or 0
         async with self._transaction() as db:
+            cursor = await db.execute(
+                "SELECT reason FROM bans WHERE guild_id = ? AND member_id = ?", (guild, member_id)
+            )
+            if (ban := await cursor.fetchone()) is not None:
+                raise MemberBanned(ban[0])
+            cursor = await db.execute(
+                "SELECT normalized FROM blocklist WHERE guild_id = ?", (guild,)
+            )
+            terms = [row[0] for row in await cursor.fetchall()]
+            # Only the prompt: a blocked term in the negative prompt keeps it out of the image.
+            if (blocked := find_blocked(request.prompt, terms)) is not None:
+                raise PromptBlocked(blocked)
+            status = await self._quota_status(db, guild, member_id, default_limit, exempt, now)
+            if not status.allows(request.count):
+                raise QuotaExceeded(status, request.count)
             cursor = await db.execute(
                 """INSERT INTO jobs (member_id, guild_id, channel_id, interaction_id, prompt,
                        negative_prompt, seed, count, steps, guidance, width, height, scheduler,
@@ -203,7 +297,77 @@ class Store:
                 ),
             )
             job_id = cursor.lastrowid
+            await db.execute(
+                """INSERT INTO ledger (guild_id, member_id, job_id, kind, images, window_at,
+                       recorded_at)
+                   VALUES (?, ?, ?, 'charge', ?, ?, ?)""",
+                (guild, member_id, job_id, request.count, now, now),
+            )
         return Job(job_id, member_id, guild_id, channel_id, request, "queued", now)
+
+    async def _quota_status(
+        self,
+        db: aiosqlite.Connection,
+        guild: int,
+        member_id: int,
+        default_limit: int,
+        exempt: bool,
+        now: float,
+    ) -> QuotaStatus:
+        cursor = await db.execute(
+            "SELECT daily_limit, reset_at FROM member_quotas WHERE guild_id = ? AND member_id = ?",
+            (guild, member_id),
+        )
+        override, reset_at = await cursor.fetchone() or (None, None)
+        cursor = await db.execute(
+            "SELECT value FROM guild_settings WHERE guild_id = ? AND name = 'daily_limit'",
+            (guild,),
+        )
+        guild_default = await cursor.fetchone()
+        if override is not None:
+            limit = override
+        elif guild_default is not None:
+            limit = int(guild_default[0])
+        else:
+            limit = default_limit
+        since = max(now - WINDOW_SECONDS, reset_at or 0.0)
+        cursor = await db.execute(
+            """SELECT COALESCE(SUM(images), 0) FROM ledger
+               WHERE guild_id = ? AND member_id = ? AND window_at > ?""",
+            (guild, member_id, since),
+        )
+        (used,) = await cursor.fetchone()
+        # The next image frees up when the oldest unrefunded charge leaves the window.
+        cursor = await db.execute(
+            """SELECT MIN(charge.window_at) FROM ledger AS charge
+               WHERE charge.guild_id = ? AND charge.member_id = ? AND charge.kind = 'charge'
+                 AND charge.window_at > ?
+                 AND NOT EXISTS (SELECT 1 FROM ledger AS refund
+                                 WHERE refund.job_id = charge.job_id AND refund.kind = 'refund')""",
+            (guild, member_id, since),
+        )
+        (oldest,) = await cursor.fetchone()
+        next_free = None if oldest is None else oldest + WINDOW_SECONDS
+        return QuotaStatus(limit=limit, used=used, next_free_at=next_free, exempt=exempt)
+
+    async def quota_status(
+        self, guild_id: int | None, member_id: int, *, default_limit: int, exempt: bool = False
+    ) -> QuotaStatus:
+        async with self._lock:
+            return await self._quota_status(
+                self._db, guild_id or 0, member_id, default_limit, exempt, self._clock()
+            )
+
+    async def _refund(self, db: aiosqlite.Connection, job_id: int, now: float) -> None:
+        """Give a job's images back, once: the unique index makes a second refund a no-op, also
+        when a failure repeats after a restart."""
+        await db.execute(
+            """INSERT OR IGNORE INTO ledger (guild_id, member_id, job_id, kind, images, window_at,
+                   recorded_at)
+               SELECT guild_id, member_id, job_id, 'refund', -images, window_at, ?
+               FROM ledger WHERE job_id = ? AND kind = 'charge'""",
+            (now, job_id),
+        )
 
     async def pending_jobs(self) -> list[Job]:
         """Queued jobs, oldest first."""
@@ -270,19 +434,26 @@ class Store:
             )
 
     async def mark_done(self, job_id: int, *, withheld: int = 0) -> None:
+        """A job whose every image was withheld by the safety checker is refunded."""
+        now = self._clock()
         async with self._transaction() as db:
-            await db.execute(
+            cursor = await db.execute(
                 """UPDATE jobs SET status = 'done', finished_at = ?, withheld = ?, error = NULL
-                   WHERE id = ?""",
-                (self._clock(), withheld, job_id),
+                   WHERE id = ? RETURNING count""",
+                (now, withheld, job_id),
             )
+            row = await cursor.fetchone()
+            if row is not None and withheld >= row[0]:
+                await self._refund(db, job_id, now)
 
     async def mark_failed(self, job_id: int, error: str) -> None:
+        now = self._clock()
         async with self._transaction() as db:
             await db.execute(
                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
-                (self._clock(), error, job_id),
+                (now, error, job_id),
             )
+            await self._refund(db, job_id, now)
 
     async def record_delivery(self, job_id: int, channel_id: int, message_id: int) -> None:
         async with self._transaction() as db:
@@ -322,3 +493,200 @@ class Store:
         async with self._lock:
             (count,) = await (await self._db.execute("SELECT COUNT(*) FROM jobs")).fetchone()
             return count
+
+    # --- moderation -----------------------------------------------------------------------
+
+    async def set_member_limit(self, guild_id: int, member_id: int, limit: int | None) -> None:
+        """A per-member daily limit (None removes the override; 0 is unlimited)."""
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT INTO member_quotas (guild_id, member_id, daily_limit) VALUES (?, ?, ?)
+                   ON CONFLICT (guild_id, member_id)
+                   DO UPDATE SET daily_limit = excluded.daily_limit""",
+                (guild_id, member_id, limit),
+            )
+
+    async def reset_member_usage(self, guild_id: int, member_id: int) -> None:
+        """Forget the member's usage so far; charges after now count again."""
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT INTO member_quotas (guild_id, member_id, reset_at) VALUES (?, ?, ?)
+                   ON CONFLICT (guild_id, member_id) DO UPDATE SET reset_at = excluded.reset_at""",
+                (guild_id, member_id, self._clock()),
+            )
+
+    async def set_guild_limit(self, guild_id: int, limit: int) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT INTO guild_settings (guild_id, name, value) VALUES (?, 'daily_limit', ?)
+                   ON CONFLICT (guild_id, name) DO UPDATE SET value = excluded.value""",
+                (guild_id, str(limit)),
+            )
+
+    async def ban(
+        self, guild_id: int, member_id: int, moderator_id: int, reason: str | None
+    ) -> list[Job]:
+        """Ban a member and cancel (and refund) their queued jobs; returns the cancelled jobs."""
+        now = self._clock()
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT INTO bans (guild_id, member_id, reason, moderator_id, at)
+                   VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (guild_id, member_id) DO UPDATE
+                   SET reason = excluded.reason, moderator_id = excluded.moderator_id""",
+                (guild_id, member_id, reason, moderator_id, now),
+            )
+            return await self._cancel_queued(db, guild_id, member_id, now)
+
+    async def unban(self, guild_id: int, member_id: int) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM bans WHERE guild_id = ? AND member_id = ?", (guild_id, member_id)
+            )
+            return cursor.rowcount > 0
+
+    async def cancel_queued(self, guild_id: int, member_id: int | None = None) -> list[Job]:
+        """Cancel and refund queued jobs in a server, of one member or of everyone."""
+        async with self._transaction() as db:
+            return await self._cancel_queued(db, guild_id, member_id, self._clock())
+
+    async def _cancel_queued(
+        self, db: aiosqlite.Connection, guild_id: int, member_id: int | None, now: float
+    ) -> list[Job]:
+        cursor = await db.execute(
+            f"""UPDATE jobs SET status = 'cancelled', finished_at = ?
+                WHERE status = 'queued' AND COALESCE(guild_id, 0) = ?
+                  AND (? IS NULL OR member_id = ?)
+                RETURNING {JOB_COLUMNS}""",
+            (now, guild_id, member_id, member_id),
+        )
+        cancelled = [_job_from_row(row) for row in await cursor.fetchall()]
+        for job in cancelled:
+            await self._refund(db, job.id, now)
+        return sorted(cancelled, key=lambda job: job.id)
+
+    async def active_jobs(self, guild_id: int | None = None) -> list[Job]:
+        """Running then queued jobs, in the order they will finish; all servers when None."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"""SELECT {JOB_COLUMNS} FROM jobs
+                    WHERE status IN ('running', 'queued')
+                      AND (? IS NULL OR COALESCE(guild_id, 0) = ?)
+                    ORDER BY status = 'queued', queued_at, id""",
+                (guild_id, guild_id),
+            )
+            return [_job_from_row(row) for row in await cursor.fetchall()]
+
+    async def add_blocked_term(self, guild_id: int, term: str, moderator_id: int) -> bool:
+        normalized = normalize_term(term)
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                """INSERT OR IGNORE INTO blocklist (guild_id, term, normalized, moderator_id, at)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (guild_id, term, normalized, moderator_id, self._clock()),
+            )
+            return cursor.rowcount > 0
+
+    async def remove_blocked_term(self, guild_id: int, term: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM blocklist WHERE guild_id = ? AND normalized = ?",
+                (guild_id, normalize_term(term)),
+            )
+            return cursor.rowcount > 0
+
+    async def blocked_terms(self, guild_id: int) -> list[str]:
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT term FROM blocklist WHERE guild_id = ? ORDER BY normalized", (guild_id,)
+            )
+            return [row[0] for row in await cursor.fetchall()]
+
+    async def record_audit(
+        self, guild_id: int, moderator_id: int, action: str, target_id: int | None, detail: str
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT INTO audit (guild_id, moderator_id, action, target_id, detail, at)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                (guild_id, moderator_id, action, target_id, detail, self._clock()),
+            )
+
+    async def audit_log(self, guild_id: int, limit: int = 15) -> list[AuditEntry]:
+        async with self._lock:
+            cursor = await self._db.execute(
+                """SELECT moderator_id, action, target_id, detail, at FROM audit
+                   WHERE guild_id = ? ORDER BY id DESC LIMIT ?""",
+                (guild_id, limit),
+            )
+            return [AuditEntry(*row) for row in await cursor.fetchall()]
+
+    async def usage_stats(self, guild_id: int) -> UsageStats:
+        """Images made, who made them, how long members waited, and how busy the device was."""
+        now = self._clock()
+        day, week = now - 86400, now - 7 * 86400
+        async with self._lock:
+            db = self._db
+            images = []
+            for since in (day, week):
+                cursor = await db.execute(
+                    """SELECT COALESCE(SUM(count - withheld), 0) FROM jobs
+                       WHERE status = 'done' AND COALESCE(guild_id, 0) = ? AND finished_at > ?""",
+                    (guild_id, since),
+                )
+                images.append((await cursor.fetchone())[0])
+            cursor = await db.execute(
+                """SELECT member_id, SUM(count - withheld) AS made FROM jobs
+                   WHERE status = 'done' AND COALESCE(guild_id, 0) = ? AND finished_at > ?
+                   GROUP BY member_id ORDER BY made DESC, member_id LIMIT 5""",
+                (guild_id, week),
+            )
+            top = [(member, made) for member, made in await cursor.fetchall()]
+            cursor = await db.execute(
+                """SELECT AVG(started_at - queued_at), AVG(finished_at - started_at) FROM jobs
+                   WHERE status = 'done' AND COALESCE(guild_id, 0) = ? AND finished_at > ?""",
+                (guild_id, week),
+            )
+            mean_wait, mean_run = await cursor.fetchone()
+            # The device is shared by every server, so busy time is over all batches.
+            cursor = await db.execute(
+                """SELECT COALESCE(SUM(MIN(finished_at, ?) - MAX(started_at, ?)), 0) FROM batches
+                   WHERE finished_at > ?""",
+                (now, day, day),
+            )
+            (busy,) = await cursor.fetchone()
+        return UsageStats(images[0], images[1], top, mean_wait, mean_run, busy / 86400)
+
+    # --- a member's own data --------------------------------------------------------------
+
+    async def history(self, member_id: int, limit: int = 10) -> list[JobRecord]:
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT id FROM jobs WHERE member_id = ? ORDER BY queued_at DESC, id DESC LIMIT ?",
+                (member_id, limit),
+            )
+            ids = [row[0] for row in await cursor.fetchall()]
+        return [record for job_id in ids if (record := await self.job(job_id)) is not None]
+
+    async def forget_member(self, member_id: int) -> int:
+        """Delete a member's jobs (prompts and parameters) everywhere; the ledger keeps bare image
+        counts so quotas still hold. Running jobs block this: their rows are still in use.
+        Returns the number of jobs deleted, or -1 when a job is running."""
+        now = self._clock()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "SELECT 1 FROM jobs WHERE member_id = ? AND status = 'running'", (member_id,)
+            )
+            if await cursor.fetchone() is not None:
+                return -1
+            cursor = await db.execute(
+                "SELECT id FROM jobs WHERE member_id = ? AND status = 'queued'", (member_id,)
+            )
+            for (job_id,) in await cursor.fetchall():
+                await self._refund(db, job_id, now)
+            cursor = await db.execute("DELETE FROM jobs WHERE member_id = ?", (member_id,))
+            deleted = cursor.rowcount
+        # Move the deleted pages out of the write-ahead log too (secure_delete zeroes them).
+        async with self._lock:
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted

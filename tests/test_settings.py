@@ -70,3 +70,10 @@ def test_env_file_is_read_and_environment_wins(tmp_path):
 
 def test_token_never_appears_in_repr():
     assert "t0ken" not in repr(settings())
+
+
+def test_quota_settings():
+    s = settings(DAILY_QUOTA="25", QUOTA_EXEMPT_ROLES="123, 456")
+    assert s.daily_quota == 25 and s.quota_exempt_roles == frozenset({123, 456})
+    with pytest.raises(SettingsError, match="QUOTA_EXEMPT_ROLES must be role ids"):
+        settings(QUOTA_EXEMPT_ROLES="mods")

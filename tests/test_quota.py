@@ -1,0 +1,194 @@
+"""Quota, refunds, bans and forget-me on a real SQLite file."""
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from bot.quota import MemberBanned, PromptBlocked, QuotaExceeded, QuotaStatus
+from bot.requests import GenerationRequest
+from bot.store import Store
+
+GUILD = 77
+REQUEST = GenerationRequest(
+    prompt="a lighthouse in a storm",
+    seed=1,
+    steps=4,
+    guidance=7.5,
+    width=64,
+    height=64,
+    scheduler="Euler",
+    count=1,
+    model="tiny",
+)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+async def store(tmp_path, clock):
+    store = await Store.open(tmp_path / "bot.sqlite3", clock=clock)
+    yield store
+    await store.close()
+
+
+async def admit(store, member=1, count=1, limit=5, prompt=None, **kwargs):
+    request = GenerationRequest(
+        **{**REQUEST.__dict__, "count": count, "prompt": prompt or REQUEST.prompt}
+    )
+    return await store.admit(
+        request, member_id=member, guild_id=GUILD, channel_id=3, default_limit=limit, **kwargs
+    )
+
+
+def ledger(path):
+    with sqlite3.connect(path) as raw:
+        return raw.execute(
+            "SELECT kind, COUNT(*), SUM(images) FROM ledger GROUP BY kind ORDER BY kind"
+        ).fetchall()
+
+
+def test_quota_status_arithmetic():
+    status = QuotaStatus(limit=5, used=3, next_free_at=None)
+    assert status.left == 2 and status.allows(2) and not status.allows(3)
+    assert QuotaStatus(limit=0, used=99, next_free_at=None).allows(4)
+    assert QuotaStatus(limit=1, used=1, next_free_at=None, exempt=True).left is None
+
+
+async def test_twenty_concurrent_admissions_against_a_quota_of_five_admit_five(tmp_path):
+    path = tmp_path / "race.sqlite3"
+    # Separate connections, as separate processes would have: the lock is SQLite's own.
+    stores = [await Store.open(path) for _ in range(4)]
+    outcomes = await asyncio.gather(
+        *(admit(stores[i % 4], member=42) for i in range(20)), return_exceptions=True
+    )
+    admitted = [o for o in outcomes if not isinstance(o, Exception)]
+    refused = [o for o in outcomes if isinstance(o, QuotaExceeded)]
+    assert (len(admitted), len(refused)) == (5, 15)
+    with sqlite3.connect(path) as raw:
+        jobs = raw.execute("SELECT COUNT(*), SUM(count) FROM jobs").fetchone()
+    assert jobs == (5, 5)
+    assert ledger(path) == [("charge", 5, 5)]
+    for store in stores:
+        await store.close()
+
+
+async def test_refused_requests_leave_nothing(store, tmp_path):
+    await admit(store, count=4)
+    with pytest.raises(QuotaExceeded) as caught:
+        await admit(store, count=2)
+    assert (caught.value.status.used, caught.value.status.limit) == (4, 5)
+    await store.ban(GUILD, 9, moderator_id=1, reason="spam")
+    with pytest.raises(MemberBanned, match="spam"):
+        await admit(store, member=9)
+    await store.add_blocked_term(GUILD, "gore", moderator_id=1)
+    with pytest.raises(PromptBlocked):
+        await admit(store, member=10, prompt="lots of G.O.R.E")
+    assert await store.count_jobs() == 1
+    assert ledger(tmp_path / "bot.sqlite3") == [("charge", 1, 4)]
+
+
+async def test_rolling_window_frees_images_as_charges_age(store, clock):
+    await admit(store, count=3)
+    clock.now += 3600
+    await admit(store, count=2)
+    status = await store.quota_status(GUILD, 1, default_limit=5)
+    assert (status.used, status.left, status.next_free_at) == (5, 0, 1_000_000.0 + 86400)
+    clock.now = 1_000_000.0 + 86400 + 1
+    status = await store.quota_status(GUILD, 1, default_limit=5)
+    assert (status.used, status.left) == (2, 3)
+
+
+async def test_overrides_server_default_and_reset(store):
+    await admit(store, count=3, limit=3)
+    with pytest.raises(QuotaExceeded):
+        await admit(store, limit=3)
+    await store.set_guild_limit(GUILD, 10)
+    await admit(store, limit=3)
+    await store.set_member_limit(GUILD, 1, 4)
+    with pytest.raises(QuotaExceeded):
+        await admit(store, limit=3)
+    await store.reset_member_usage(GUILD, 1)
+    assert (await store.quota_status(GUILD, 1, default_limit=3)).used == 0
+    await store.set_member_limit(GUILD, 1, 0)  # 0: unlimited for this member
+    await admit(store, count=4, limit=3)
+    await admit(store, count=4, limit=3, exempt=False)
+    assert (await store.quota_status(GUILD, 1, default_limit=3)).unlimited
+
+
+async def test_exempt_members_are_not_limited(store):
+    for _ in range(3):
+        await admit(store, count=4, limit=1, exempt=True)
+
+
+async def test_failed_cancelled_and_withheld_jobs_refund_exactly_once(tmp_path, clock):
+    path = tmp_path / "bot.sqlite3"
+    store = await Store.open(path, clock=clock)
+    failed = await admit(store, member=1, count=2)
+    withheld = await admit(store, member=1, count=2)
+    partly = await admit(store, member=2, count=2)
+    cancelled = await admit(store, member=3, count=1)
+    await store.claim_batch(6)
+    await store.mark_failed(failed.id, "RuntimeError: boom")
+    await store.mark_done(withheld.id, withheld=2)
+    await store.mark_done(partly.id, withheld=1)  # one image delivered: no refund
+    assert [j.id for j in await store.cancel_queued(GUILD, 3)] == [cancelled.id]
+    assert (await store.quota_status(GUILD, 1, default_limit=5)).used == 0
+    assert (await store.quota_status(GUILD, 2, default_limit=5)).used == 2
+    await store.close()
+
+    # After a restart the same failure is recorded again: still one refund each.
+    store = await Store.open(path, clock=clock)
+    await store.mark_failed(failed.id, "RuntimeError: boom again")
+    await store.mark_done(withheld.id, withheld=2)
+    assert await store.cancel_queued(GUILD, 3) == []
+    assert ledger(path) == [("charge", 4, 7), ("refund", 3, -5)]
+    await store.close()
+
+
+async def test_ban_cancels_and_refunds_queued_jobs(store):
+    first = await admit(store, member=5, count=2)
+    await admit(store, member=6)
+    cancelled = await store.ban(GUILD, 5, moderator_id=1, reason=None)
+    assert [j.id for j in cancelled] == [first.id]
+    assert (await store.job(first.id)).job.status == "cancelled"
+    assert (await store.quota_status(GUILD, 5, default_limit=5)).used == 0
+    assert await store.unban(GUILD, 5) and not await store.unban(GUILD, 5)
+    await admit(store, member=5)
+
+
+async def test_forget_me_leaves_no_prompt_text_in_the_file(tmp_path, clock):
+    path = tmp_path / "bot.sqlite3"
+    store = await Store.open(path, clock=clock)
+    secret = "zebra-unicorn-secret-prompt"
+    done = await admit(store, member=8, prompt=f"{secret} one")
+    await store.claim_batch(1)
+    await store.mark_done(done.id)
+    await admit(store, member=8, prompt=f"{secret} two")
+    await admit(store, member=9, prompt="someone else's lighthouse")
+    assert await store.forget_member(8) == 2
+    assert await store.history(8) == []
+    assert [r.job.request.prompt for r in await store.history(9)] == ["someone else's lighthouse"]
+    # The ledger keeps counts, without text: member 8 used 1 image (the queued one refunded).
+    assert (await store.quota_status(GUILD, 8, default_limit=5)).used == 1
+    await store.close()
+    for file in tmp_path.iterdir():
+        assert secret.encode() not in file.read_bytes(), file.name
+
+
+async def test_forget_me_waits_for_running_jobs(store):
+    await admit(store, member=8)
+    await store.claim_batch(1)
+    assert await store.forget_member(8) == -1
+    assert await store.count_jobs() == 1
