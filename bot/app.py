@@ -13,7 +13,7 @@ from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine",)
+EXTENSIONS = ("cogs.imagine", "cogs.member", "cogs.moderation")
 
 
 class ImagineTree(app_commands.CommandTree):

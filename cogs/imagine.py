@@ -13,6 +13,7 @@ from discord.ext import commands
 
 from bot.executor import JobResult
 from bot.images import grid, parameters_text, png_bytes
+from bot.quota import AdmissionRefused, MemberBanned, PromptBlocked, QuotaExceeded
 from bot.requests import SCHEDULERS, GenerationRequest, InvalidRequest, RawOptions
 from bot.service import ImagineService
 
@@ -103,21 +104,23 @@ class ImagineCog(commands.Cog):
         )
         try:
             request = self.service.validate(raw)
-        except InvalidRequest as problem:
-            await interaction.response.send_message(str(problem), ephemeral=True)
+            # Admission is one short SQLite transaction, well inside Discord's 3 seconds, and
+            # answering after it lets a refusal stay private instead of replacing a public defer.
+            admission = await self.service.submit(
+                request,
+                member_id=interaction.user.id,
+                guild_id=interaction.guild_id,
+                channel_id=interaction.channel_id,
+                interaction_id=interaction.id,
+                exempt=self.service.is_exempt(role_ids(interaction.user)),
+            )
+        except (InvalidRequest, AdmissionRefused) as problem:
+            await interaction.response.send_message(refusal_text(problem), ephemeral=True)
             return
-        await interaction.response.defer(thinking=True)
-        admission = await self.service.submit(
-            request,
-            member_id=interaction.user.id,
-            guild_id=interaction.guild_id,
-            channel_id=interaction.channel_id,
-            interaction_id=interaction.id,
-        )
         self._interactions[admission.job.id] = (interaction, arrived)
         lines = [f"Queued as job #{admission.job.id}: {queue_text(admission.position)}"]
         lines += admission.notes
-        await interaction.edit_original_response(content="\n".join(lines))
+        await interaction.response.send_message("\n".join(lines))
 
     async def deliver(self, result: JobResult) -> None:
         job = result.job
@@ -156,6 +159,38 @@ class ImagineCog(commands.Cog):
             channel = self.bot.get_channel(channel_id) or await self.bot.fetch_channel(channel_id)
             sent = await channel.send(**message)
         await self.service.store.record_delivery(job_id, sent.channel.id, sent.id)
+
+
+def role_ids(user: discord.abc.User) -> list[int]:
+    return [role.id for role in getattr(user, "roles", [])]
+
+
+def relative_time(timestamp: float) -> str:
+    """Discord renders this as "in 3 hours" in each reader's own language and time zone."""
+    return f"<t:{int(timestamp)}:R>"
+
+
+def refusal_text(problem: Exception) -> str:
+    """What a member reads when a request is turned away; nothing was queued or charged."""
+    if isinstance(problem, InvalidRequest):
+        return f"{problem} Nothing was queued."
+    if isinstance(problem, QuotaExceeded):
+        status = problem.status
+        when = (
+            f" The next image frees up {relative_time(status.next_free_at)}."
+            if (status.next_free_at)
+            else ""
+        )
+        return (
+            f"You have used {status.used} of your {status.limit} images for the last 24 hours "
+            f"and asked for {problem.asked}.{when}"
+        )
+    if isinstance(problem, MemberBanned):
+        reason = f" Reason: {problem.reason}" if problem.reason else ""
+        return f"Sorry, you can't generate images on this server.{reason}"
+    if isinstance(problem, PromptBlocked):
+        return "Your prompt contains a term this server blocks. Nothing was queued or charged."
+    raise TypeError(problem)
 
 
 def queue_text(position: int) -> str:

@@ -1,0 +1,245 @@
+"""/mod: quotas, bans, the queue, usage stats, the prompt blocklist and the audit log.
+
+Discord hides these from members without Manage Server by default, but server admins can change
+that, so every call is checked again here. Answers are private to the moderator.
+"""
+
+from __future__ import annotations
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.blocklist import normalize_term
+from bot.requests import Job
+from bot.service import ImagineService
+from cogs.imagine import relative_time, role_ids
+
+MAX_LIMIT = 100_000
+
+
+def mention(member_id: int | None) -> str:
+    return f"<@{member_id}>" if member_id else "nobody"
+
+
+def job_line(position: int | None, job: Job) -> str:
+    request = job.request
+    where = "running" if position is None else f"{position}."
+    return (
+        f"{where} #{job.id} {mention(job.member_id)} · {request.count}× {request.width}×"
+        f"{request.height} · {request.steps} steps · {request.scheduler} · "
+        f"queued {relative_time(job.queued_at)}"
+    )
+
+
+def seconds_text(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.1f} s"
+
+
+class ModerationCog(commands.Cog):
+    mod = app_commands.Group(
+        name="mod",
+        description="Moderator tools",
+        guild_only=True,
+        default_permissions=discord.Permissions(manage_guild=True),
+    )
+    quota = app_commands.Group(name="quota", description="Image quotas", parent=mod)
+    queue = app_commands.Group(name="queue", description="The job queue", parent=mod)
+    blocklist = app_commands.Group(name="blocklist", description="Blocked prompt terms", parent=mod)
+
+    def __init__(self, bot: commands.Bot, service: ImagineService) -> None:
+        self.bot = bot
+        self.service = service
+        self.store = service.store
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        """Our own check on every /mod call, whatever Discord's permission settings say."""
+        if interaction.guild_id is None or not interaction.permissions.manage_guild:
+            raise app_commands.MissingPermissions(["manage_guild"])
+        return True
+
+    async def _done(
+        self,
+        interaction: discord.Interaction,
+        text: str,
+        *,
+        action: str | None = None,
+        target: discord.abc.User | None = None,
+    ) -> None:
+        """Answer privately and, for actions that change something, write the audit entry."""
+        if action is not None:
+            await self.store.record_audit(
+                interaction.guild_id,
+                interaction.user.id,
+                action,
+                target.id if target else None,
+                text,
+            )
+        await interaction.response.send_message(text[:2000], ephemeral=True)
+
+    # --- quotas ---------------------------------------------------------------------------
+
+    @quota.command(name="show", description="A member's quota and usage")
+    async def quota_show(self, interaction: discord.Interaction, member: discord.Member) -> None:
+        status = await self.service.quota(
+            interaction.guild_id, member.id, exempt=self.service.is_exempt(role_ids(member))
+        )
+        limit = "unlimited" if status.unlimited else f"{status.limit} a day"
+        text = f"{member.mention}: {status.used} image(s) in the last 24 hours, limit {limit}."
+        if status.next_free_at is not None and not status.unlimited:
+            text += f" The next image frees up {relative_time(status.next_free_at)}."
+        await self._done(interaction, text)
+
+    @quota.command(name="set", description="Set a member's daily image limit (0 = unlimited)")
+    async def quota_set(
+        self,
+        interaction: discord.Interaction,
+        member: discord.Member,
+        limit: app_commands.Range[int, 0, MAX_LIMIT],
+    ) -> None:
+        if not 0 <= limit <= MAX_LIMIT:
+            await self._done(interaction, f"`limit` must be from 0 to {MAX_LIMIT}.")
+            return
+        await self.store.set_member_limit(interaction.guild_id, member.id, limit)
+        shown = "unlimited" if limit == 0 else f"{limit} images a day"
+        await self._done(
+            interaction,
+            f"{member.mention} may now make {shown}.",
+            action="quota set",
+            target=member,
+        )
+
+    @quota.command(name="reset", description="Forget a member's usage so far")
+    async def quota_reset(self, interaction: discord.Interaction, member: discord.Member) -> None:
+        await self.store.reset_member_usage(interaction.guild_id, member.id)
+        await self._done(
+            interaction,
+            f"{member.mention}'s usage is reset.",
+            action="quota reset",
+            target=member,
+        )
+
+    @quota.command(name="default", description="The server's daily image limit (0 = unlimited)")
+    async def quota_default(
+        self, interaction: discord.Interaction, limit: app_commands.Range[int, 0, MAX_LIMIT]
+    ) -> None:
+        if not 0 <= limit <= MAX_LIMIT:
+            await self._done(interaction, f"`limit` must be from 0 to {MAX_LIMIT}.")
+            return
+        await self.store.set_guild_limit(interaction.guild_id, limit)
+        shown = "unlimited" if limit == 0 else f"{limit} images a day"
+        await self._done(interaction, f"Members may now make {shown}.", action="quota default")
+
+    # --- bans -----------------------------------------------------------------------------
+
+    @mod.command(name="ban", description="Stop a member from generating; cancels their queue")
+    async def ban(
+        self, interaction: discord.Interaction, member: discord.Member, reason: str | None = None
+    ) -> None:
+        reason = (reason or "").strip()[:300] or None
+        cancelled = await self.store.ban(
+            interaction.guild_id, member.id, interaction.user.id, reason
+        )
+        text = f"{member.mention} is banned from generating"
+        text += f" ({reason})." if reason else "."
+        if cancelled:
+            text += f" Cancelled and refunded {len(cancelled)} queued job(s)."
+        await self._done(interaction, text, action="ban", target=member)
+
+    @mod.command(name="unban", description="Let a banned member generate again")
+    async def unban(self, interaction: discord.Interaction, member: discord.Member) -> None:
+        if await self.store.unban(interaction.guild_id, member.id):
+            await self._done(
+                interaction, f"{member.mention} may generate again.", action="unban", target=member
+            )
+        else:
+            await self._done(interaction, f"{member.mention} was not banned.")
+
+    # --- queue ----------------------------------------------------------------------------
+
+    @queue.command(name="list", description="Running and queued jobs")
+    async def queue_list(self, interaction: discord.Interaction) -> None:
+        jobs = await self.store.active_jobs(interaction.guild_id)
+        if not jobs:
+            await self._done(interaction, "The queue is empty.")
+            return
+        lines, position = [], 0
+        for job in jobs:
+            if job.status == "queued":
+                position += 1
+            lines.append(job_line(position if job.status == "queued" else None, job))
+        await self._done(interaction, "\n".join(lines))
+
+    @queue.command(name="clear", description="Cancel and refund queued jobs (one member's or all)")
+    async def queue_clear(
+        self, interaction: discord.Interaction, member: discord.Member | None = None
+    ) -> None:
+        cancelled = await self.store.cancel_queued(
+            interaction.guild_id, member.id if member else None
+        )
+        whose = f"{member.mention}'s" if member else "all"
+        await self._done(
+            interaction,
+            f"Cancelled and refunded {len(cancelled)} of {whose} queued job(s).",
+            action="queue clear",
+            target=member,
+        )
+
+    # --- stats and audit ------------------------------------------------------------------
+
+    @mod.command(name="stats", description="Usage over the last day and week")
+    async def stats(self, interaction: discord.Interaction) -> None:
+        stats = await self.store.usage_stats(interaction.guild_id)
+        top = ", ".join(f"{mention(m)} ({n})" for m, n in stats.top_members) or "nobody yet"
+        text = (
+            f"Images: {stats.images_day} in the last 24 hours, {stats.images_week} in 7 days.\n"
+            f"Top members this week: {top}\n"
+            f"Mean wait {seconds_text(stats.mean_wait)}, "
+            f"mean generation {seconds_text(stats.mean_generation)}.\n"
+            f"The GPU was busy {stats.busy_share:.0%} of the last 24 hours."
+        )
+        await self._done(interaction, text)
+
+    @mod.command(name="audit", description="Recent moderator actions")
+    async def audit(self, interaction: discord.Interaction) -> None:
+        entries = await self.store.audit_log(interaction.guild_id)
+        if not entries:
+            await self._done(interaction, "No moderator actions yet.")
+            return
+        lines = [
+            f"{relative_time(e.at)} {mention(e.moderator_id)} **{e.action}**: {e.detail}"
+            for e in entries
+        ]
+        await self._done(interaction, "\n".join(lines))
+
+    # --- blocklist ------------------------------------------------------------------------
+
+    @blocklist.command(name="add", description="Refuse prompts containing a term")
+    async def blocklist_add(
+        self, interaction: discord.Interaction, term: app_commands.Range[str, 1, 100]
+    ) -> None:
+        term = term.strip()
+        if not normalize_term(term):
+            await self._done(interaction, "`term` must contain letters or digits.")
+            return
+        if await self.store.add_blocked_term(interaction.guild_id, term, interaction.user.id):
+            await self._done(interaction, f"Blocked `{term}`.", action="blocklist add")
+        else:
+            await self._done(interaction, f"`{term}` was already blocked.")
+
+    @blocklist.command(name="remove", description="Allow a blocked term again")
+    async def blocklist_remove(self, interaction: discord.Interaction, term: str) -> None:
+        if await self.store.remove_blocked_term(interaction.guild_id, term):
+            await self._done(interaction, f"Unblocked `{term}`.", action="blocklist remove")
+        else:
+            await self._done(interaction, f"`{term}` is not on the blocklist.")
+
+    @blocklist.command(name="list", description="The blocked terms")
+    async def blocklist_list(self, interaction: discord.Interaction) -> None:
+        terms = await self.store.blocked_terms(interaction.guild_id)
+        text = ", ".join(f"`{t}`" for t in terms) if terms else "No terms are blocked."
+        await self._done(interaction, text)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(ModerationCog(bot, bot.service))
