@@ -2,6 +2,8 @@
 
 The asyncio side claims batches from the store and resolves jobs; the diffusers call runs in
 the executor's own thread, so the event loop (and Discord's heartbeat) never waits on torch.
+A failed call is split in halves and retried, so one bad image or an out-of-memory error
+fails only the jobs it must, and the batch cap for that key shrinks until calls fit again.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from bot.store import Store
 
 log = logging.getLogger(__name__)
 
+# Successful calls at a lowered cap before it is raised by one image again.
+CAP_RECOVERY_CALLS = 4
+
 
 class Runner(Protocol):
     """What the executor needs from the pipelines: one call, one image per spec, in order."""
 
     def generate(self, key: BatchKey, specs: list[ImageSpec]) -> Sequence[Any]: ...
+
+    def release_memory(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,17 @@ class JobResult:
 Deliver = Callable[[JobResult], Awaitable[None]]
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError and its MPS/CPU cousins, without importing torch here."""
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+
+
+def describe_error(error: BaseException) -> str:
+    if is_out_of_memory(error):
+        return "the image did not fit in GPU memory even alone; try a smaller size"
+    return f"{type(error).__name__}: {error}"
+
+
 class Executor:
     def __init__(
         self, store: Store, runner: Runner, *, max_batch_size: int, deliver: Deliver
@@ -54,6 +72,9 @@ class Executor:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Per batch key: the lowered cap after an out-of-memory error, and calls since then.
+        self._caps: dict[BatchKey, int] = {}
+        self._calls_at_cap: dict[BatchKey, int] = {}
         self.busy_since: float | None = None
 
     def start(self) -> None:
@@ -76,6 +97,9 @@ class Executor:
                 await self._task
         self._thread.shutdown(wait=True, cancel_futures=True)
 
+    def cap_for(self, key: BatchKey) -> int:
+        return self._caps.get(key, self._max_batch_size)
+
     async def run_in_worker(self, func: Callable[..., Any], *args: Any) -> Any:
         """Run blocking device work (model loading, a diffusers call) in the worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, func, *args)
@@ -89,20 +113,55 @@ class Executor:
             if not self._wake.is_set():  # a job admitted during the last claim is still due
                 self._idle.set()
 
+    async def _generate(self, key: BatchKey, specs: list[ImageSpec]) -> list[Any]:
+        """One result per spec: an image, or the exception that image could not get past.
+        Calls run at the key's cap; a failed call is split in halves until the culprit is
+        alone, so the other members' images still come out."""
+        cap = self.cap_for(key)
+        if len(specs) > cap:
+            results = []
+            for start in range(0, len(specs), cap):
+                results += await self._generate(key, specs[start : start + cap])
+            return results
+        try:
+            images = list(await self.run_in_worker(self._runner.generate, key, specs))
+        except Exception as error:
+            if is_out_of_memory(error):
+                await self.run_in_worker(self._runner.release_memory)
+                self._caps[key] = max(1, len(specs) // 2)
+                self._calls_at_cap[key] = 0
+                log.warning(
+                    "out of memory at %d images; cap for this size is now %d",
+                    len(specs),
+                    self._caps[key],
+                )
+            else:
+                log.exception("a diffusers call of %d image(s) failed", len(specs))
+            if len(specs) == 1:
+                return [error]
+            half = len(specs) // 2
+            return await self._generate(key, specs[:half]) + await self._generate(key, specs[half:])
+        self._recover_cap(key)
+        return images
+
+    def _recover_cap(self, key: BatchKey) -> None:
+        """Raise a lowered cap by one image after a run of successful calls."""
+        if key not in self._caps:
+            return
+        self._calls_at_cap[key] += 1
+        if self._calls_at_cap[key] >= CAP_RECOVERY_CALLS:
+            self._calls_at_cap[key] = 0
+            self._caps[key] += 1
+            if self._caps[key] >= self._max_batch_size:
+                del self._caps[key], self._calls_at_cap[key]
+
     async def _run_batch(self, batch_id: int, jobs: list[Job]) -> None:
         key = jobs[0].request.batch_key
         specs = [spec for job in jobs for spec in job.image_specs]
         self.busy_since = time.monotonic()
         started = time.perf_counter()
         try:
-            images: list[Any] = []
-            for start in range(0, len(specs), self._max_batch_size):
-                chunk = specs[start : start + self._max_batch_size]
-                images.extend(await self.run_in_worker(self._runner.generate, key, chunk))
-            error = None
-        except Exception as exc:  # one failed call must not take down the worker
-            log.exception("batch %s failed", batch_id)
-            images, error = [], f"{type(exc).__name__}: {exc}"
+            outcomes = await self._generate(key, specs)
         finally:
             self.busy_since = None
         seconds = time.perf_counter() - started
@@ -110,13 +169,16 @@ class Executor:
 
         offset = 0
         for job in jobs:
-            own = images[offset : offset + job.request.count]
+            own = outcomes[offset : offset + job.request.count]
             offset += job.request.count
-            if error is None:
-                await self._store.mark_done(job.id, withheld=sum(i.withheld for i in own))
-            else:
+            errors = [o for o in own if isinstance(o, BaseException)]
+            if errors:
+                error = describe_error(errors[0])
                 await self._store.mark_failed(job.id, error)
-            result = JobResult(job, own, error, seconds, batch_id, len(specs))
+                result = JobResult(job, [], error, seconds, batch_id, len(specs))
+            else:
+                await self._store.mark_done(job.id, withheld=sum(i.withheld for i in own))
+                result = JobResult(job, own, None, seconds, batch_id, len(specs))
             try:
                 await self._deliver(result)
             except Exception:

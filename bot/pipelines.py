@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub.constants
-import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
@@ -293,7 +292,7 @@ def load_pipeline(model_id: str, options: PipelineOptions) -> StableDiffusionPip
     except (OSError, HFValidationError, EntryNotFoundError) as exc:
         # huggingface_hub's "not cached", "offline", "not found" and connection errors are all
         # OSError subclasses; the first line of the original names the real cause.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = str(exc).splitlines()[0].rstrip(". ") if str(exc) else type(exc).__name__
         raise _not_available(model_id, options, reason) from exc
     if options.attention_slicing:
         pipe.enable_attention_slicing()
@@ -304,28 +303,13 @@ def load_pipeline(model_id: str, options: PipelineOptions) -> StableDiffusionPip
     return pipe
 
 
-class _ExactLMSScheduler(LMSDiscreteScheduler):
-    """LMS with its coefficient integrated exactly (it is a polynomial), so scipy is not needed;
-    scipy's quadrature gives the same numbers up to rounding."""
-
-    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
-        sigmas = self.sigmas.double().numpy()
-        poly = np.polynomial.Polynomial([1.0])
-        for k in range(order):
-            if k != current_order:
-                root = sigmas[t - k]
-                poly *= np.polynomial.Polynomial([-root, 1.0]) / (sigmas[t - current_order] - root)
-        antiderivative = poly.integ()
-        return float(antiderivative(sigmas[t + 1]) - antiderivative(sigmas[t]))
-
-
 _SCHEDULER_TYPES: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "Euler a": (EulerAncestralDiscreteScheduler, {}),
     "Euler": (EulerDiscreteScheduler, {}),
     "DDIM": (DDIMScheduler, {}),
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
-    "LMS": (_ExactLMSScheduler, {}),
+    "LMS": (LMSDiscreteScheduler, {}),
     "UniPC": (UniPCMultistepScheduler, {}),
 }
 
@@ -383,6 +367,14 @@ class PipelineRunner:
             self._tokenizers[model] = copy.deepcopy(pipe.tokenizer)
             self._pipelines[model] = pipe
         return pipe
+
+    def release_memory(self) -> None:
+        """Hand cached blocks back to the device after an out-of-memory error, so the
+        smaller retry starts from a clean allocator."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
 
     def token_count(self, model: str, prompt: str) -> int:
         """CLIP tokens `prompt` takes without start/end tokens; past MAX_PROMPT_TOKENS is cut."""

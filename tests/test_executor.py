@@ -107,14 +107,23 @@ async def test_event_loop_stays_free_while_a_batch_runs(service):
     stop.set()
     await ticker
     assert len(gaps) > 20, "the batches ran too fast to observe the loop"
+    print(f"longest event-loop gap during the batches: {max(gaps) * 1000:.0f} ms")
     assert max(gaps) < 0.25, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
 
 
-class FailingRunner:
-    """Wraps the real runner and fails the call for one prompt, like a bad model or driver."""
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError, which the executor recognises by name."""
 
-    def __init__(self, runner):
+
+class FaultyRunner:
+    """The real runner behind a fault injector: fails calls larger than `fits` images with an
+    out-of-memory error, and any call containing a prompt with "explode" with a plain error."""
+
+    def __init__(self, runner, fits=None):
         self.runner = runner
+        self.fits = fits
+        self.calls = []
+        self.released = 0
 
     def load(self, model):
         self.runner.load(model)
@@ -122,31 +131,79 @@ class FailingRunner:
     def token_count(self, model, prompt):
         return self.runner.token_count(model, prompt)
 
+    def release_memory(self):
+        self.released += 1
+
     def generate(self, key, specs):
+        self.calls.append(len(specs))
+        if self.fits is not None and len(specs) > self.fits:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if any("explode" in spec.prompt for spec in specs):
             raise RuntimeError("the device fell over")
         return self.runner.generate(key, specs)
 
 
-async def test_a_failed_call_fails_its_jobs_with_the_reason_and_the_worker_goes_on(
-    settings, tiny_runner
-):
+@pytest.fixture
+async def faulty(settings, tiny_runner):
+    runner = FaultyRunner(tiny_runner)
     store = await Store.open(settings.database_path)
-    service = ImagineService(settings, store, FailingRunner(tiny_runner))
+    service = ImagineService(settings, store, runner)
     collected = Collector()
     service.add_listener(collected)
-    try:
-        bad = await submit(service, 1, prompt="explode", seed=1)
-        good = await submit(service, 2, seed=2, width=128)
-        service.executor.start()
+    yield service, runner, collected
+    await service.close()
+
+
+async def test_a_failing_image_fails_its_job_alone_and_the_others_complete(faulty):
+    service, runner, collected = faulty
+    good = [await submit(service, m, seed=m) for m in (1, 2)]
+    bad = await submit(service, 3, prompt="explode", seed=3)
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    results = {r.job.id: r for r in collected.results}
+    assert results[bad.job.id].error == "RuntimeError: the device fell over"
+    assert all(results[a.job.id].error is None for a in good)
+    assert len({r.batch_id for r in collected.results}) == 1
+    assert runner.calls[0] == 3  # one call for all three, then halves around the culprit
+    record = await service.store.job(bad.job.id)
+    assert (record.job.status, record.error) == ("failed", "RuntimeError: the device fell over")
+    assert (await service.store.job(good[0].job.id)).job.status == "done"
+
+
+async def test_out_of_memory_splits_the_batch_and_lowers_then_raises_the_cap(faulty):
+    service, runner, collected = faulty
+    runner.fits = 2
+    first = [await submit(service, m, seed=m) for m in range(4)]
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert runner.calls == [4, 2, 2]
+    assert runner.released == 1
+    assert all(r.error is None for r in collected.results) and len(collected.results) == 4
+    key = first[0].job.request.batch_key
+    assert service.executor.cap_for(key) == 2
+
+    # The lowered cap is used straight away, then raised by one after enough good calls.
+    runner.calls.clear()
+    for round_ in range(4):
+        for m in range(2):  # admitted straight into the store, then one wake-up: one batch
+            request = service.validate(RawOptions(prompt="again", seed=100 + round_ * 2 + m))
+            await service.store.admit(request, member_id=m, guild_id=1, channel_id=2)
+        service.executor.wake()
         await asyncio.wait_for(service.executor.wait_idle(), 60)
-        results = {r.job.id: r for r in collected.results}
-        assert results[bad.job.id].error == "RuntimeError: the device fell over"
-        assert results[good.job.id].error is None
-        record = await store.job(bad.job.id)
-        assert (record.job.status, record.error) == ("failed", "RuntimeError: the device fell over")
-    finally:
-        await service.close()
+    assert runner.calls == [2, 2, 2, 2]
+    assert service.executor.cap_for(key) == 3
+
+
+async def test_an_image_that_never_fits_fails_with_a_clear_message(faulty):
+    service, runner, collected = faulty
+    runner.fits = 0
+    job = await submit(service, 1, seed=1, count=2)
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert runner.calls == [2, 1, 1]
+    assert "did not fit in GPU memory" in collected.results[0].error
+    assert (await service.store.job(job.job.id)).job.status == "failed"
+    assert (await service.store.quota_status(1, 1, default_limit=5)).used == 0  # refunded
 
 
 async def test_long_prompts_are_admitted_with_a_note(service):

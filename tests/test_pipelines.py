@@ -1,0 +1,255 @@
+"""Pipeline tests on the tiny random-weight model, loaded through the real loading code."""
+
+from __future__ import annotations
+
+import os
+
+# Before diffusers/huggingface_hub are imported: they read it once, at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from bot.pipelines import (
+    MAX_PROMPT_TOKENS,
+    GeneratedImage,
+    ModelNotAvailable,
+    PipelineOptions,
+    PipelineRunner,
+    _with_scheduler,
+    build_tiny_model,
+    load_pipeline,
+    make_scheduler,
+    resolve_device,
+)
+from bot.requests import SCHEDULERS, BatchKey, ImageSpec
+
+SPECS = [
+    ImageSpec("a red cat on a sofa", "", 11),
+    ImageSpec("a dog", "blurry", 22),
+    ImageSpec("mountains at dawn, oil painting", "people", 33),
+    ImageSpec("x", "y", 44),
+]
+
+
+def key(scheduler: str = "DPM++ 2M", width: int = 64, height: int = 64, **kw: object) -> BatchKey:
+    fields = {"model": "tiny", "mode": "text", "steps": 4, "guidance": 7.5, **kw}
+    return BatchKey(width=width, height=height, scheduler=scheduler, **fields)  # type: ignore[arg-type]
+
+
+def pixels(result: GeneratedImage) -> np.ndarray:
+    return np.asarray(result.image, dtype=np.int16)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    build_tiny_model(folder / "tiny-sd")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def runner(models_dir: Path) -> Iterator[PipelineRunner]:
+    # One thread: the tiny model gains nothing from more, and on a shared 2-core machine
+    # OpenMP threads spinning against another process made single tests take 20 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runner = PipelineRunner(PipelineOptions(device="cpu", cache_dir=models_dir))
+    runner.load("tiny")
+    yield runner
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def flagging_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose safety checker flags every image: thresholds far below any cosine."""
+    folder = build_tiny_model(tmp_path_factory.mktemp("sc") / "tiny-sc", with_safety_checker=True)
+    weights = folder / "safety_checker" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["concept_embeds_weights"] = torch.full_like(tensors["concept_embeds_weights"], -10.0)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder
+
+
+def test_tiny_model_is_saved_and_loads_back(models_dir: Path, runner: PipelineRunner) -> None:
+    folder = models_dir / "tiny-sd"
+    assert (folder / "model_index.json").is_file()
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((folder / part).glob("*.safetensors")), part
+    pipe = runner.load("tiny")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    assert isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.scheduler, PNDMScheduler)
+    assert pipe.safety_checker is None
+    assert pipe.vae_scale_factor == 8
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
+    assert runner.load("tiny") is pipe  # cached, not loaded twice
+    # The saved tokenizer loads back and encodes any text without merges or downloads.
+    ids = pipe.tokenizer("héllo!").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id
+
+
+def test_build_is_idempotent_and_refuses_a_mismatch(models_dir: Path) -> None:
+    folder = models_dir / "tiny-sd"
+    stamp = (folder / "unet" / "config.json").stat().st_mtime_ns
+    assert build_tiny_model(folder) == folder
+    assert (folder / "unet" / "config.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError):
+        build_tiny_model(folder, with_safety_checker=True)
+
+
+def test_built_weights_are_deterministic(tmp_path: Path, models_dir: Path) -> None:
+    again = build_tiny_model(tmp_path / "again")
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        first, second = load_file(models_dir / "tiny-sd" / name), load_file(again / name)
+        assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_missing_folder_raises_model_not_available(tmp_path: Path) -> None:
+    options = PipelineOptions(device="cpu", cache_dir=tmp_path)
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ModelNotAvailable, match="no-such-model"):
+        load_pipeline(missing, options)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotAvailable, match=r"model_index\.json"):
+        load_pipeline(str(tmp_path / "empty"), options)
+
+
+def test_missing_hub_id_offline_raises_model_not_available(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    options = PipelineOptions(device="cpu", cache_dir=tmp_path)
+    with pytest.raises(ModelNotAvailable) as caught:
+        load_pipeline("nobody-here/no-such-model", options)
+    message = str(caught.value)
+    assert "nobody-here/no-such-model" in message
+    assert "python -m bot download nobody-here/no-such-model" in message
+    assert "HF_HUB_OFFLINE" in message
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_image_is_the_same_alone_and_in_a_batch(runner: PipelineRunner, scheduler: str) -> None:
+    batch = runner.generate(key(scheduler), SPECS)
+    for spec, in_batch in zip(SPECS, batch, strict=True):
+        (alone,) = runner.generate(key(scheduler), [spec])
+        assert np.abs(pixels(alone) - pixels(in_batch)).max() <= 1, spec
+
+
+def test_seeds_decide_the_image(runner: PipelineRunner) -> None:
+    spec = SPECS[0]
+    other_seed = ImageSpec(spec.prompt, spec.negative_prompt, spec.seed + 1)
+    first, same, other = runner.generate(key("Euler a"), [spec, spec, other_seed])
+    assert np.abs(pixels(first) - pixels(same)).max() <= 1
+    assert np.abs(pixels(first) - pixels(other)).mean() > 5
+    again = runner.generate(key("Euler a"), [spec, spec, other_seed])
+    assert all(
+        np.array_equal(pixels(a), pixels(b))
+        for a, b in zip([first, same, other], again, strict=True)
+    )
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize(("width", "height"), [(64, 64), (64, 128)])
+def test_every_scheduler_gives_images_of_the_asked_size(
+    runner: PipelineRunner, scheduler: str, width: int, height: int
+) -> None:
+    results = runner.generate(key(scheduler, width, height, steps=3), SPECS[:2])
+    assert [r.image.size for r in results] == [(width, height)] * 2
+    assert not any(r.withheld for r in results)
+    assert all(np.asarray(r.image).std() > 1 for r in results)  # not blank or NaN-black
+
+
+def test_scheduler_swap_shares_weights_and_leaves_the_model_alone(runner: PipelineRunner) -> None:
+    base = runner.load("tiny")
+    call = _with_scheduler(base, "Euler a")
+    assert isinstance(call.scheduler, EulerAncestralDiscreteScheduler)
+    assert call.unet is base.unet and call.vae is base.vae
+    assert call.text_encoder is base.text_encoder
+    runner.generate(key("UniPC"), SPECS[:1])
+    assert isinstance(base.scheduler, PNDMScheduler)
+
+
+def test_make_scheduler_uses_the_model_config(runner: PipelineRunner) -> None:
+    config = runner.load("tiny").scheduler.config
+    dpm = make_scheduler("DPM++ 2M", config)
+    assert isinstance(dpm, DPMSolverMultistepScheduler)
+    assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
+    assert dpm.config.beta_schedule == "scaled_linear" and dpm.config.beta_end == 0.012
+    assert make_scheduler("DDIM", config).config.clip_sample is False
+    assert make_scheduler("PNDM", config).config.skip_prk_steps is True
+    assert make_scheduler("Euler", config) is not make_scheduler("Euler", config)
+    with pytest.raises(ValueError, match="DPM\\+\\+ 2M"):
+        make_scheduler("Heun", config)
+
+
+def test_safety_checker_withholds_flagged_images(flagging_model: Path, models_dir: Path) -> None:
+    checked = PipelineRunner(PipelineOptions(device="cpu", cache_dir=models_dir))
+    model = str(flagging_model)
+    assert isinstance(checked.load(model).safety_checker, StableDiffusionSafetyChecker)
+    results = checked.generate(key(model=model), SPECS[:3])
+    assert len(results) == 3 and all(r.withheld for r in results)
+    assert all(np.asarray(r.image).max() == 0 for r in results)  # blacked out as well
+
+    unchecked = PipelineRunner(
+        PipelineOptions(device="cpu", cache_dir=models_dir, safety_checker=False)
+    )
+    assert unchecked.load(model).safety_checker is None
+    results = unchecked.generate(key(model=model), SPECS[:3])
+    assert not any(r.withheld for r in results)
+
+
+def test_token_count(runner: PipelineRunner) -> None:
+    tokenizer = runner.load("tiny").tokenizer
+    assert tokenizer.model_max_length - 2 == MAX_PROMPT_TOKENS
+    # The tiny vocabulary has no merges: one token per byte, the last of a word marked </w>.
+    assert runner.token_count("tiny", "a cat") == 4
+    assert runner.token_count("tiny", "") == 0
+    long_prompt = "a very detailed painting of a castle, " * 10
+    assert runner.token_count("tiny", long_prompt) > MAX_PROMPT_TOKENS
+    assert runner.token_count("tiny", long_prompt) == len(tokenizer(long_prompt).input_ids) - 2
+
+
+def test_generate_rejects_other_modes_and_accepts_empty(runner: PipelineRunner) -> None:
+    with pytest.raises(ValueError, match="image"):
+        runner.generate(key(mode="image", strength=0.5), SPECS[:1])
+    assert runner.generate(key(), []) == []
+
+
+def test_progress_reports_each_step(runner: PipelineRunner) -> None:
+    seen: list[tuple[int, int]] = []
+    runner.generate(key("Euler"), SPECS[:2], progress=lambda *step: seen.append(step))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_resolve_device() -> None:
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert resolve_device("auto") == (torch.device("cpu"), torch.float32)
+    assert resolve_device("cpu") == (torch.device("cpu"), torch.float32)
+    assert resolve_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="float16"):
+        resolve_device("cpu", "float8")
+    with pytest.raises(ValueError, match="auto, cpu"):
+        resolve_device("tpu")
