@@ -16,16 +16,11 @@ import signal
 import sys
 from pathlib import Path
 
+from bot.logs import configure_logging
 from bot.requests import InvalidRequest, RawOptions
 from bot.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("bot")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
-    )
 
 
 async def open_service(settings: Settings):
@@ -62,9 +57,16 @@ async def run_bot(settings: Settings) -> None:
 
     service = await open_service(settings)
     bot = make_bot(settings, service)
+
+    async def shut_down() -> None:
+        """Stop admitting, let the running batch finish and deliver, then leave the gateway."""
+        log.info("shutting down (up to %.0f s for the running batch)", settings.shutdown_grace)
+        await service.close(settings.shutdown_grace)
+        await bot.close()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.close()))
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(shut_down()))
     try:
         async with bot:
             await bot.login(settings.discord_token)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as problem:
         print(f"configuration error: {problem}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, [settings.discord_token])
     if command == "download":  # the Hub client reads this once, at import
         os.environ["HF_HUB_OFFLINE"] = "0"
     from bot.pipelines import ModelNotAvailable

@@ -33,6 +33,8 @@ class Runner(Protocol):
 
     def release_memory(self) -> None: ...
 
+    def interrupt(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -72,6 +74,8 @@ class Executor:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._in_flight: list[int] = []
         # Per batch key: the lowered cap after an out-of-memory error, and calls since then.
         self._caps: dict[BatchKey, int] = {}
         self._calls_at_cap: dict[BatchKey, int] = {}
@@ -90,12 +94,23 @@ class Executor:
         """Wait until every queued job has been run and delivered."""
         await self._idle.wait()
 
-    async def stop(self) -> None:
-        if self._task is not None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Claim nothing more; give the running batch `grace` seconds to finish and deliver,
+        then interrupt it and put its undelivered jobs back in the queue for the next start."""
+        self._stopping = True
+        if self._task is not None and not self._task.done():
+            if self._in_flight:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._task), grace)
+                except TimeoutError:
+                    self._runner.interrupt()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._thread.shutdown(wait=True, cancel_futures=True)
+            if self._in_flight:
+                log.info("returning %d interrupted job(s) to the queue", len(self._in_flight))
+                await self._store.return_to_queue(self._in_flight)
+        await asyncio.to_thread(self._thread.shutdown, wait=True, cancel_futures=True)
 
     def cap_for(self, key: BatchKey) -> int:
         return self._caps.get(key, self._max_batch_size)
@@ -105,10 +120,12 @@ class Executor:
         return await asyncio.get_running_loop().run_in_executor(self._thread, func, *args)
 
     async def _drain_forever(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
-            while (claimed := await self._store.claim_batch(self._max_batch_size)) is not None:
+            while not self._stopping and (
+                claimed := await self._store.claim_batch(self._max_batch_size)
+            ):
                 await self._run_batch(*claimed)
             if not self._wake.is_set():  # a job admitted during the last claim is still due
                 self._idle.set()
@@ -158,6 +175,7 @@ class Executor:
     async def _run_batch(self, batch_id: int, jobs: list[Job]) -> None:
         key = jobs[0].request.batch_key
         specs = [spec for job in jobs for spec in job.image_specs]
+        self._in_flight = [job.id for job in jobs]
         self.busy_since = time.monotonic()
         started = time.perf_counter()
         try:
@@ -172,14 +190,16 @@ class Executor:
             own = outcomes[offset : offset + job.request.count]
             offset += job.request.count
             errors = [o for o in own if isinstance(o, BaseException)]
-            if errors:
-                error = describe_error(errors[0])
-                await self._store.mark_failed(job.id, error)
-                result = JobResult(job, [], error, seconds, batch_id, len(specs))
-            else:
-                await self._store.mark_done(job.id, withheld=sum(i.withheld for i in own))
-                result = JobResult(job, own, None, seconds, batch_id, len(specs))
+            error = describe_error(errors[0]) if errors else None
+            result = JobResult(job, [] if errors else own, error, seconds, batch_id, len(specs))
+            # Deliver first, then mark the job finished: a crash in between leaves it running,
+            # so the next start runs it again and the delivery's nonce stops a second post.
             try:
                 await self._deliver(result)
             except Exception:
                 log.exception("delivering job %s failed", job.id)
+            if error is None:
+                await self._store.mark_done(job.id, withheld=sum(i.withheld for i in own))
+            else:
+                await self._store.mark_failed(job.id, error)
+            self._in_flight.remove(job.id)

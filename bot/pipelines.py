@@ -27,6 +27,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
     SchedulerMixin,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
@@ -49,6 +50,9 @@ from bot.requests import SCHEDULERS, BatchKey, ImageSpec
 # CLIP sees 77 positions: a start token, 75 prompt tokens and an end token.
 MAX_PROMPT_TOKENS = 75
 TINY_MODEL = "tiny"
+# What a member reads when the VAE gave NaN even in float32 (an fp16 overflow that stuck).
+BLANK_IMAGE_ERROR = "the image came out blank (NaN); try another seed or fewer steps"
+MODES = ("text", "image")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -323,11 +327,15 @@ def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
     return cls.from_config(base_config, **overrides)
 
 
-def _with_scheduler(base: StableDiffusionPipeline, name: str) -> StableDiffusionPipeline:
-    """A shallow copy of `base` sharing its modules (no weights copied) with a fresh scheduler;
+def _with_scheduler(
+    base: StableDiffusionPipeline,
+    name: str,
+    cls: type[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline] = StableDiffusionPipeline,
+) -> Any:
+    """A `cls` pipeline sharing `base`'s modules (no weights copied) with a fresh scheduler;
     not `from_pipe`, which casts the shared modules to float32 unless given a dtype."""
     scheduler = make_scheduler(name, base.scheduler.config)
-    pipe = StableDiffusionPipeline(
+    pipe = cls(
         **{**base.components, "scheduler": scheduler},
         requires_safety_checker=base.config.requires_safety_checker,
     )
@@ -338,10 +346,36 @@ def _with_scheduler(base: StableDiffusionPipeline, name: str) -> StableDiffusion
 @dataclass
 class GeneratedImage:
     """One output image; `withheld` images were flagged by the safety checker and must not be
-    delivered (their pixels are blacked out anyway)."""
+    delivered (their pixels are blacked out anyway). `error` says why an image is unusable."""
 
     image: PIL.Image.Image
     withheld: bool
+    error: str | None = None
+
+
+def _not_finite(images: torch.Tensor) -> torch.Tensor:
+    """One flag per image: any NaN or Inf pixel (what an fp16 VAE overflow leaves)."""
+    return ~torch.isfinite(images).flatten(1).all(dim=1)
+
+
+def _decode(vae: AutoencoderKL, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode latents to [-1, 1] images with a bad-output flag per image; a NaN/Inf batch is
+    decoded once more with the VAE in float32, the usual cure for fp16 overflow."""
+    scale = vae.config.scaling_factor
+    with torch.no_grad():
+        images = vae.decode(latents.to(vae.dtype) / scale, return_dict=False)[0]
+        bad = _not_finite(images)
+        if bad.any():
+            dtype = vae.dtype
+            vae.to(torch.float32)
+            try:
+                images = vae.decode(latents.float() / scale, return_dict=False)[0]
+            finally:
+                vae.to(dtype)
+            bad = _not_finite(images)
+    # Blank images decode to black, not to whatever NaN casts to.
+    images[bad] = -1.0
+    return images, bad
 
 
 class PipelineRunner:
@@ -391,16 +425,23 @@ class PipelineRunner:
         progress: Callable[[int, int], None] | None = None,
     ) -> list[GeneratedImage]:
         """Run ONE diffusers call for the batch with a generator per image, so each image depends
-        only on its own spec and the key. `progress(done, total)` is called after each step."""
-        if key.mode != "text":
-            raise ValueError(f"mode {key.mode!r} is not supported yet; only 'text'.")
+        only on its own spec and the key. `progress(done, total)` is called after each step.
+        Mode "image" starts from each spec's `init_image` and denoises int(steps × strength)
+        steps. Latents are decoded here, so a NaN image can be retried in float32."""
+        if key.mode not in MODES:
+            raise ValueError(f"unknown mode {key.mode!r}; expected one of: {', '.join(MODES)}.")
         if not specs:
             return []
         base = self.load(key.model)
-        pipe = _with_scheduler(base, key.scheduler)
+        extra: dict[str, Any] = {}
+        if key.mode == "image":
+            extra = self._image_arguments(key, specs)
+            pipe = _with_scheduler(base, key.scheduler, StableDiffusionImg2ImgPipeline)
+        else:
+            extra = {"width": key.width, "height": key.height}
+            pipe = _with_scheduler(base, key.scheduler)
         # MPS generators are not reliable across torch versions; diffusers accepts CPU ones.
         gen_device = torch.device("cpu") if self.device.type == "mps" else self.device
-        extra: dict[str, Any] = {}
         if progress is not None:
 
             def on_step(call: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -408,19 +449,46 @@ class PipelineRunner:
                 return kwargs
 
             extra["callback_on_step_end"] = on_step
-        out = pipe(
+        latents = pipe(
             prompt=[spec.prompt for spec in specs],
             negative_prompt=[spec.negative_prompt for spec in specs],
             generator=[torch.Generator(gen_device).manual_seed(spec.seed) for spec in specs],
             num_inference_steps=key.steps,
             guidance_scale=key.guidance,
-            width=key.width,
-            height=key.height,
-            output_type="pil",
+            output_type="latent",
             **extra,
+        ).images
+        images, bad = _decode(pipe.vae, latents)
+        images, flags = pipe.run_safety_checker(images, self.device, pipe.text_encoder.dtype)
+        flags = flags or [False] * len(specs)
+        pictures = pipe.image_processor.postprocess(
+            images, output_type="pil", do_denormalize=[not flag for flag in flags]
         )
-        flags = out.nsfw_content_detected or [False] * len(specs)
         return [
-            GeneratedImage(image=image, withheld=bool(flag))
-            for image, flag in zip(out.images, flags, strict=True)
+            GeneratedImage(
+                image=picture, withheld=bool(flag), error=BLANK_IMAGE_ERROR if blank else None
+            )
+            for picture, flag, blank in zip(pictures, flags, bad.tolist(), strict=True)
         ]
+
+    @staticmethod
+    def _image_arguments(key: BatchKey, specs: list[ImageSpec]) -> dict[str, Any]:
+        """The img2img call's own arguments, checked here so a bad batch fails with a reason
+        instead of deep inside diffusers."""
+        if key.strength is None or not 0 < key.strength <= 1:
+            raise ValueError(f"mode 'image' needs a strength in (0, 1], got {key.strength!r}.")
+        if int(key.steps * key.strength) < 1:
+            raise ValueError(
+                f"{key.steps} steps at strength {key.strength:g} leave no step to run; "
+                "raise the steps or the strength."
+            )
+        size = (key.width, key.height)
+        for spec in specs:
+            image = spec.init_image
+            if not isinstance(image, PIL.Image.Image) or image.size != size:
+                got = getattr(image, "size", None)
+                raise ValueError(f"mode 'image' needs an init image of {size}, got {got}.")
+        return {
+            "image": [spec.init_image.convert("RGB") for spec in specs],
+            "strength": key.strength,
+        }

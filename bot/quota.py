@@ -49,3 +49,8 @@ class PromptBlocked(AdmissionRefused):
     def __init__(self, term: str) -> None:
         super().__init__(f"blocked term: {term}")
         self.term = term
+
+
+class ShuttingDown(AdmissionRefused):
+    def __init__(self) -> None:
+        super().__init__("the bot is restarting")

@@ -103,6 +103,9 @@ class ImageSpec:
     prompt: str
     negative_prompt: str
     seed: int
+    # A PIL image (RGB, the batch key's size) for mode "image"; Any keeps PIL out of here.
+    # Left out of the hash: images are unhashable, and specs differ by seed anyway.
+    init_image: Any = field(default=None, hash=False)
 
 
 @dataclass

@@ -12,11 +12,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bot.executor import Executor, JobResult, Runner
+from bot.quota import ShuttingDown
 from bot.requests import GenerationRequest, Job, RawOptions, validate
 from bot.settings import Settings
 from bot.store import Store
 
 log = logging.getLogger(__name__)
+
+# A job claimed this many times without finishing is failed and refunded at start-up.
+MAX_ATTEMPTS = 3
 
 # CLIP reads 77 tokens: the start and end markers plus 75 of the prompt.
 MAX_PROMPT_TOKENS = 75
@@ -46,6 +50,8 @@ class ImagineService:
         self.store = store
         self.runner = runner
         self._listeners: list[Listener] = []
+        self.accepting = True
+        self._closed = False
         self.executor = Executor(
             store, runner, max_batch_size=settings.max_batch_size, deliver=self._announce
         )
@@ -60,13 +66,22 @@ class ImagineService:
         """Load the model in the worker thread (a missing model fails here, not on a member's
         first request), put interrupted jobs back in the queue, and start draining it."""
         await self.executor.run_in_worker(self.runner.load, self.settings.model_id)
-        requeued = await self.store.requeue_interrupted()
+        requeued, failed = await self.store.recover_interrupted(MAX_ATTEMPTS)
         if requeued:
             log.info("put %d interrupted job(s) back in the queue", requeued)
+        for job in failed:
+            record = await self.store.job(job.id)
+            await self._announce(JobResult(job, [], record.error, 0.0, job.batch_id or 0, 0))
         self.executor.start()
 
-    async def close(self) -> None:
-        await self.executor.stop()
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop admitting, let the running batch finish within `grace` seconds (or return its
+        jobs to the queue), and close the database cleanly."""
+        if self._closed:
+            return  # a signal closed it already; this is the normal exit path
+        self._closed = True
+        self.accepting = False
+        await self.executor.stop(grace)
         await self.store.close()
 
     def validate(self, raw: RawOptions) -> GenerationRequest:
@@ -97,8 +112,10 @@ class ImagineService:
         interaction_id: int | None = None,
         exempt: bool = False,
     ) -> Admission:
-        """Admit a validated request: raises AdmissionRefused (banned, blocked, over quota)
-        without storing or charging anything."""
+        """Admit a validated request: raises AdmissionRefused (restarting, banned, blocked,
+        over quota) without storing or charging anything."""
+        if not self.accepting:
+            raise ShuttingDown()
         job = await self.store.admit(
             request,
             member_id=member_id,

@@ -468,13 +468,37 @@ class Store:
                 "UPDATE jobs SET status_message_id = ? WHERE id = ?", (message_id, job_id)
             )
 
-    async def requeue_interrupted(self) -> int:
-        """Jobs left running by a stopped process go back to the queue in their original order."""
+    async def recover_interrupted(self, max_attempts: int) -> tuple[int, list[Job]]:
+        """After a crash: jobs left running go back to the queue in their original order, except
+        those already claimed max_attempts times, which fail with a refund (a job that keeps
+        killing the process must not take the bot down forever). Returns (requeued, failed)."""
+        now = self._clock()
         async with self._transaction() as db:
+            cursor = await db.execute(
+                f"""UPDATE jobs SET status = 'failed', finished_at = ?, error = ?
+                    WHERE status = 'running' AND attempts >= ? RETURNING {JOB_COLUMNS}""",
+                (now, f"the bot stopped during this job {max_attempts} times", max_attempts),
+            )
+            failed = sorted(
+                (_job_from_row(row) for row in await cursor.fetchall()), key=lambda job: job.id
+            )
+            for job in failed:
+                await self._refund(db, job.id, now)
             cursor = await db.execute(
                 "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running'"
             )
-            return cursor.rowcount
+            return cursor.rowcount, failed
+
+    async def return_to_queue(self, job_ids: list[int]) -> None:
+        """Put jobs that a shutdown interrupted back in the queue; the attempt does not count,
+        since the job did nothing wrong."""
+        async with self._transaction() as db:
+            await db.executemany(
+                """UPDATE jobs SET status = 'queued', started_at = NULL,
+                       attempts = MAX(attempts - 1, 0)
+                   WHERE id = ? AND status = 'running'""",
+                [(job_id,) for job_id in job_ids],
+            )
 
     async def job(self, job_id: int) -> JobRecord | None:
         async with self._lock:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import time
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -13,8 +14,14 @@ from discord.ext import commands
 
 from bot.executor import JobResult
 from bot.images import grid, parameters_text, png_bytes
-from bot.quota import AdmissionRefused, MemberBanned, PromptBlocked, QuotaExceeded
-from bot.requests import SCHEDULERS, GenerationRequest, InvalidRequest, RawOptions
+from bot.quota import (
+    AdmissionRefused,
+    MemberBanned,
+    PromptBlocked,
+    QuotaExceeded,
+    ShuttingDown,
+)
+from bot.requests import SCHEDULERS, GenerationRequest, InvalidRequest, Job, RawOptions
 from bot.service import ImagineService
 
 log = logging.getLogger(__name__)
@@ -127,16 +134,20 @@ class ImagineCog(commands.Cog):
         request = job.request
         interaction, arrived = self._interactions.pop(job.id, (None, 0.0))
         if result.error is not None:
-            content = f"<@{job.member_id}> job #{job.id} failed: {result.error}"
-            await self._post(job.id, job.channel_id, interaction, arrived, content=content)
+            content = (
+                f"<@{job.member_id}> job #{job.id} failed: {result.error}. "
+                "Its images were refunded."
+            )
+            await self._post(job, interaction, arrived, content=content)
             return
         files, withheld = await asyncio.to_thread(result_files, request, result)
         lines = [f"<@{job.member_id}> job #{job.id}"]
         if withheld:
             lines.append(f"{withheld} of {request.count} image(s) withheld by the safety checker.")
+            if withheld == request.count:
+                lines.append("They were refunded.")
         await self._post(
-            job.id,
-            job.channel_id,
+            job,
             interaction,
             arrived,
             content="\n".join(lines),
@@ -145,20 +156,41 @@ class ImagineCog(commands.Cog):
         )
 
     async def _post(
-        self,
-        job_id: int,
-        channel_id: int | None,
-        interaction: discord.Interaction | None,
-        arrived: float,
-        **message: object,
+        self, job: Job, interaction: discord.Interaction | None, arrived: float, **message: Any
     ) -> None:
-        """Follow up while the interaction token is young; otherwise post in the channel."""
+        """Follow up while the interaction token is young; else post in the channel with a nonce
+        (so a retry after a crash cannot post twice); if the channel refuses us, send a DM."""
+        sent = None
         if interaction is not None and time.monotonic() - arrived < FOLLOWUP_WINDOW_SECONDS:
-            sent = await interaction.followup.send(wait=True, **message)
-        else:
-            channel = self.bot.get_channel(channel_id) or await self.bot.fetch_channel(channel_id)
-            sent = await channel.send(**message)
-        await self.service.store.record_delivery(job_id, sent.channel.id, sent.id)
+            try:
+                sent = await interaction.followup.send(wait=True, **message)
+            except discord.NotFound:  # the token expired early or the interaction is gone
+                log.info("follow-up for job %s failed; posting in the channel", job.id)
+        if sent is None:
+            sent = await self._post_outside_interaction(job, message)
+        if sent is not None:
+            await self.service.store.record_delivery(job.id, sent.channel.id, sent.id)
+
+    async def _post_outside_interaction(
+        self, job: Job, message: dict[str, Any]
+    ) -> discord.Message | None:
+        for file in message.get("files", []):
+            file.reset()
+        try:
+            channel = self.bot.get_channel(job.channel_id) or await self.bot.fetch_channel(
+                job.channel_id
+            )
+            return await channel.send(nonce=f"imagine-job-{job.id}", **message)
+        except (discord.Forbidden, discord.NotFound):
+            log.warning("cannot post job %s in channel %s; trying a DM", job.id, job.channel_id)
+        for file in message.get("files", []):
+            file.reset()
+        try:
+            member = await self.bot.fetch_user(job.member_id)
+            return await member.send(**message)
+        except discord.HTTPException:
+            log.warning("cannot deliver job %s to member %s at all", job.id, job.member_id)
+            return None
 
 
 def role_ids(user: discord.abc.User) -> list[int]:
@@ -188,6 +220,8 @@ def refusal_text(problem: Exception) -> str:
     if isinstance(problem, MemberBanned):
         reason = f" Reason: {problem.reason}" if problem.reason else ""
         return f"Sorry, you can't generate images on this server.{reason}"
+    if isinstance(problem, ShuttingDown):
+        return "The bot is restarting; please try again in a minute. Nothing was charged."
     if isinstance(problem, PromptBlocked):
         return "Your prompt contains a term this server blocks. Nothing was queued or charged."
     raise TypeError(problem)

@@ -11,6 +11,8 @@ import pytest
 from bot.requests import Limits
 from bot.settings import Settings
 
+pytest_plugins = ["fakediscord.pytest_plugin"]
+
 # Small enough that a batch of 8 runs in about a second on two CPU cores.
 TEST_LIMITS = Limits(
     max_steps=20,

@@ -85,7 +85,7 @@ async def test_interrupted_jobs_are_queued_again_in_order(store):
     a = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
     b = await store.admit(REQUEST, member_id=2, guild_id=1, channel_id=1)
     await store.claim_batch(2)  # a alone fills the cap of 2 images
-    assert await store.requeue_interrupted() == 1
+    assert await store.recover_interrupted(max_attempts=3) == (1, [])
     assert [j.id for j in await store.pending_jobs()] == [a.id, b.id]
 
 
@@ -104,3 +104,24 @@ async def test_status_check_constraint_rejects_unknown_states(store, tmp_path):
         pytest.raises(sqlite3.IntegrityError),
     ):
         raw.execute("UPDATE jobs SET status = 'lost'")
+
+
+async def test_jobs_claimed_three_times_fail_with_a_refund_at_start_up(store):
+    job = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
+    for attempt in range(1, 4):
+        assert (await store.claim_batch(8))[1][0].attempts == attempt
+        requeued, failed = await store.recover_interrupted(max_attempts=3)
+        if attempt < 3:
+            assert (requeued, failed) == (1, [])
+    assert [j.id for j in failed] == [job.id] and requeued == 0
+    record = await store.job(job.id)
+    assert record.job.status == "failed" and "3 times" in record.error
+    assert (await store.quota_status(1, 1, default_limit=5)).used == 0
+
+
+async def test_jobs_returned_by_a_shutdown_keep_their_attempts(store):
+    job = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
+    await store.claim_batch(8)
+    await store.return_to_queue([job.id])
+    record = await store.job(job.id)
+    assert (record.job.status, record.job.attempts) == ("queued", 0)
