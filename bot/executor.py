@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bot.eta import SpeedKey
 from bot.requests import BatchKey, ImageSpec, Job
 from bot.store import Store
 
@@ -29,7 +31,13 @@ CAP_RECOVERY_CALLS = 4
 class Runner(Protocol):
     """What the executor needs from the pipelines: one call, one image per spec, in order."""
 
-    def generate(self, key: BatchKey, specs: list[ImageSpec]) -> Sequence[Any]: ...
+    def generate(
+        self,
+        key: BatchKey,
+        specs: list[ImageSpec],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Sequence[Any]: ...
 
     def release_memory(self) -> None: ...
 
@@ -46,9 +54,12 @@ class JobResult:
     seconds: float
     batch_id: int
     batch_images: int
+    cancelled: bool = False
 
 
 Deliver = Callable[[JobResult], Awaitable[None]]
+# (job ids in the call, steps done, steps in all): called on the event loop after each step.
+Progress = Callable[[list[int], int, int], None]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -76,6 +87,8 @@ class Executor:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._in_flight: list[int] = []
+        self._cancelled: set[int] = set()
+        self.on_progress: Progress | None = None
         # Per batch key: the lowered cap after an out-of-memory error, and calls since then.
         self._caps: dict[BatchKey, int] = {}
         self._calls_at_cap: dict[BatchKey, int] = {}
@@ -112,6 +125,13 @@ class Executor:
                 await self._store.return_to_queue(self._in_flight)
         await asyncio.to_thread(self._thread.shutdown, wait=True, cancel_futures=True)
 
+    def note_cancelled(self, job_id: int) -> None:
+        """A running job was cancelled: when every job in the call is, stop the call at the
+        next step instead of finishing images nobody wants."""
+        self._cancelled.add(job_id)
+        if self._in_flight and self._cancelled.issuperset(self._in_flight):
+            self._runner.interrupt()
+
     def cap_for(self, key: BatchKey) -> int:
         return self._caps.get(key, self._max_batch_size)
 
@@ -130,6 +150,16 @@ class Executor:
             if not self._wake.is_set():  # a job admitted during the last claim is still due
                 self._idle.set()
 
+    def _progress_reporter(self, job_ids: list[int]) -> Callable[[int, int], None]:
+        """A step callback for the worker thread that hands progress to the event loop."""
+        loop = asyncio.get_running_loop()
+
+        def report(done: int, total: int) -> None:
+            if self.on_progress is not None:
+                loop.call_soon_threadsafe(self.on_progress, job_ids, done, total)
+
+        return report
+
     async def _generate(self, key: BatchKey, specs: list[ImageSpec]) -> list[Any]:
         """One result per spec: an image, or the exception that image could not get past.
         Calls run at the key's cap; a failed call is split in halves until the culprit is
@@ -140,8 +170,14 @@ class Executor:
             for start in range(0, len(specs), cap):
                 results += await self._generate(key, specs[start : start + cap])
             return results
+        report = self._progress_reporter(list(self._in_flight))
+        started = time.perf_counter()
         try:
-            images = list(await self.run_in_worker(self._runner.generate, key, specs))
+            images = list(
+                await self.run_in_worker(
+                    functools.partial(self._runner.generate, key, specs, progress=report)
+                )
+            )
         except Exception as error:
             if is_out_of_memory(error):
                 await self.run_in_worker(self._runner.release_memory)
@@ -159,6 +195,9 @@ class Executor:
             half = len(specs) // 2
             return await self._generate(key, specs[:half]) + await self._generate(key, specs[half:])
         self._recover_cap(key)
+        steps = key.steps if key.strength is None else max(1, int(key.steps * key.strength))
+        speed_key = SpeedKey(key.model, key.width * key.height, len(specs))
+        await self._store.record_speed(speed_key, (time.perf_counter() - started) / steps)
         return images
 
     def _recover_cap(self, key: BatchKey) -> None:
@@ -184,22 +223,33 @@ class Executor:
             self.busy_since = None
         seconds = time.perf_counter() - started
         await self._store.finish_batch(batch_id)
+        cancelled = await self._store.cancel_requested([job.id for job in jobs])
 
         offset = 0
         for job in jobs:
             own = outcomes[offset : offset + job.request.count]
             offset += job.request.count
+            if job.id in cancelled:
+                await self._store.mark_cancelled(job.id)
+                self._in_flight.remove(job.id)
+                self._cancelled.discard(job.id)
+                result = JobResult(job, [], None, seconds, batch_id, len(specs), cancelled=True)
+                await self._deliver_safely(result)
+                continue
             errors = [o for o in own if isinstance(o, BaseException)]
             error = describe_error(errors[0]) if errors else None
             result = JobResult(job, [] if errors else own, error, seconds, batch_id, len(specs))
             # Deliver first, then mark the job finished: a crash in between leaves it running,
             # so the next start runs it again and the delivery's nonce stops a second post.
-            try:
-                await self._deliver(result)
-            except Exception:
-                log.exception("delivering job %s failed", job.id)
+            await self._deliver_safely(result)
             if error is None:
                 await self._store.mark_done(job.id, withheld=sum(i.withheld for i in own))
             else:
                 await self._store.mark_failed(job.id, error)
             self._in_flight.remove(job.id)
+
+    async def _deliver_safely(self, result: JobResult) -> None:
+        try:
+            await self._deliver(result)
+        except Exception:
+            log.exception("delivering job %s failed", result.job.id)

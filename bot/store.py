@@ -18,6 +18,7 @@ import aiosqlite
 
 from bot.batching import form_batch
 from bot.blocklist import find_blocked, normalize_term
+from bot.eta import SpeedKey, blend
 from bot.quota import WINDOW_SECONDS, MemberBanned, PromptBlocked, QuotaExceeded, QuotaStatus
 from bot.requests import GenerationRequest, Job
 
@@ -116,6 +117,29 @@ MIGRATIONS: tuple[str, ...] = (
         target_id INTEGER,
         detail TEXT,
         at REAL NOT NULL
+    );
+    """,
+    """
+    ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN parent_job_id INTEGER REFERENCES jobs(id) ON DELETE SET NULL;
+    ALTER TABLE jobs ADD COLUMN parent_image_index INTEGER;
+    ALTER TABLE jobs ADD COLUMN init_image_hash TEXT;
+    CREATE TABLE speeds (
+        model TEXT NOT NULL,
+        pixels INTEGER NOT NULL,
+        images INTEGER NOT NULL,
+        seconds_per_step REAL NOT NULL,
+        PRIMARY KEY (model, pixels, images)
+    );
+    CREATE TABLE member_defaults (
+        member_id INTEGER PRIMARY KEY,
+        steps INTEGER,
+        width INTEGER,
+        height INTEGER,
+        scheduler TEXT,
+        negative_prompt TEXT,
+        count INTEGER,
+        private INTEGER NOT NULL DEFAULT 0
     );
     """,
 )
@@ -714,3 +738,70 @@ class Store:
         async with self._lock:
             await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return deleted
+
+    # --- speed, for ETAs --------------------------------------------------------------------
+
+    async def record_speed(self, key: SpeedKey, seconds_per_step: float) -> None:
+        """Blend a measurement into the stored moving average, which survives restarts."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                """SELECT seconds_per_step FROM speeds
+                   WHERE model = ? AND pixels = ? AND images = ?""",
+                (key.model, key.pixels, key.images),
+            )
+            row = await cursor.fetchone()
+            value = blend(row[0] if row else None, seconds_per_step)
+            await db.execute(
+                """INSERT INTO speeds (model, pixels, images, seconds_per_step) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (model, pixels, images)
+                   DO UPDATE SET seconds_per_step = excluded.seconds_per_step""",
+                (key.model, key.pixels, key.images, value),
+            )
+
+    async def speeds(self) -> dict[SpeedKey, float]:
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT model, pixels, images, seconds_per_step FROM speeds"
+            )
+            return {SpeedKey(m, p, i): v for m, p, i, v in await cursor.fetchall()}
+
+    # --- cancelling -------------------------------------------------------------------------
+
+    async def request_cancel(self, job_id: int) -> str:
+        """A queued job is cancelled and refunded at once ("cancelled"); a running one is
+        flagged so its images are dropped when the batch ends ("stopping"); anything else
+        is past cancelling ("finished")."""
+        now = self._clock()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (now, job_id),
+            )
+            if cursor.rowcount:
+                await self._refund(db, job_id, now)
+                return "cancelled"
+            cursor = await db.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'",
+                (job_id,),
+            )
+            return "stopping" if cursor.rowcount else "finished"
+
+    async def cancel_requested(self, job_ids: list[int]) -> set[int]:
+        async with self._lock:
+            cursor = await self._db.execute(
+                f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN "
+                f"({', '.join('?' * len(job_ids))})",
+                job_ids,
+            )
+            return {row[0] for row in await cursor.fetchall()}
+
+    async def mark_cancelled(self, job_id: int) -> None:
+        """A running job whose member cancelled it: its images are dropped and it is refunded."""
+        now = self._clock()
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ?",
+                (now, job_id),
+            )
+            await self._refund(db, job_id, now)

@@ -134,13 +134,16 @@ class FaultyRunner:
     def release_memory(self):
         self.released += 1
 
-    def generate(self, key, specs):
+    def interrupt(self):
+        self.runner.interrupt()
+
+    def generate(self, key, specs, progress=None):
         self.calls.append(len(specs))
         if self.fits is not None and len(specs) > self.fits:
             raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if any("explode" in spec.prompt for spec in specs):
             raise RuntimeError("the device fell over")
-        return self.runner.generate(key, specs)
+        return self.runner.generate(key, specs, progress=progress)
 
 
 @pytest.fixture
