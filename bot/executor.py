@@ -89,6 +89,7 @@ class Executor:
         self._in_flight: list[int] = []
         self._cancelled: set[int] = set()
         self.on_progress: Progress | None = None
+        self._steps: tuple[int, int] = (0, 0)
         # Per batch key: the lowered cap after an out-of-memory error, and calls since then.
         self._caps: dict[BatchKey, int] = {}
         self._calls_at_cap: dict[BatchKey, int] = {}
@@ -125,6 +126,14 @@ class Executor:
                 await self._store.return_to_queue(self._in_flight)
         await asyncio.to_thread(self._thread.shutdown, wait=True, cancel_futures=True)
 
+    def expected_remaining(self) -> float:
+        """Seconds the running call still needs, extrapolated from its steps so far."""
+        done, total = self._steps
+        if self.busy_since is None or done == 0:
+            return 0.0
+        elapsed = time.monotonic() - self.busy_since
+        return elapsed * (total - done) / done
+
     def note_cancelled(self, job_id: int) -> None:
         """A running job was cancelled: when every job in the call is, stop the call at the
         next step instead of finishing images nobody wants."""
@@ -155,6 +164,7 @@ class Executor:
         loop = asyncio.get_running_loop()
 
         def report(done: int, total: int) -> None:
+            self._steps = (done, total)
             if self.on_progress is not None:
                 loop.call_soon_threadsafe(self.on_progress, job_ids, done, total)
 
@@ -215,6 +225,7 @@ class Executor:
         key = jobs[0].request.batch_key
         specs = [spec for job in jobs for spec in job.image_specs]
         self._in_flight = [job.id for job in jobs]
+        self._steps = (0, 0)
         self.busy_since = time.monotonic()
         started = time.perf_counter()
         try:

@@ -1,13 +1,124 @@
-"""Image encoding for delivery: PNGs that carry their parameters, and grids of several images."""
+"""Images in and out: safe decoding of members' uploads, PNGs that carry their parameters
+(AUTOMATIC1111's `parameters` text, written and read back), and grids of several images."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import math
+import re
+import struct
+from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from bot.requests import GenerationRequest
+
+# Smallest side we accept: below this an init image carries next to nothing.
+MIN_UPLOAD_SIDE = 64
+ALLOWED_FORMATS = "PNG, JPEG or WebP"
+# What Pillow raises on broken files: its own errors are OSError or SyntaxError, its
+# decoders add ValueError, EOFError and struct.error on some truncations.
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+class ImageRejected(ValueError):
+    """An upload we will not use; the message is shown to the member as it is."""
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format by its magic number, whatever the file is called."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _too_many_pixels(max_pixels: int, size: tuple[int, int] | None = None) -> ImageRejected:
+    shown = f" ({size[0]}×{size[1]})" if size else ""
+    return ImageRejected(
+        f"The image has too many pixels{shown}; the limit is {max_pixels:,} pixels "
+        f"(about {max_pixels / 1e6:.1f} megapixels). Send a smaller image."
+    )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB whatever came in: transparency on white, 16-bit grey scaled (not clipped) to 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_upload(
+    data: bytes, *, max_bytes: int, max_pixels: int, min_side: int = MIN_UPLOAD_SIDE
+) -> Image.Image:
+    """Decode a member's upload into an upright RGB image, or raise ImageRejected naming the
+    problem. Size, format and pixel count are checked before any pixel is decoded."""
+    if len(data) > max_bytes:
+        raise ImageRejected(
+            f"The file is {len(data) / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:g} MiB."
+        )
+    kind = _sniff(data)
+    if kind is None:
+        raise ImageRejected(f"That file is not an image we accept; send a {ALLOWED_FORMATS}.")
+    try:
+        image = Image.open(io.BytesIO(data), formats=[kind])  # lazy: reads the header only
+    except Image.DecompressionBombError as error:
+        raise _too_many_pixels(max_pixels) from error
+    except _UNREADABLE as error:
+        raise ImageRejected(f"The image could not be read (a damaged {kind} file?).") from error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _too_many_pixels(max_pixels, image.size)
+    if min(width, height) < min_side:
+        raise ImageRejected(
+            f"The image is {width}×{height} pixels; each side must be at least {min_side}."
+        )
+    if kind in ("PNG", "WEBP") and getattr(image, "n_frames", 1) > 1:
+        raise ImageRejected(f"Animated images are not accepted; send a still {ALLOWED_FORMATS}.")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as error:
+        raise _too_many_pixels(max_pixels, image.size) from error
+    except _UNREADABLE as error:
+        raise ImageRejected(
+            f"The image could not be read (a truncated or damaged {kind} file?)."
+        ) from error
+    return _to_rgb(image)
+
+
+def _multiple_of_8(value: float, low: int, high: int) -> int:
+    return max(low, min(high, round(value / 8) * 8))
+
+
+def fit_for_model(
+    image: Image.Image, *, min_side: int, max_side: int, default_area: int
+) -> Image.Image:
+    """Resize to about `default_area` pixels keeping the aspect ratio, sides multiples of 8
+    within [min_side, max_side]; extreme ratios are centre-cropped rather than stretched."""
+    low, high = -(-min_side // 8) * 8, max_side // 8 * 8
+    width, height = image.size
+    scale = math.sqrt(default_area / (width * height))
+    scale = min(scale, high / max(width, height))  # the long side fits
+    scale = max(scale, low / min(width, height))  # the short side is not too short
+    size = (_multiple_of_8(width * scale, low, high), _multiple_of_8(height * scale, low, high))
+    return ImageOps.fit(image, size, Image.Resampling.LANCZOS)
+
+
+def _quote(value: str) -> str:
+    """AUTOMATIC1111's rule: values with a comma, colon or newline are written as JSON strings."""
+    return json.dumps(value, ensure_ascii=False) if re.search(r"[,:\n]", value) else value
 
 
 def parameters_text(request: GenerationRequest, seed: int) -> str:
@@ -17,11 +128,11 @@ def parameters_text(request: GenerationRequest, seed: int) -> str:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     fields = [
         f"Steps: {request.steps}",
-        f"Sampler: {request.scheduler}",
+        f"Sampler: {_quote(request.scheduler)}",
         f"CFG scale: {request.guidance:g}",
         f"Seed: {seed}",
         f"Size: {request.width}x{request.height}",
-        f"Model: {request.model}",
+        f"Model: {_quote(request.model)}",
     ]
     if request.strength is not None:
         fields.append(f"Denoising strength: {request.strength:g}")
@@ -47,3 +158,69 @@ def grid(images: list[Image.Image]) -> Image.Image:
     for index, image in enumerate(images):
         sheet.paste(image, ((index % columns) * width, (index // columns) * height))
     return sheet
+
+
+# One `Key: value` of the last line; a value is a JSON string or runs to the next comma.
+_FIELD = re.compile(r'\s*(\w[\w \-/+.]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_FIELDS: dict[str, tuple[str, Any]] = {
+    "Steps": ("steps", int),
+    "Sampler": ("sampler", str),
+    "CFG scale": ("cfg_scale", float),
+    "Seed": ("seed", int),
+    "Model": ("model", str),
+    "Denoising strength": ("strength", float),
+}
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Parse AUTOMATIC1111's `parameters` text: prompt lines, optional `Negative prompt:` lines,
+    then one line of `Key: value` fields. Unknown fields land in `extra` as text."""
+    *lines, last = text.strip().split("\n")
+    if len(_FIELD.findall(last)) < 3:  # no fields line: it is all prompt
+        lines, last = [*lines, last], ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        if not negative and line.startswith("Negative prompt:"):
+            negative.append(line.removeprefix("Negative prompt:").strip())
+        else:
+            (negative if negative else prompt).append(line.strip())
+    result: dict[str, Any] = {
+        "prompt": "\n".join(prompt).strip(),
+        "negative_prompt": "\n".join(negative).strip(),
+    }
+    extra: dict[str, str] = {}
+    for name, raw in _FIELD.findall(last):
+        value = raw.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(value)
+        try:
+            if name == "Size" and (size := _SIZE.match(value)):
+                result["width"], result["height"] = int(size[1]), int(size[2])
+            elif name in _FIELDS:
+                key, convert = _FIELDS[name]
+                result[key] = convert(value)
+            else:
+                extra[name] = value
+        except ValueError:
+            extra[name] = value
+    result["extra"] = extra
+    return result
+
+
+def read_parameters(source: bytes | Image.Image) -> dict[str, Any] | None:
+    """The parameters a PNG carries (ours or AUTOMATIC1111's), or None when it has none or is
+    not an image. Reads the header only; no pixels are decoded."""
+    if isinstance(source, bytes | bytearray):
+        try:
+            with Image.open(io.BytesIO(source)) as image:
+                text = image.info.get("parameters")
+        except (*_UNREADABLE, Image.DecompressionBombError):
+            return None
+    else:
+        text = source.info.get("parameters")
+    if not isinstance(text, str) or not text.strip():
+        return None
+    return parse_parameters(text)

@@ -331,7 +331,7 @@ def _with_scheduler(
     base: StableDiffusionPipeline,
     name: str,
     cls: type[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline] = StableDiffusionPipeline,
-) -> Any:
+) -> StableDiffusionPipeline | StableDiffusionImg2ImgPipeline:
     """A `cls` pipeline sharing `base`'s modules (no weights copied) with a fresh scheduler;
     not `from_pipe`, which casts the shared modules to float32 unless given a dtype."""
     scheduler = make_scheduler(name, base.scheduler.config)

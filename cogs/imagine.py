@@ -23,6 +23,7 @@ from bot.quota import (
 )
 from bot.requests import SCHEDULERS, GenerationRequest, InvalidRequest, Job, RawOptions
 from bot.service import ImagineService
+from cogs.status import CancelButton, Status, StatusBoard, cancel_view, position_text
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,19 @@ class ImagineCog(commands.Cog):
     def __init__(self, bot: commands.Bot, service: ImagineService) -> None:
         self.bot = bot
         self.service = service
-        # job id -> (interaction, monotonic time it arrived); memory only: tokens are secrets
-        self._interactions: dict[int, tuple[discord.Interaction, float]] = {}
+        # Interactions (and their tokens, which are secrets) live in memory only.
+        self.board = StatusBoard(service)
+        bot.status_board = self.board
 
     async def cog_load(self) -> None:
         self.service.add_listener(self.deliver)
+        self.service.executor.on_progress = self.board.on_progress
+        self.board.start()
 
     async def cog_unload(self) -> None:
         self.service.remove_listener(self.deliver)
+        self.service.executor.on_progress = None
+        await self.board.stop()
 
     @app_commands.command(name="imagine", description="Generate images from a text prompt")
     @app_commands.describe(
@@ -124,21 +130,40 @@ class ImagineCog(commands.Cog):
         except (InvalidRequest, AdmissionRefused) as problem:
             await interaction.response.send_message(refusal_text(problem), ephemeral=True)
             return
-        self._interactions[admission.job.id] = (interaction, arrived)
-        lines = [f"Queued as job #{admission.job.id}: {queue_text(admission.position)}"]
-        lines += admission.notes
-        await interaction.response.send_message("\n".join(lines))
+        job = admission.job
+        status = Status(
+            job.id,
+            job.member_id,
+            interaction,
+            arrived,
+            headline=f"Queued as job #{job.id}",
+            detail=position_text(admission.position, None),
+            notes=admission.notes,
+        )
+        self.board.track(status)
+        await self.board.refresh_queue()
+        await interaction.response.send_message(status.render(), view=cancel_view(job.id))
+        status.shown, status.dirty = status.render(), False
 
     async def deliver(self, result: JobResult) -> None:
         job = result.job
         request = job.request
-        interaction, arrived = self._interactions.pop(job.id, (None, 0.0))
+        status = self.board.statuses.get(job.id)
+        interaction, arrived = (status.interaction, status.arrived) if status else (None, 0.0)
+        if result.cancelled:
+            await self.board.finish(
+                job.id, f"Job #{job.id} was cancelled; its images were refunded."
+            )
+            await self.board.refresh_queue()
+            return
         if result.error is not None:
             content = (
                 f"<@{job.member_id}> job #{job.id} failed: {result.error}. "
                 "Its images were refunded."
             )
             await self._post(job, interaction, arrived, content=content)
+            await self.board.finish(job.id, None)
+            await self.board.refresh_queue()
             return
         files, withheld = await asyncio.to_thread(result_files, request, result)
         lines = [f"<@{job.member_id}> job #{job.id}"]
@@ -154,6 +179,8 @@ class ImagineCog(commands.Cog):
             embed=describe(request, result.seconds),
             files=files,
         )
+        await self.board.finish(job.id, None)  # the result replaces the status and preview
+        await self.board.refresh_queue()
 
     async def _post(
         self, job: Job, interaction: discord.Interaction | None, arrived: float, **message: Any
@@ -227,11 +254,6 @@ def refusal_text(problem: Exception) -> str:
     raise TypeError(problem)
 
 
-def queue_text(position: int) -> str:
-    if position <= 1:
-        return "next in line."
-    return f"position {position} in the queue."
-
-
 async def setup(bot: commands.Bot) -> None:
+    bot.add_dynamic_items(CancelButton)
     await bot.add_cog(ImagineCog(bot, bot.service))
