@@ -22,10 +22,14 @@ class ImagineTree(app_commands.CommandTree):
     async def on_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
-        log.error(
-            "command %r failed", interaction.command and interaction.command.name, exc_info=error
-        )
-        message = "Something went wrong on our side; nothing was charged. Please try again."
+        if isinstance(error, app_commands.MissingPermissions):
+            message = "You need the Manage Server permission for this command."
+        elif isinstance(error, app_commands.NoPrivateMessage):
+            message = "This command works only in a server."
+        else:
+            name = interaction.command.qualified_name if interaction.command else "?"
+            log.error("command %r failed", name, exc_info=error)
+            message = "Something went wrong on our side; nothing was charged. Please try again."
         try:
             if interaction.response.is_done():
                 await interaction.followup.send(message, ephemeral=True)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from bot.eta import estimate_waits
 from bot.executor import Executor, JobResult, Runner
 from bot.quota import ShuttingDown
 from bot.requests import GenerationRequest, Job, RawOptions, validate
 from bot.settings import Settings
-from bot.store import Store
+from bot.store import MemberDefaults, Store
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,25 @@ class ImagineService:
         """Raise InvalidRequest before anything is stored or charged."""
         return validate(raw, self.settings.limits, self.settings.model_id)
 
+    async def with_member_defaults(
+        self, raw: RawOptions, member_id: int
+    ) -> tuple[RawOptions, MemberDefaults]:
+        """Fill options the member left out from their /settings; the rest fall through to the
+        server's defaults in validation."""
+        defaults = await self.store.member_defaults(member_id)
+        filled = replace(
+            raw,
+            steps=defaults.steps if raw.steps is None else raw.steps,
+            width=defaults.width if raw.width is None else raw.width,
+            height=defaults.height if raw.height is None else raw.height,
+            scheduler=defaults.scheduler if raw.scheduler is None else raw.scheduler,
+            negative_prompt=(
+                defaults.negative_prompt if raw.negative_prompt is None else raw.negative_prompt
+            ),
+            count=defaults.count if raw.count is None else raw.count,
+        )
+        return filled, defaults
+
     def prompt_notes(self, request: GenerationRequest) -> list[str]:
         notes = []
         for label, text in (
@@ -128,6 +148,19 @@ class ImagineService:
         self.executor.wake()
         position = await self.store.queue_position(job.id)
         return Admission(job, position, self.prompt_notes(request))
+
+    async def estimate_wait(self, request: GenerationRequest) -> float | None:
+        """Seconds until a request admitted now would be done, from measured speed."""
+        queued = await self.store.pending_jobs()
+        speeds = await self.store.speeds()
+        newcomer = Job(-1, 0, None, None, request, queued_at=float("inf"))
+        waits = estimate_waits(
+            [*queued, newcomer],
+            speeds,
+            self.settings.max_batch_size,
+            self.executor.expected_remaining(),
+        )
+        return waits[-1]
 
     async def quota(self, guild_id: int | None, member_id: int, *, exempt: bool = False):
         return await self.store.quota_status(

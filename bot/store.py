@@ -151,6 +151,19 @@ JOB_COLUMNS = (
 
 
 @dataclass(frozen=True)
+class MemberDefaults:
+    """A member's own defaults from /settings; None falls through to the server's."""
+
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    negative_prompt: str | None = None
+    count: int | None = None
+    private: bool = False
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     moderator_id: int
     action: str
@@ -734,6 +747,7 @@ class Store:
                 await self._refund(db, job_id, now)
             cursor = await db.execute("DELETE FROM jobs WHERE member_id = ?", (member_id,))
             deleted = cursor.rowcount
+            await db.execute("DELETE FROM member_defaults WHERE member_id = ?", (member_id,))
         # Move the deleted pages out of the write-ahead log too (secure_delete zeroes them).
         async with self._lock:
             await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -805,3 +819,35 @@ class Store:
                 (now, job_id),
             )
             await self._refund(db, job_id, now)
+
+    # --- member defaults --------------------------------------------------------------------
+
+    async def member_defaults(self, member_id: int) -> MemberDefaults:
+        async with self._lock:
+            cursor = await self._db.execute(
+                """SELECT steps, width, height, scheduler, negative_prompt, count, private
+                   FROM member_defaults WHERE member_id = ?""",
+                (member_id,),
+            )
+            row = await cursor.fetchone()
+        if row is None:
+            return MemberDefaults()
+        return MemberDefaults(*row[:6], private=bool(row[6]))
+
+    async def set_member_defaults(self, member_id: int, defaults: MemberDefaults) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT OR REPLACE INTO member_defaults
+                       (member_id, steps, width, height, scheduler, negative_prompt, count, private)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    member_id,
+                    defaults.steps,
+                    defaults.width,
+                    defaults.height,
+                    defaults.scheduler,
+                    defaults.negative_prompt,
+                    defaults.count,
+                    int(defaults.private),
+                ),
+            )

@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import discord
@@ -22,8 +23,16 @@ from bot.quota import (
     ShuttingDown,
 )
 from bot.requests import SCHEDULERS, GenerationRequest, InvalidRequest, Job, RawOptions
-from bot.service import ImagineService
-from cogs.status import CancelButton, Status, StatusBoard, cancel_view, position_text
+from bot.service import MAX_PROMPT_TOKENS, ImagineService
+from bot.store import MemberDefaults
+from cogs.status import (
+    CancelButton,
+    Status,
+    StatusBoard,
+    cancel_view,
+    eta_text,
+    position_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +105,7 @@ class ImagineCog(commands.Cog):
         height="Height in pixels, a multiple of 8",
         scheduler="Sampling method",
         count="How many images (seeds follow on from the first)",
+        preview="Only show what would run, its cost and ETA, with a Confirm button",
     )
     @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in SCHEDULERS])
     async def imagine(
@@ -110,15 +120,35 @@ class ImagineCog(commands.Cog):
         height: int | None = None,
         scheduler: str | None = None,
         count: int | None = None,
+        preview: bool | None = None,
     ) -> None:
         arrived = time.monotonic()
         raw = RawOptions(
             prompt, seed, negative_prompt, steps, guidance, width, height, scheduler, count
         )
+        raw, defaults = await self.service.with_member_defaults(raw, interaction.user.id)
         try:
             request = self.service.validate(raw)
-            # Admission is one short SQLite transaction, well inside Discord's 3 seconds, and
-            # answering after it lets a refusal stay private instead of replacing a public defer.
+        except InvalidRequest as problem:
+            await interaction.response.send_message(refusal_text(problem), ephemeral=True)
+            return
+        if preview:
+            await self.dry_run(interaction, request, private=defaults.private)
+        else:
+            await self.admit(interaction, request, private=defaults.private, arrived=arrived)
+
+    async def admit(
+        self,
+        interaction: discord.Interaction,
+        request: GenerationRequest,
+        *,
+        private: bool,
+        arrived: float | None = None,
+    ) -> Job | None:
+        """The one way a Discord request enters the queue: admit it (one short SQLite
+        transaction, well inside Discord's 3 seconds), then answer with the status message.
+        Answering after admission lets a refusal stay private."""
+        try:
             admission = await self.service.submit(
                 request,
                 member_id=interaction.user.id,
@@ -127,29 +157,127 @@ class ImagineCog(commands.Cog):
                 interaction_id=interaction.id,
                 exempt=self.service.is_exempt(role_ids(interaction.user)),
             )
-        except (InvalidRequest, AdmissionRefused) as problem:
+        except AdmissionRefused as problem:
             await interaction.response.send_message(refusal_text(problem), ephemeral=True)
-            return
+            return None
         job = admission.job
         status = Status(
             job.id,
             job.member_id,
             interaction,
-            arrived,
+            time.monotonic() if arrived is None else arrived,
             headline=f"Queued as job #{job.id}",
             detail=position_text(admission.position, None),
             notes=admission.notes,
+            private=private,
         )
         self.board.track(status)
         await self.board.refresh_queue()
-        await interaction.response.send_message(status.render(), view=cancel_view(job.id))
+        await interaction.response.send_message(
+            status.render(), view=cancel_view(job.id), ephemeral=private
+        )
         status.shown, status.dirty = status.render(), False
+        return job
+
+    async def dry_run(
+        self, interaction: discord.Interaction, request: GenerationRequest, *, private: bool
+    ) -> None:
+        """What would run, what it costs and when it would be done; nothing is stored."""
+        tokens = self.service.runner.token_count(request.model, request.prompt)
+        quota = await self.service.quota(
+            interaction.guild_id,
+            interaction.user.id,
+            exempt=self.service.is_exempt(role_ids(interaction.user)),
+        )
+        wait = await self.service.estimate_wait(request)
+        cost = f"{request.count} image(s)"
+        cost += " (no limit)" if quota.unlimited else f" of your {quota.left} left today"
+        lines = [
+            "**Dry run**: nothing is queued until you press Confirm.",
+            f"Prompt: {request.prompt[:300]}",
+            f"Prompt tokens: {tokens} of {MAX_PROMPT_TOKENS}",
+            *self.service.prompt_notes(request),
+            f"Seeds {', '.join(map(str, request.seeds))} · {request.steps} steps · guidance "
+            f"{request.guidance:g} · {request.width}×{request.height} · {request.scheduler}",
+            f"Cost: {cost}",
+            f"Ready in {eta_text(wait)} after you confirm.",
+        ]
+        view = ConfirmView(self, request, private=private, owner_id=interaction.user.id)
+        await interaction.response.send_message("\n".join(lines), view=view, ephemeral=True)
+
+    @app_commands.command(name="settings", description="Your defaults for /imagine")
+    @app_commands.describe(
+        steps="Default steps",
+        width="Default width in pixels",
+        height="Default height in pixels",
+        scheduler="Default sampling method",
+        negative_prompt="Default negative prompt",
+        count="Default number of images",
+        private="Deliver your results only to you",
+        reset="Forget all your defaults",
+    )
+    @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in SCHEDULERS])
+    async def settings_command(
+        self,
+        interaction: discord.Interaction,
+        steps: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        scheduler: str | None = None,
+        negative_prompt: str | None = None,
+        count: int | None = None,
+        private: bool | None = None,
+        reset: bool | None = None,
+    ) -> None:
+        store = self.service.store
+        current = MemberDefaults() if reset else await store.member_defaults(interaction.user.id)
+        wanted = replace(
+            current,
+            **{
+                name: value
+                for name, value in {
+                    "steps": steps,
+                    "width": width,
+                    "height": height,
+                    "scheduler": scheduler,
+                    "negative_prompt": negative_prompt,
+                    "count": count,
+                    "private": private,
+                }.items()
+                if value is not None
+            },
+        )
+        try:  # the same checks /imagine makes, so a saved default can never be refused later
+            self.service.validate(
+                RawOptions(
+                    "check",
+                    None,
+                    wanted.negative_prompt,
+                    wanted.steps,
+                    None,
+                    wanted.width,
+                    wanted.height,
+                    wanted.scheduler,
+                    wanted.count,
+                )
+            )
+        except InvalidRequest as problem:
+            await interaction.response.send_message(
+                f"{problem} Your defaults were not changed.", ephemeral=True
+            )
+            return
+        await store.set_member_defaults(interaction.user.id, wanted)
+        await interaction.response.send_message(defaults_text(wanted), ephemeral=True)
 
     async def deliver(self, result: JobResult) -> None:
         job = result.job
         request = job.request
         status = self.board.statuses.get(job.id)
         interaction, arrived = (status.interaction, status.arrived) if status else (None, 0.0)
+        if status is not None:
+            private = status.private
+        else:  # admitted before a restart: the stored preference still holds
+            private = (await self.service.store.member_defaults(job.member_id)).private
         if result.cancelled:
             await self.board.finish(
                 job.id, f"Job #{job.id} was cancelled; its images were refunded."
@@ -161,7 +289,7 @@ class ImagineCog(commands.Cog):
                 f"<@{job.member_id}> job #{job.id} failed: {result.error}. "
                 "Its images were refunded."
             )
-            await self._post(job, interaction, arrived, content=content)
+            await self._post(job, interaction, arrived, private, content=content)
             await self.board.finish(job.id, None)
             await self.board.refresh_queue()
             return
@@ -175,6 +303,7 @@ class ImagineCog(commands.Cog):
             job,
             interaction,
             arrived,
+            private,
             content="\n".join(lines),
             embed=describe(request, result.seconds),
             files=files,
@@ -183,33 +312,40 @@ class ImagineCog(commands.Cog):
         await self.board.refresh_queue()
 
     async def _post(
-        self, job: Job, interaction: discord.Interaction | None, arrived: float, **message: Any
+        self,
+        job: Job,
+        interaction: discord.Interaction | None,
+        arrived: float,
+        private: bool,
+        **message: Any,
     ) -> None:
         """Follow up while the interaction token is young; else post in the channel with a nonce
-        (so a retry after a crash cannot post twice); if the channel refuses us, send a DM."""
+        (so a retry after a crash cannot post twice); if the channel refuses us, or the member
+        wants results privately, send a DM."""
         sent = None
         if interaction is not None and time.monotonic() - arrived < FOLLOWUP_WINDOW_SECONDS:
             try:
-                sent = await interaction.followup.send(wait=True, **message)
+                sent = await interaction.followup.send(wait=True, ephemeral=private, **message)
             except discord.NotFound:  # the token expired early or the interaction is gone
                 log.info("follow-up for job %s failed; posting in the channel", job.id)
         if sent is None:
-            sent = await self._post_outside_interaction(job, message)
+            sent = await self._post_outside_interaction(job, message, private)
         if sent is not None:
             await self.service.store.record_delivery(job.id, sent.channel.id, sent.id)
 
     async def _post_outside_interaction(
-        self, job: Job, message: dict[str, Any]
+        self, job: Job, message: dict[str, Any], private: bool
     ) -> discord.Message | None:
-        for file in message.get("files", []):
-            file.reset()
-        try:
-            channel = self.bot.get_channel(job.channel_id) or await self.bot.fetch_channel(
-                job.channel_id
-            )
-            return await channel.send(nonce=f"imagine-job-{job.id}", **message)
-        except (discord.Forbidden, discord.NotFound):
-            log.warning("cannot post job %s in channel %s; trying a DM", job.id, job.channel_id)
+        if not private:
+            for file in message.get("files", []):
+                file.reset()
+            try:
+                channel = self.bot.get_channel(job.channel_id) or await self.bot.fetch_channel(
+                    job.channel_id
+                )
+                return await channel.send(nonce=f"imagine-job-{job.id}", **message)
+            except (discord.Forbidden, discord.NotFound):
+                log.warning("cannot post job %s in channel %s; trying a DM", job.id, job.channel_id)
         for file in message.get("files", []):
             file.reset()
         try:
@@ -218,6 +354,50 @@ class ImagineCog(commands.Cog):
         except discord.HTTPException:
             log.warning("cannot deliver job %s to member %s at all", job.id, job.member_id)
             return None
+
+
+class ConfirmView(discord.ui.View):
+    """The dry run's Confirm button: admits the shown request once. It lives in memory (a dry
+    run is a moment's decision), so it stops working after ten minutes or a restart."""
+
+    def __init__(
+        self, cog: ImagineCog, request: GenerationRequest, *, private: bool, owner_id: int
+    ) -> None:
+        super().__init__(timeout=600)
+        self.cog = cog
+        self.request = request
+        self.private = private
+        self.owner_id = owner_id
+        self.used = False
+
+    @discord.ui.button(label="Confirm", style=discord.ButtonStyle.primary)
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        if self.used or interaction.user.id != self.owner_id:
+            await interaction.response.send_message(
+                "This dry run was already confirmed.", ephemeral=True
+            )
+            return
+        self.used = True
+        self.stop()
+        await self.cog.admit(interaction, self.request, private=self.private)
+
+
+def defaults_text(defaults: MemberDefaults) -> str:
+    shown = [
+        f"{label}: {value}"
+        for label, value in (
+            ("steps", defaults.steps),
+            ("width", defaults.width),
+            ("height", defaults.height),
+            ("scheduler", defaults.scheduler),
+            ("negative prompt", defaults.negative_prompt),
+            ("count", defaults.count),
+        )
+        if value is not None
+    ]
+    where = "privately (only you see them)" if defaults.private else "in the channel"
+    listed = "; ".join(shown) if shown else "none (the server's defaults apply)"
+    return f"Your defaults: {listed}. Results are delivered {where}."
 
 
 def role_ids(user: discord.abc.User) -> list[int]:

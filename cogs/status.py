@@ -50,6 +50,7 @@ class Status:
     headline: str
     detail: str = ""
     notes: list[str] = field(default_factory=list)
+    private: bool = False
     preview: bytes | None = None
     dirty: bool = False
     shown: str = ""

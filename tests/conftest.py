@@ -38,8 +38,13 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_runner(model_cache):
+    import torch
+
     from bot.pipelines import PipelineOptions, PipelineRunner
 
+    # One intra-op thread: on two cores a second torch thread fights the event loop (and the
+    # fake Discord) for CPU and makes timings in the Discord tests erratic.
+    torch.set_num_threads(1)
     runner = PipelineRunner(PipelineOptions(device="cpu", cache_dir=model_cache))
     runner.load("tiny")
     return runner
@@ -60,3 +65,36 @@ def settings(tmp_path, model_cache):
 
 def with_changes(settings: Settings, **changes) -> Settings:
     return replace(settings, **changes)
+
+
+# ---- the real bot against the fake Discord (tests/botharness.py) ----------------------------
+
+
+@pytest.fixture
+def discord_world(fake_discord):
+    """The fake Discord with a guild, two members (alice, bob) and a moderator (mod)."""
+    from botharness import build_world
+
+    return build_world(fake_discord)
+
+
+@pytest.fixture
+def held_runner(tiny_runner):
+    """The session's tiny runner behind a gate (`hold()` / `release()`); released at the end."""
+    from botharness import HeldRunner
+
+    runner = HeldRunner(tiny_runner)
+    yield runner
+    runner.release()
+
+
+@pytest.fixture
+async def imagine_bot(discord_world, settings, held_runner):
+    """The bot, connected to `discord_world.fake`, running on `held_runner`."""
+    from botharness import running_bot
+
+    async with running_bot(discord_world.fake, settings, runner=held_runner) as running:
+        try:
+            yield running
+        finally:
+            held_runner.release()  # a test that failed while holding must not stall teardown

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 # Before diffusers/huggingface_hub are imported: they read it once, at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import numpy as np
@@ -27,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from bot.pipelines import (
+    BLANK_IMAGE_ERROR,
     MAX_PROMPT_TOKENS,
     GeneratedImage,
     ModelNotAvailable,
@@ -230,9 +234,99 @@ def test_token_count(runner: PipelineRunner) -> None:
 
 
 def test_generate_rejects_other_modes_and_accepts_empty(runner: PipelineRunner) -> None:
-    with pytest.raises(ValueError, match="image"):
+    with pytest.raises(ValueError, match="text, image"):
+        runner.generate(key(mode="video"), SPECS[:1])
+    with pytest.raises(ValueError, match="init image"):
         runner.generate(key(mode="image", strength=0.5), SPECS[:1])
     assert runner.generate(key(), []) == []
+
+
+@pytest.mark.parametrize("scheduler", ["DPM++ 2M", "Euler a"])
+def test_own_decoding_matches_a_plain_pipeline_call(runner: PipelineRunner, scheduler: str) -> None:
+    pipe = _with_scheduler(runner.load("tiny"), scheduler)
+    plain = pipe(
+        prompt=[s.prompt for s in SPECS[:2]],
+        negative_prompt=[s.negative_prompt for s in SPECS[:2]],
+        generator=[torch.Generator().manual_seed(s.seed) for s in SPECS[:2]],
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        width=64,
+        height=128,
+        output_type="pil",
+    ).images
+    ours = runner.generate(key(scheduler, 64, 128), SPECS[:2])
+    for image, result in zip(plain, ours, strict=True):
+        assert result.error is None
+        assert np.abs(np.asarray(image, dtype=np.int16) - pixels(result)).max() <= 1
+
+
+@contextmanager
+def decoder_fault(
+    pipe: StableDiffusionPipeline, breaks: Callable[[int, torch.Tensor], bool], rows: Any = ...
+) -> Iterator[list[torch.dtype]]:
+    """Make the VAE decoder return NaN (in `rows` of the batch) on the calls where
+    `breaks(call_number, output)` holds; yields the dtype of each decoder call."""
+    calls: list[torch.dtype] = []
+
+    def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        calls.append(output.dtype)
+        if breaks(len(calls), output):
+            output = output.clone()
+            output[rows] = float("nan")
+        return output
+
+    handle = pipe.vae.decoder.register_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_nan_on_the_first_decode_is_retried(runner: PipelineRunner) -> None:
+    clean = runner.generate(key(), SPECS[:3])
+    with decoder_fault(runner.load("tiny"), lambda call, _: call == 1) as calls:
+        retried = runner.generate(key(), SPECS[:3])
+    assert len(calls) == 2  # the whole batch, decoded once more
+    for before, after in zip(clean, retried, strict=True):
+        assert after.error is None
+        assert np.array_equal(pixels(before), pixels(after))
+
+
+def test_nan_that_stays_marks_only_its_own_image(runner: PipelineRunner) -> None:
+    clean = runner.generate(key(), SPECS[:3])
+    with (
+        decoder_fault(runner.load("tiny"), lambda *_: True, rows=1) as calls,
+        warnings.catch_warnings(),
+    ):
+        # NaN must never reach the uint8 cast, whose result numpy leaves undefined.
+        warnings.simplefilter("error", RuntimeWarning)
+        results = runner.generate(key(), SPECS[:3])
+    assert len(calls) == 2
+    assert [r.error for r in results] == [None, BLANK_IMAGE_ERROR, None]
+    assert np.asarray(results[1].image).max() == 0  # black, never garbage
+    assert not results[1].withheld
+    for i in (0, 2):
+        assert np.array_equal(pixels(clean[i]), pixels(results[i]))
+
+
+def test_every_image_blank_after_the_retry(runner: PipelineRunner) -> None:
+    with decoder_fault(runner.load("tiny"), lambda *_: True):
+        results = runner.generate(key(), SPECS[:2])
+    assert all(r.error == BLANK_IMAGE_ERROR for r in results)
+    assert all(r.image.size == (64, 64) for r in results)
+
+
+def test_float16_overflow_is_cured_by_a_float32_decode(models_dir: Path) -> None:
+    """The real-world case: the fp16 VAE gives NaN, the float32 retry does not, and the VAE is
+    back in float16 afterwards (so is everything else)."""
+    half = PipelineRunner(PipelineOptions(device="cpu", dtype="float16", cache_dir=models_dir))
+    pipe = half.load("tiny")
+    assert pipe.vae.dtype == torch.float16
+    with decoder_fault(pipe, lambda _, output: output.dtype == torch.float16) as calls:
+        results = half.generate(key(steps=2), SPECS[:2])
+    assert calls == [torch.float16, torch.float32]
+    assert all(r.error is None and np.asarray(r.image).std() > 1 for r in results)
+    assert pipe.vae.dtype == pipe.unet.dtype == torch.float16
 
 
 def test_progress_reports_each_step(runner: PipelineRunner) -> None:

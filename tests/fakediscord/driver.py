@@ -227,6 +227,10 @@ class FakeDiscord:
         self._hub.guild_created(guild)
         return guild
 
+    def guild(self, guild_id: int) -> FakeGuild:
+        """The guild with this id (e.g. a member's: `fake.guild(member.guild_id)`)."""
+        return self._state.guilds[guild_id]
+
     def add_user(self, username: str) -> FakeUser:
         """A user in no guild (for DMs)."""
         return self._state.add_user(username)
