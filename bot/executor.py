@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bot.eta import SpeedKey
+from bot.images import png_bytes
 from bot.requests import BatchKey, ImageSpec, Job
 from bot.store import Store
 
@@ -29,14 +30,16 @@ CAP_RECOVERY_CALLS = 4
 
 
 class Runner(Protocol):
-    """What the executor needs from the pipelines: one call, one image per spec, in order."""
+    """What the executor needs from the pipelines: one call, one image per spec, in order;
+    `progress(done, total, previews)` after each step, with previews every few steps."""
 
     def generate(
         self,
         key: BatchKey,
         specs: list[ImageSpec],
         *,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[int, int, list[Any] | None], None] | None = None,
+        preview_every: int = 0,
     ) -> Sequence[Any]: ...
 
     def release_memory(self) -> None: ...
@@ -58,8 +61,9 @@ class JobResult:
 
 
 Deliver = Callable[[JobResult], Awaitable[None]]
-# (job ids in the call, steps done, steps in all): called on the event loop after each step.
-Progress = Callable[[list[int], int, int], None]
+# (job ids in the call, steps done, steps in all, PNG preview per job id or None): called on
+# the event loop after each step.
+Progress = Callable[[list[int], int, int, dict[int, bytes] | None], None]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -75,12 +79,19 @@ def describe_error(error: BaseException) -> str:
 
 class Executor:
     def __init__(
-        self, store: Store, runner: Runner, *, max_batch_size: int, deliver: Deliver
+        self,
+        store: Store,
+        runner: Runner,
+        *,
+        max_batch_size: int,
+        deliver: Deliver,
+        preview_every: int = 0,
     ) -> None:
         self._store = store
         self._runner = runner
         self._max_batch_size = max_batch_size
         self._deliver = deliver
+        self._preview_every = preview_every
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-worker")
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -159,18 +170,30 @@ class Executor:
             if not self._wake.is_set():  # a job admitted during the last claim is still due
                 self._idle.set()
 
-    def _progress_reporter(self, job_ids: list[int]) -> Callable[[int, int], None]:
-        """A step callback for the worker thread that hands progress to the event loop."""
+    def _progress_reporter(self, owners: list[int]) -> Callable[..., None]:
+        """A step callback for the worker thread: `owners[i]` is the job of image i. Previews
+        are encoded there (small PNGs), then progress is handed to the event loop."""
         loop = asyncio.get_running_loop()
+        job_ids = list(dict.fromkeys(owners))
 
-        def report(done: int, total: int) -> None:
+        def report(done: int, total: int, previews: list[Any] | None = None) -> None:
             self._steps = (done, total)
-            if self.on_progress is not None:
-                loop.call_soon_threadsafe(self.on_progress, job_ids, done, total)
+            if self.on_progress is None:
+                return
+            pngs = None
+            if previews:
+                # Each job shows its first image.
+                firsts: dict[int, Any] = {}
+                for owner, image in zip(owners, previews, strict=True):
+                    firsts.setdefault(owner, image)
+                pngs = {owner: png_bytes(image) for owner, image in firsts.items()}
+            loop.call_soon_threadsafe(self.on_progress, job_ids, done, total, pngs)
 
         return report
 
-    async def _generate(self, key: BatchKey, specs: list[ImageSpec]) -> list[Any]:
+    async def _generate(
+        self, key: BatchKey, specs: list[ImageSpec], owners: list[int]
+    ) -> list[Any]:
         """One result per spec: an image, or the exception that image could not get past.
         Calls run at the key's cap; a failed call is split in halves until the culprit is
         alone, so the other members' images still come out."""
@@ -178,17 +201,26 @@ class Executor:
         if len(specs) > cap:
             results = []
             for start in range(0, len(specs), cap):
-                results += await self._generate(key, specs[start : start + cap])
+                end = start + cap
+                results += await self._generate(key, specs[start:end], owners[start:end])
             return results
-        report = self._progress_reporter(list(self._in_flight))
+        report = self._progress_reporter(owners)
         started = time.perf_counter()
         try:
             images = list(
                 await self.run_in_worker(
-                    functools.partial(self._runner.generate, key, specs, progress=report)
+                    functools.partial(
+                        self._runner.generate,
+                        key,
+                        specs,
+                        progress=report,
+                        preview_every=self._preview_every,
+                    )
                 )
             )
         except Exception as error:
+            if type(error).__name__ == "Interrupted":  # asked to stop: no retry, no split
+                return [error] * len(specs)
             if is_out_of_memory(error):
                 await self.run_in_worker(self._runner.release_memory)
                 self._caps[key] = max(1, len(specs) // 2)
@@ -203,7 +235,8 @@ class Executor:
             if len(specs) == 1:
                 return [error]
             half = len(specs) // 2
-            return await self._generate(key, specs[:half]) + await self._generate(key, specs[half:])
+            first = await self._generate(key, specs[:half], owners[:half])
+            return first + await self._generate(key, specs[half:], owners[half:])
         self._recover_cap(key)
         steps = key.steps if key.strength is None else max(1, int(key.steps * key.strength))
         speed_key = SpeedKey(key.model, key.width * key.height, len(specs))
@@ -224,12 +257,13 @@ class Executor:
     async def _run_batch(self, batch_id: int, jobs: list[Job]) -> None:
         key = jobs[0].request.batch_key
         specs = [spec for job in jobs for spec in job.image_specs]
+        owners = [job.id for job in jobs for _ in range(job.request.count)]
         self._in_flight = [job.id for job in jobs]
         self._steps = (0, 0)
         self.busy_since = time.monotonic()
         started = time.perf_counter()
         try:
-            outcomes = await self._generate(key, specs)
+            outcomes = await self._generate(key, specs, owners)
         finally:
             self.busy_since = None
         seconds = time.perf_counter() - started
@@ -248,8 +282,9 @@ class Executor:
                 await self._deliver_safely(result)
                 continue
             errors = [o for o in own if isinstance(o, BaseException)]
-            error = describe_error(errors[0]) if errors else None
-            result = JobResult(job, [] if errors else own, error, seconds, batch_id, len(specs))
+            blank = [o.error for o in own if not isinstance(o, BaseException) and o.error]
+            error = describe_error(errors[0]) if errors else (blank[0] if blank else None)
+            result = JobResult(job, [] if error else own, error, seconds, batch_id, len(specs))
             # Deliver first, then mark the job finished: a crash in between leaves it running,
             # so the next start runs it again and the delivery's nonce stops a second post.
             await self._deliver_safely(result)

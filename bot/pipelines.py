@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,6 @@ from transformers import (
 
 from bot.requests import SCHEDULERS, BatchKey, ImageSpec
 
-# CLIP sees 77 positions: a start token, 75 prompt tokens and an end token.
-MAX_PROMPT_TOKENS = 75
 TINY_MODEL = "tiny"
 # What a member reads when the VAE gave NaN even in float32 (an fp16 overflow that stuck).
 BLANK_IMAGE_ERROR = "the image came out blank (NaN); try another seed or fewer steps"
@@ -378,6 +377,31 @@ def _decode(vae: AutoencoderKL, latents: torch.Tensor) -> tuple[torch.Tensor, to
     return images, bad
 
 
+class Interrupted(RuntimeError):
+    """A call stopped early on request; its images are not to be used."""
+
+
+# A fixed linear map from SD 1.x's four latent channels to RGB: a blurry but recognisable
+# preview at no cost, since the VAE is not run.
+_LATENT_RGB = torch.tensor(
+    [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ]
+)
+
+
+def latent_previews(latents: torch.Tensor) -> list[PIL.Image.Image]:
+    """One small RGB picture per image in the batch, straight from the latents."""
+    rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float().cpu(), _LATENT_RGB)
+    rgb = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    return [
+        PIL.Image.fromarray(array).resize((array.shape[1] * 4, array.shape[0] * 4)) for array in rgb
+    ]
+
+
 class PipelineRunner:
     """Owns the loaded pipelines, one per model id, loaded lazily and kept for the process.
 
@@ -391,6 +415,12 @@ class PipelineRunner:
         self.device, self.dtype = resolve_device(options.device, options.dtype)
         self._pipelines: dict[str, StableDiffusionPipeline] = {}
         self._tokenizers: dict[str, Any] = {}
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Ask the running call to stop at its next step (shutdown, or every job cancelled);
+        it then raises Interrupted. Safe to call from any thread."""
+        self._interrupted.set()
 
     def load(self, model: str) -> StableDiffusionPipeline:
         """Load `model` now (at start-up) so missing weights fail early and nobody waits."""
@@ -422,10 +452,12 @@ class PipelineRunner:
         key: BatchKey,
         specs: list[ImageSpec],
         *,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[int, int, list[PIL.Image.Image] | None], None] | None = None,
+        preview_every: int = 0,
     ) -> list[GeneratedImage]:
         """Run ONE diffusers call for the batch with a generator per image, so each image depends
-        only on its own spec and the key. `progress(done, total)` is called after each step.
+        only on its own spec and the key. `progress(done, total, previews)` is called after each
+        step, with a rough preview per image every `preview_every` steps (else None).
         Mode "image" starts from each spec's `init_image` and denoises int(steps × strength)
         steps. Latents are decoded here, so a NaN image can be retried in float32."""
         if key.mode not in MODES:
@@ -442,13 +474,20 @@ class PipelineRunner:
             pipe = _with_scheduler(base, key.scheduler)
         # MPS generators are not reliable across torch versions; diffusers accepts CPU ones.
         gen_device = torch.device("cpu") if self.device.type == "mps" else self.device
-        if progress is not None:
+        self._interrupted.clear()
 
-            def on_step(call: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-                progress(step + 1, call.num_timesteps)
-                return kwargs
+        def on_step(call: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if self._interrupted.is_set():
+                call._interrupt = True  # diffusers skips the remaining steps
+            elif progress is not None:
+                done = step + 1
+                due = preview_every and done % preview_every == 0 and done < call.num_timesteps
+                progress(
+                    done, call.num_timesteps, latent_previews(kwargs["latents"]) if due else None
+                )
+            return kwargs
 
-            extra["callback_on_step_end"] = on_step
+        extra["callback_on_step_end"] = on_step
         latents = pipe(
             prompt=[spec.prompt for spec in specs],
             negative_prompt=[spec.negative_prompt for spec in specs],
@@ -458,6 +497,8 @@ class PipelineRunner:
             output_type="latent",
             **extra,
         ).images
+        if self._interrupted.is_set():
+            raise Interrupted("the call was interrupted")
         images, bad = _decode(pipe.vae, latents)
         images, flags = pipe.run_safety_checker(images, self.device, pipe.text_encoder.dtype)
         flags = flags or [False] * len(specs)

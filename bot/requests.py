@@ -16,6 +16,8 @@ SCHEDULERS: tuple[str, ...] = ("DPM++ 2M", "Euler a", "Euler", "DDIM", "PNDM", "
 DEFAULT_SCHEDULER = "DPM++ 2M"
 
 MAX_SEED = 2**32 - 1
+# CLIP reads 77 positions: a start token, 75 of the prompt and an end token; the rest is cut.
+MAX_PROMPT_TOKENS = 75
 MAX_PROMPT_CHARS = 1500
 SIZE_STEP = 8
 

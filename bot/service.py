@@ -14,7 +14,7 @@ from typing import Protocol
 from bot.eta import estimate_waits
 from bot.executor import Executor, JobResult, Runner
 from bot.quota import ShuttingDown
-from bot.requests import GenerationRequest, Job, RawOptions, validate
+from bot.requests import MAX_PROMPT_TOKENS, GenerationRequest, Job, RawOptions, validate
 from bot.settings import Settings
 from bot.store import MemberDefaults, Store
 
@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 
 # A job claimed this many times without finishing is failed and refunded at start-up.
 MAX_ATTEMPTS = 3
-
-# CLIP reads 77 tokens: the start and end markers plus 75 of the prompt.
-MAX_PROMPT_TOKENS = 75
 
 
 class ModelRunner(Runner, Protocol):
@@ -54,7 +51,11 @@ class ImagineService:
         self.accepting = True
         self._closed = False
         self.executor = Executor(
-            store, runner, max_batch_size=settings.max_batch_size, deliver=self._announce
+            store,
+            runner,
+            max_batch_size=settings.max_batch_size,
+            deliver=self._announce,
+            preview_every=settings.preview_every,
         )
 
     def add_listener(self, listener: Listener) -> None:

@@ -41,6 +41,7 @@ class Settings:
     discord_api_base: str | None = None
     log_level: str = "INFO"
     shutdown_grace: float = 30.0
+    preview_every: int = 5
     daily_quota: int = 0
     quota_exempt_roles: frozenset[int] = frozenset()
     limits: Limits = field(default_factory=Limits)
@@ -131,6 +132,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "VAE_SLICING": ("vae_slicing", _parse_bool),
     "SAFETY_CHECKER": ("safety_checker", _parse_bool),
     "DISCORD_API_BASE": ("discord_api_base", _parse_text),
+    "PREVIEW_EVERY": ("preview_every", _parse_int(0, 1000)),
     "SHUTDOWN_GRACE": ("shutdown_grace", _parse_float(0.0, 600.0)),
     "DAILY_QUOTA": ("daily_quota", _parse_int(0, 100_000)),
     "QUOTA_EXEMPT_ROLES": ("quota_exempt_roles", _parse_ids),

@@ -22,8 +22,15 @@ from bot.quota import (
     QuotaExceeded,
     ShuttingDown,
 )
-from bot.requests import SCHEDULERS, GenerationRequest, InvalidRequest, Job, RawOptions
-from bot.service import MAX_PROMPT_TOKENS, ImagineService
+from bot.requests import (
+    MAX_PROMPT_TOKENS,
+    SCHEDULERS,
+    GenerationRequest,
+    InvalidRequest,
+    Job,
+    RawOptions,
+)
+from bot.service import ImagineService
 from bot.store import MemberDefaults
 from cogs.status import (
     CancelButton,

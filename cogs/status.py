@@ -166,9 +166,10 @@ class StatusBoard:
                 self.set_detail(job.id, position_text(position, waits.get(job.id)))
 
     def on_progress(
-        self, job_ids: list[int], done: int, total: int, preview: bytes | None = None
+        self, job_ids: list[int], done: int, total: int, previews: dict[int, bytes] | None
     ) -> None:
         for job_id in job_ids:
+            preview = previews.get(job_id) if previews else None
             self.set_detail(job_id, f"generating {step_bar(done, total)}", preview)
 
     async def flush(self) -> int:

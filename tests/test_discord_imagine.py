@@ -204,11 +204,6 @@ async def test_a_channel_that_refuses_the_bot_gets_the_result_by_dm(
     assert (record.result_channel_id, record.result_message_id) == (dm.id, message.id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PipelineRunner has no interrupt(): Executor.stop raises AttributeError when the "
-    "running batch outlasts SHUTDOWN_GRACE, so the bot never leaves the gateway",
-)
 async def test_shutdown_past_the_grace_returns_the_running_job_to_the_queue(
     discord_world, settings, held_runner
 ):

@@ -137,13 +137,13 @@ class FaultyRunner:
     def interrupt(self):
         self.runner.interrupt()
 
-    def generate(self, key, specs, progress=None):
+    def generate(self, key, specs, **options):
         self.calls.append(len(specs))
         if self.fits is not None and len(specs) > self.fits:
             raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if any("explode" in spec.prompt for spec in specs):
             raise RuntimeError("the device fell over")
-        return self.runner.generate(key, specs, progress=progress)
+        return self.runner.generate(key, specs, **options)
 
 
 @pytest.fixture

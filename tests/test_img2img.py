@@ -92,7 +92,9 @@ def test_seed_init_image_and_strength_each_change_the_result(runner: PipelineRun
 def test_strength_decides_the_number_of_steps(runner: PipelineRunner) -> None:
     seen: list[tuple[int, int]] = []
     runner.generate(
-        key(0.35, scheduler="Euler", steps=10), [spec(1)], progress=lambda *s: seen.append(s)
+        key(0.35, scheduler="Euler", steps=10),
+        [spec(1)],
+        progress=lambda done, total, _previews: seen.append((done, total)),
     )
     assert seen == [(1, 3), (2, 3), (3, 3)]  # int(10 × 0.3) steps
 

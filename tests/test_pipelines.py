@@ -33,6 +33,7 @@ from bot.pipelines import (
     BLANK_IMAGE_ERROR,
     MAX_PROMPT_TOKENS,
     GeneratedImage,
+    Interrupted,
     ModelNotAvailable,
     PipelineOptions,
     PipelineRunner,
@@ -329,10 +330,29 @@ def test_float16_overflow_is_cured_by_a_float32_decode(models_dir: Path) -> None
     assert pipe.vae.dtype == pipe.unet.dtype == torch.float16
 
 
-def test_progress_reports_each_step(runner: PipelineRunner) -> None:
-    seen: list[tuple[int, int]] = []
-    runner.generate(key("Euler"), SPECS[:2], progress=lambda *step: seen.append(step))
-    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+def test_progress_reports_each_step_with_previews_every_few(runner: PipelineRunner) -> None:
+    seen: list[tuple[int, int, list | None]] = []
+    runner.generate(
+        key("Euler"), SPECS[:2], progress=lambda *step: seen.append(step), preview_every=2
+    )
+    assert [(done, total) for done, total, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert [previews is not None for _, _, previews in seen] == [False, True, False, False]
+    previews = seen[1][2]
+    assert len(previews) == 2 and previews[0].size == (32, 32)  # 8×8 latents, scaled ×4
+    assert np.asarray(previews[0]).std() > 1 and previews[0].tobytes() != previews[1].tobytes()
+
+
+def test_interrupt_stops_the_call_and_the_next_call_runs(runner: PipelineRunner) -> None:
+    steps: list[int] = []
+
+    def stop_after_first(done: int, _total: int, _previews: object) -> None:
+        steps.append(done)
+        runner.interrupt()
+
+    with pytest.raises(Interrupted):
+        runner.generate(key("Euler"), SPECS[:1], progress=stop_after_first)
+    assert steps == [1]
+    assert len(runner.generate(key("Euler"), SPECS[:1])) == 1
 
 
 def test_resolve_device() -> None:
