@@ -31,7 +31,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from bot.pipelines import (
     BLANK_IMAGE_ERROR,
-    MAX_PROMPT_TOKENS,
     GeneratedImage,
     Interrupted,
     ModelNotAvailable,
@@ -43,7 +42,7 @@ from bot.pipelines import (
     make_scheduler,
     resolve_device,
 )
-from bot.requests import SCHEDULERS, BatchKey, ImageSpec
+from bot.requests import MAX_PROMPT_TOKENS, SCHEDULERS, BatchKey, ImageSpec
 
 SPECS = [
     ImageSpec("a red cat on a sofa", "", 11),
