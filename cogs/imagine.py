@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
@@ -209,7 +210,7 @@ class ImagineCog(commands.Cog):
             f"Cost: {cost}",
             f"Ready in {eta_text(wait)} after you confirm.",
         ]
-        view = ConfirmView(self, request, private=private, owner_id=interaction.user.id)
+        view = ConfirmView(self, request, interaction, private=private)
         await interaction.response.send_message("\n".join(lines), view=view, ephemeral=True)
 
     @app_commands.command(name="settings", description="Your defaults for /imagine")
@@ -364,29 +365,35 @@ class ImagineCog(commands.Cog):
 
 
 class ConfirmView(discord.ui.View):
-    """The dry run's Confirm button: admits the shown request once. It lives in memory (a dry
-    run is a moment's decision), so it stops working after ten minutes or a restart."""
+    """The dry run's Confirm button: admits the shown request once, then leaves the panel.
+    It lives in memory (a dry run is a moment's decision): ten minutes, or until a restart."""
 
     def __init__(
-        self, cog: ImagineCog, request: GenerationRequest, *, private: bool, owner_id: int
+        self,
+        cog: ImagineCog,
+        request: GenerationRequest,
+        panel: discord.Interaction,
+        *,
+        private: bool,
     ) -> None:
         super().__init__(timeout=600)
         self.cog = cog
         self.request = request
+        self.panel = panel
         self.private = private
-        self.owner_id = owner_id
         self.used = False
 
     @discord.ui.button(label="Confirm", style=discord.ButtonStyle.primary)
     async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        if self.used or interaction.user.id != self.owner_id:
-            await interaction.response.send_message(
-                "This dry run was already confirmed.", ephemeral=True
-            )
+        if self.used:  # a double click racing the panel's update
+            await interaction.response.send_message("Already confirmed.", ephemeral=True)
             return
         self.used = True
         self.stop()
-        await self.cog.admit(interaction, self.request, private=self.private)
+        job = await self.cog.admit(interaction, self.request, private=self.private)
+        text = f"Confirmed as job #{job.id}." if job else "Not queued: see the message above."
+        with contextlib.suppress(discord.HTTPException):
+            await self.panel.edit_original_response(content=text, view=None)
 
 
 def defaults_text(defaults: MemberDefaults) -> str:
