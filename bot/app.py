@@ -13,7 +13,7 @@ from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine", "cogs.member", "cogs.moderation")
+EXTENSIONS = ("cogs.imagine", "cogs.variations", "cogs.member", "cogs.moderation")
 
 
 class ImagineTree(app_commands.CommandTree):
@@ -41,10 +41,13 @@ class ImagineTree(app_commands.CommandTree):
 
 class ImagineBot(commands.Bot):
     def __init__(self, settings: Settings, service: ImagineService) -> None:
-        # Default intents: no privileged message content; slash commands and buttons need none.
+        # Slash commands, buttons and the context menu need no privileged intent; message
+        # content is only needed to vary replies that do not mention the bot.
+        intents = discord.Intents.default()
+        intents.message_content = settings.message_content
         super().__init__(
             command_prefix=commands.when_mentioned,
-            intents=discord.Intents.default(),
+            intents=intents,
             tree_cls=ImagineTree,
             help_command=None,
         )

@@ -15,11 +15,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from bot.eta import SpeedKey
-from bot.images import png_bytes
+from bot.images import png_bytes, read_png
 from bot.requests import BatchKey, ImageSpec, Job
 from bot.store import Store
 
@@ -254,9 +254,22 @@ class Executor:
             if self._caps[key] >= self._max_batch_size:
                 del self._caps[key], self._calls_at_cap[key]
 
+    async def _image_specs(self, jobs: list[Job]) -> list[ImageSpec]:
+        """The specs of every image in the batch, with init images read from the store for
+        image-to-image jobs (a missing one fails its job alone, in the runner's checks)."""
+        specs: list[ImageSpec] = []
+        for job in jobs:
+            init_image = None
+            if job.request.init_image_hash is not None:
+                png = await self._store.init_image(job.request.init_image_hash)
+                if png is not None:
+                    init_image = await asyncio.to_thread(read_png, png)
+            specs += [replace(spec, init_image=init_image) for spec in job.image_specs]
+        return specs
+
     async def _run_batch(self, batch_id: int, jobs: list[Job]) -> None:
         key = jobs[0].request.batch_key
-        specs = [spec for job in jobs for spec in job.image_specs]
+        specs = await self._image_specs(jobs)
         owners = [job.id for job in jobs for _ in range(job.request.count)]
         self._in_flight = [job.id for job in jobs]
         self._steps = (0, 0)

@@ -149,6 +149,12 @@ def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
+def read_png(data: bytes) -> Image.Image:
+    """An image this bot stored itself (already checked and resized when it arrived)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
 def grid(images: list[Image.Image]) -> Image.Image:
     """Lay images out in a near-square grid (2×2 for four), in seed order."""
     columns = math.ceil(math.sqrt(len(images)))

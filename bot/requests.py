@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,6 +44,7 @@ class Limits:
     default_guidance: float = 7.5
     default_width: int = 512
     default_height: int = 512
+    default_strength: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class GenerationRequest:
     negative_prompt: str = ""
     mode: str = "text"
     strength: float | None = None
+    # For mode "image": the SHA-256 of the stored init image (PNG), which varies per image.
+    init_image_hash: str | None = None
 
     @property
     def batch_key(self) -> BatchKey:
@@ -123,7 +127,7 @@ class RawOptions:
     height: Any = None
     scheduler: Any = None
     count: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    strength: Any = None
 
 
 def _integer(option: str, value: Any, low: int, high: int) -> int:
@@ -167,10 +171,17 @@ def _side(option: str, value: Any, default: int, limits: Limits) -> int:
 
 
 def validate(
-    raw: RawOptions, limits: Limits, model: str, rng: random.Random | None = None
+    raw: RawOptions,
+    limits: Limits,
+    model: str,
+    rng: random.Random | None = None,
+    *,
+    init_image: tuple[str, int, int] | None = None,
 ) -> GenerationRequest:
     """Check every option against the limits and fill defaults; raise InvalidRequest on the first
-    problem so the member sees exactly which option to fix."""
+    problem so the member sees exactly which option to fix. With `init_image` (hash, width,
+    height) the request is image-to-image: the size is the prepared image's, and `strength`
+    (default limits.default_strength) must leave at least one denoising step."""
     prompt = _text("prompt", raw.prompt, required=True)
     negative = _text("negative_prompt", raw.negative_prompt, required=False)
     count = 1 if raw.count is None else _integer("count", raw.count, 1, limits.max_count)
@@ -199,7 +210,7 @@ def validate(
     scheduler = DEFAULT_SCHEDULER if raw.scheduler is None else raw.scheduler
     if scheduler not in SCHEDULERS:
         raise InvalidRequest("scheduler", f"must be one of: {', '.join(SCHEDULERS)}.")
-    return GenerationRequest(
+    request = GenerationRequest(
         prompt=prompt,
         negative_prompt=negative,
         seed=seed,
@@ -211,6 +222,51 @@ def validate(
         count=count,
         model=model,
     )
+    if init_image is None:
+        if raw.strength is not None:
+            raise InvalidRequest("strength", "only applies with an image to vary.")
+        return request
+    strength = limits.default_strength if raw.strength is None else raw.strength
+    if isinstance(strength, bool) or not isinstance(strength, int | float):
+        raise InvalidRequest("strength", "must be a number from 0.05 to 1.")
+    strength = round(float(strength), 2)
+    if not math.isfinite(strength) or not 0.05 <= strength <= 1:
+        raise InvalidRequest("strength", f"must be a number from 0.05 to 1, got {strength}.")
+    if int(steps * strength) < 1:
+        raise InvalidRequest(
+            "strength", f"{strength:g} of {steps} steps leaves no step to run; raise either."
+        )
+    image_hash, image_width, image_height = init_image
+    return replace(
+        request,
+        mode="image",
+        strength=strength,
+        width=image_width,
+        height=image_height,
+        init_image_hash=image_hash,
+    )
+
+
+# Options a member may put after the text of a reply: `a cat --strength 0.5 --seed 7`.
+INLINE_OPTIONS: dict[str, type] = {"strength": float, "seed": int, "steps": int, "guidance": float}
+_INLINE = re.compile(r"(?:^|\s)--([A-Za-z_]+)(?:\s+([^\s-][^\s]*|-\S+))?")
+
+
+def split_inline_options(text: str) -> tuple[str, dict[str, int | float]]:
+    """Split `a cat --strength 0.5 --seed 7` into the prompt and typed options; the values are
+    range-checked later by `validate`, like every other option."""
+    options: dict[str, int | float] = {}
+    for name, value in _INLINE.findall(text):
+        kind = INLINE_OPTIONS.get(name.lower())
+        if kind is None:
+            allowed = ", ".join(f"--{n}" for n in INLINE_OPTIONS)
+            raise InvalidRequest(f"--{name}", f"is not an option here; use {allowed}.")
+        try:
+            options[name.lower()] = kind(value)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise InvalidRequest(f"--{name}", f"must be {what}, got {value!r}.") from None
+    return _INLINE.sub(" ", text).strip(), options
 
 
 @dataclass(frozen=True)
@@ -226,6 +282,8 @@ class Job:
     queued_at: float = 0.0
     attempts: int = 0
     batch_id: int | None = None
+    parent_job_id: int | None = None
+    parent_image_index: int | None = None
 
     @property
     def image_specs(self) -> list[ImageSpec]:

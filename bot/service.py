@@ -6,6 +6,8 @@ and registers a listener to hear about finished jobs.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -13,6 +15,7 @@ from typing import Protocol
 
 from bot.eta import estimate_waits
 from bot.executor import Executor, JobResult, Runner
+from bot.images import decode_upload, fit_for_model, png_bytes
 from bot.quota import ShuttingDown
 from bot.requests import MAX_PROMPT_TOKENS, GenerationRequest, Job, RawOptions, validate
 from bot.settings import Settings
@@ -37,6 +40,16 @@ class Admission:
     job: Job
     position: int
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An upload checked, decoded and resized for the model, as PNG bytes and their hash."""
+
+    png: bytes
+    hash: str
+    width: int
+    height: int
 
 
 Listener = Callable[[JobResult], Awaitable[None]]
@@ -86,9 +99,36 @@ class ImagineService:
         await self.executor.stop(grace)
         await self.store.close()
 
-    def validate(self, raw: RawOptions) -> GenerationRequest:
+    def validate(
+        self, raw: RawOptions, init_image: PreparedImage | None = None
+    ) -> GenerationRequest:
         """Raise InvalidRequest before anything is stored or charged."""
-        return validate(raw, self.settings.limits, self.settings.model_id)
+        shape = (
+            None if init_image is None else (init_image.hash, init_image.width, init_image.height)
+        )
+        return validate(raw, self.settings.limits, self.settings.model_id, init_image=shape)
+
+    async def prepare_init_image(self, data: bytes) -> PreparedImage:
+        """Check and decode an uploaded image (raises ImageRejected), resized to a size the
+        model takes. Nothing is stored until the request using it is admitted."""
+        limits = self.settings.limits
+
+        def prepare() -> PreparedImage:
+            image = decode_upload(
+                data,
+                max_bytes=self.settings.max_upload_bytes,
+                max_pixels=self.settings.max_upload_pixels,
+            )
+            fitted = fit_for_model(
+                image,
+                min_side=limits.min_side,
+                max_side=limits.max_side,
+                default_area=limits.default_width * limits.default_height,
+            )
+            png = png_bytes(fitted)
+            return PreparedImage(png, hashlib.sha256(png).hexdigest(), *fitted.size)
+
+        return await asyncio.to_thread(prepare)
 
     async def with_member_defaults(
         self, raw: RawOptions, member_id: int
@@ -132,6 +172,8 @@ class ImagineService:
         channel_id: int | None = None,
         interaction_id: int | None = None,
         exempt: bool = False,
+        parent: tuple[int, int] | None = None,
+        init_image: PreparedImage | None = None,
     ) -> Admission:
         """Admit a validated request: raises AdmissionRefused (restarting, banned, blocked,
         over quota) without storing or charging anything."""
@@ -145,6 +187,8 @@ class ImagineService:
             interaction_id=interaction_id,
             default_limit=self.settings.daily_quota,
             exempt=exempt,
+            parent=parent,
+            init_png=None if init_image is None else init_image.png,
         )
         self.executor.wake()
         position = await self.store.queue_position(job.id)

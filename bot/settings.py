@@ -40,6 +40,11 @@ class Settings:
     safety_checker: bool = True
     discord_api_base: str | None = None
     log_level: str = "INFO"
+    max_upload_bytes: int = 10 * 2**20
+    max_upload_pixels: int = 4096 * 4096
+    vary_subtle: float = 0.35
+    vary_strong: float = 0.75
+    message_content: bool = False
     shutdown_grace: float = 30.0
     preview_every: int = 5
     daily_quota: int = 0
@@ -120,6 +125,8 @@ def _parse_text(name: str, raw: str) -> str:
     return raw.strip()
 
 
+_parse_megabytes = _parse_float(0.1, 100.0)
+
 # variable -> (field, parser); one table, so .env.example and the README can list the same names.
 _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MODEL_ID": ("model_id", _parse_text),
@@ -132,6 +139,14 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "VAE_SLICING": ("vae_slicing", _parse_bool),
     "SAFETY_CHECKER": ("safety_checker", _parse_bool),
     "DISCORD_API_BASE": ("discord_api_base", _parse_text),
+    "MAX_UPLOAD_MB": (
+        "max_upload_bytes",
+        lambda n, raw: int(_parse_float(0.1, 100.0)(n, raw) * 2**20),
+    ),
+    "MAX_UPLOAD_PIXELS": ("max_upload_pixels", _parse_int(64 * 64, 100_000_000)),
+    "VARY_SUBTLE": ("vary_subtle", _parse_float(0.05, 1.0)),
+    "VARY_STRONG": ("vary_strong", _parse_float(0.05, 1.0)),
+    "MESSAGE_CONTENT": ("message_content", _parse_bool),
     "PREVIEW_EVERY": ("preview_every", _parse_int(0, 1000)),
     "SHUTDOWN_GRACE": ("shutdown_grace", _parse_float(0.0, 600.0)),
     "DAILY_QUOTA": ("daily_quota", _parse_int(0, 100_000)),
@@ -147,6 +162,7 @@ _LIMIT_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DEFAULT_GUIDANCE": ("default_guidance", _parse_float(0.0, 30.0)),
     "DEFAULT_WIDTH": ("default_width", _parse_side),
     "DEFAULT_HEIGHT": ("default_height", _parse_side),
+    "DEFAULT_STRENGTH": ("default_strength", _parse_float(0.05, 1.0)),
 }
 
 

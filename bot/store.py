@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiosqlite
@@ -142,12 +142,22 @@ MIGRATIONS: tuple[str, ...] = (
         private INTEGER NOT NULL DEFAULT 0
     );
     """,
+    """
+    CREATE TABLE init_images (
+        hash TEXT PRIMARY KEY,
+        png BLOB NOT NULL,
+        stored_at REAL NOT NULL
+    );
+    CREATE INDEX jobs_by_result ON jobs (result_message_id);
+    """,
 )
 
 JOB_COLUMNS = (
     "id, member_id, guild_id, channel_id, prompt, negative_prompt, seed, count, steps, guidance,"
-    " width, height, scheduler, model, mode, strength, status, queued_at, attempts, batch_id"
+    " width, height, scheduler, model, mode, strength, status, queued_at, attempts, batch_id,"
+    " init_image_hash, parent_job_id, parent_image_index"
 )
+JOB_FIELD_COUNT = JOB_COLUMNS.count(",") + 1
 
 
 @dataclass(frozen=True)
@@ -211,6 +221,7 @@ def _job_from_row(row: Sequence) -> Job:
         model=row[13],
         mode=row[14],
         strength=row[15],
+        init_image_hash=row[20],
     )
     return Job(
         id=row[0],
@@ -222,6 +233,8 @@ def _job_from_row(row: Sequence) -> Job:
         queued_at=row[17],
         attempts=row[18],
         batch_id=row[19],
+        parent_job_id=row[21],
+        parent_image_index=row[22],
     )
 
 
@@ -286,6 +299,8 @@ class Store:
         interaction_id: int | None = None,
         default_limit: int = 0,
         exempt: bool = False,
+        parent: tuple[int, int] | None = None,
+        init_png: bytes | None = None,
     ) -> Job:
         """Check the ban list, the blocklist and the quota, then write the job and its charge,
         all in one transaction: concurrent requests can never overspend, and a refused request
@@ -308,11 +323,17 @@ class Store:
             status = await self._quota_status(db, guild, member_id, default_limit, exempt, now)
             if not status.allows(request.count):
                 raise QuotaExceeded(status, request.count)
+            if init_png is not None:  # kept so the job can run again after a restart
+                await db.execute(
+                    "INSERT OR IGNORE INTO init_images (hash, png, stored_at) VALUES (?, ?, ?)",
+                    (request.init_image_hash, init_png, now),
+                )
             cursor = await db.execute(
                 """INSERT INTO jobs (member_id, guild_id, channel_id, interaction_id, prompt,
                        negative_prompt, seed, count, steps, guidance, width, height, scheduler,
-                       model, mode, strength, queued_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       model, mode, strength, queued_at, init_image_hash, parent_job_id,
+                       parent_image_index)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     member_id,
                     guild_id,
@@ -331,6 +352,8 @@ class Store:
                     request.mode,
                     request.strength,
                     now,
+                    request.init_image_hash,
+                    *(parent or (None, None)),
                 ),
             )
             job_id = cursor.lastrowid
@@ -340,7 +363,18 @@ class Store:
                    VALUES (?, ?, ?, 'charge', ?, ?, ?)""",
                 (guild, member_id, job_id, request.count, now, now),
             )
-        return Job(job_id, member_id, guild_id, channel_id, request, "queued", now)
+        parent_job_id, parent_index = parent or (None, None)
+        return Job(
+            job_id,
+            member_id,
+            guild_id,
+            channel_id,
+            request,
+            "queued",
+            now,
+            parent_job_id=parent_job_id,
+            parent_image_index=parent_index,
+        )
 
     async def _quota_status(
         self,
@@ -450,18 +484,8 @@ class Store:
                 [(now, batch_id, images, job.id) for job in batch],
             )
         return batch_id, [
-            Job(
-                j.id,
-                j.member_id,
-                j.guild_id,
-                j.channel_id,
-                j.request,
-                "running",
-                j.queued_at,
-                j.attempts + 1,
-                batch_id,
-            )
-            for j in batch
+            replace(job, status="running", attempts=job.attempts + 1, batch_id=batch_id)
+            for job in batch
         ]
 
     async def finish_batch(self, batch_id: int) -> None:
@@ -548,7 +572,7 @@ class Store:
             row = await cursor.fetchone()
         if row is None:
             return None
-        return JobRecord(_job_from_row(row[:20]), *row[20:])
+        return JobRecord(_job_from_row(row[:JOB_FIELD_COUNT]), *row[JOB_FIELD_COUNT:])
 
     async def count_jobs(self) -> int:
         async with self._lock:
@@ -748,6 +772,10 @@ class Store:
             cursor = await db.execute("DELETE FROM jobs WHERE member_id = ?", (member_id,))
             deleted = cursor.rowcount
             await db.execute("DELETE FROM member_defaults WHERE member_id = ?", (member_id,))
+            await db.execute(
+                """DELETE FROM init_images WHERE hash NOT IN
+                   (SELECT init_image_hash FROM jobs WHERE init_image_hash IS NOT NULL)"""
+            )
         # Move the deleted pages out of the write-ahead log too (secure_delete zeroes them).
         async with self._lock:
             await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -851,3 +879,20 @@ class Store:
                     int(defaults.private),
                 ),
             )
+
+    # --- init images ------------------------------------------------------------------------
+
+    async def init_image(self, digest: str) -> bytes | None:
+        async with self._lock:
+            cursor = await self._db.execute("SELECT png FROM init_images WHERE hash = ?", (digest,))
+            row = await cursor.fetchone()
+        return None if row is None else row[0]
+
+    async def job_for_message(self, message_id: int) -> JobRecord | None:
+        """The job whose result was posted as `message_id` (for buttons, replies, Vary)."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT id FROM jobs WHERE result_message_id = ?", (message_id,)
+            )
+            row = await cursor.fetchone()
+        return None if row is None else await self.job(row[0])

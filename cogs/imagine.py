@@ -15,13 +15,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.executor import JobResult
-from bot.images import grid, parameters_text, png_bytes
+from bot.images import ImageRejected, grid, parameters_text, png_bytes
 from bot.quota import (
     AdmissionRefused,
-    MemberBanned,
-    PromptBlocked,
-    QuotaExceeded,
-    ShuttingDown,
 )
 from bot.requests import (
     MAX_PROMPT_TOKENS,
@@ -31,8 +27,9 @@ from bot.requests import (
     Job,
     RawOptions,
 )
-from bot.service import ImagineService
+from bot.service import ImagineService, PreparedImage
 from bot.store import MemberDefaults
+from cogs.common import refusal_text, refuse, role_ids
 from cogs.status import (
     CancelButton,
     Status,
@@ -41,6 +38,7 @@ from cogs.status import (
     eta_text,
     position_text,
 )
+from cogs.variations import result_view
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +63,22 @@ def describe(request: GenerationRequest, seconds: float | None = None) -> discor
     return embed
 
 
-def result_files(request: GenerationRequest, result: JobResult) -> tuple[list[discord.File], int]:
-    """PNG files for the delivered images (a grid first when there are several), and how many
-    images the safety checker withheld. Runs in a thread: encoding big grids is slow."""
-    kept = [
-        (seed, generated.image)
-        for seed, generated in zip(request.seeds, result.images, strict=True)
-        if not generated.withheld
-    ]
+def result_files(
+    request: GenerationRequest, result: JobResult
+) -> tuple[list[discord.File], list[int]]:
+    """PNG files for the delivered images (a grid first when there are several), and the
+    indexes of the images the safety checker let through. Runs in a thread: encoding big
+    grids is slow."""
+    kept = [index for index, generated in enumerate(result.images) if not generated.withheld]
     files = []
     if len(kept) > 1:
-        files.append(
-            discord.File(io.BytesIO(png_bytes(grid([img for _, img in kept]))), "grid.png")
-        )
-    for seed, image in kept:
-        data = png_bytes(image, parameters_text(request, seed))
+        sheet = grid([result.images[index].image for index in kept])
+        files.append(discord.File(io.BytesIO(png_bytes(sheet)), "grid.png"))
+    for index in kept:
+        seed = request.seeds[index]
+        data = png_bytes(result.images[index].image, parameters_text(request, seed))
         files.append(discord.File(io.BytesIO(data), f"seed-{seed}.png"))
-    return files, len(result.images) - len(kept)
+    return files, kept
 
 
 class ImagineCog(commands.Cog):
@@ -113,6 +110,8 @@ class ImagineCog(commands.Cog):
         height="Height in pixels, a multiple of 8",
         scheduler="Sampling method",
         count="How many images (seeds follow on from the first)",
+        image="A picture to start from (PNG, JPEG or WebP) instead of noise",
+        strength="With an image: how far to move from it, 0.05 (barely) to 1 (completely)",
         preview="Only show what would run, its cost and ETA, with a Confirm button",
     )
     @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in SCHEDULERS])
@@ -128,45 +127,68 @@ class ImagineCog(commands.Cog):
         height: int | None = None,
         scheduler: str | None = None,
         count: int | None = None,
+        image: discord.Attachment | None = None,
+        strength: float | None = None,
         preview: bool | None = None,
     ) -> None:
         arrived = time.monotonic()
         raw = RawOptions(
-            prompt, seed, negative_prompt, steps, guidance, width, height, scheduler, count
+            prompt,
+            seed,
+            negative_prompt,
+            steps,
+            guidance,
+            width,
+            height,
+            scheduler,
+            count,
+            strength,
         )
         raw, defaults = await self.service.with_member_defaults(raw, interaction.user.id)
+        prepared = None
+        if image is not None and (prepared := await self.read_image(interaction, image)) is None:
+            return
         try:
-            request = self.service.validate(raw)
+            request = self.service.validate(raw, prepared)
         except InvalidRequest as problem:
             await interaction.response.send_message(refusal_text(problem), ephemeral=True)
             return
         if preview:
-            await self.dry_run(interaction, request, private=defaults.private)
+            await self.dry_run(interaction, request, private=defaults.private, image=prepared)
         else:
-            await self.admit(interaction, request, private=defaults.private, arrived=arrived)
+            await self.admit(
+                interaction, request, private=defaults.private, arrived=arrived, init_image=prepared
+            )
 
     async def admit(
         self,
-        interaction: discord.Interaction,
+        origin: discord.Interaction | discord.Message,
         request: GenerationRequest,
         *,
-        private: bool,
+        private: bool = False,
         arrived: float | None = None,
+        parent: tuple[int, int] | None = None,
+        init_image: PreparedImage | None = None,
     ) -> Job | None:
         """The one way a Discord request enters the queue: admit it (one short SQLite
-        transaction, well inside Discord's 3 seconds), then answer with the status message.
-        Answering after admission lets a refusal stay private."""
+        transaction, well inside Discord's 3 seconds), then answer with the status message,
+        as the interaction's response or as a reply to the member's message. Answering after
+        admission lets a refusal stay private."""
+        interaction = origin if isinstance(origin, discord.Interaction) else None
+        member = origin.user if interaction else origin.author
         try:
             admission = await self.service.submit(
                 request,
-                member_id=interaction.user.id,
-                guild_id=interaction.guild_id,
-                channel_id=interaction.channel_id,
-                interaction_id=interaction.id,
-                exempt=self.service.is_exempt(role_ids(interaction.user)),
+                member_id=member.id,
+                guild_id=origin.guild.id if origin.guild else None,
+                channel_id=origin.channel.id,
+                interaction_id=interaction.id if interaction else None,
+                exempt=self.service.is_exempt(role_ids(member)),
+                parent=parent,
+                init_image=init_image,
             )
         except AdmissionRefused as problem:
-            await interaction.response.send_message(refusal_text(problem), ephemeral=True)
+            await refuse(origin, refusal_text(problem))
             return None
         job = admission.job
         status = Status(
@@ -178,17 +200,49 @@ class ImagineCog(commands.Cog):
             detail=position_text(admission.position, None),
             notes=admission.notes,
             private=private,
+            origin=None if interaction else origin,
         )
         self.board.track(status)
         await self.board.refresh_queue()
-        await interaction.response.send_message(
-            status.render(), view=cancel_view(job.id), ephemeral=private
-        )
+        if interaction is not None:
+            await interaction.response.send_message(
+                status.render(), view=cancel_view(job.id), ephemeral=private
+            )
+        else:
+            status.message = await origin.reply(
+                status.render(), view=cancel_view(job.id), mention_author=False
+            )
         status.shown, status.dirty = status.render(), False
         return job
 
+    async def read_image(
+        self, origin: discord.Interaction | discord.Message, attachment: discord.Attachment
+    ) -> PreparedImage | None:
+        """Download (after checking the announced size) and prepare an image, or tell the
+        member why not and return None."""
+        limit = self.service.settings.max_upload_bytes
+        if attachment.size > limit:
+            await refuse(
+                origin,
+                f"The image is {attachment.size / 2**20:.1f} MiB; the limit is "
+                f"{limit / 2**20:g} MiB. Nothing was queued.",
+            )
+            return None
+        try:
+            return await self.service.prepare_init_image(await attachment.read())
+        except ImageRejected as problem:
+            await refuse(origin, f"{problem} Nothing was queued.")
+        except discord.HTTPException:
+            await refuse(origin, "I could not download that image; please try again.")
+        return None
+
     async def dry_run(
-        self, interaction: discord.Interaction, request: GenerationRequest, *, private: bool
+        self,
+        interaction: discord.Interaction,
+        request: GenerationRequest,
+        *,
+        private: bool,
+        image: PreparedImage | None = None,
     ) -> None:
         """What would run, what it costs and when it would be done; nothing is stored."""
         tokens = self.service.runner.token_count(request.model, request.prompt)
@@ -210,7 +264,7 @@ class ImagineCog(commands.Cog):
             f"Cost: {cost}",
             f"Ready in {eta_text(wait)} after you confirm.",
         ]
-        view = ConfirmView(self, request, interaction, private=private)
+        view = ConfirmView(self, request, interaction, private=private, image=image)
         await interaction.response.send_message("\n".join(lines), view=view, ephemeral=True)
 
     @app_commands.command(name="settings", description="Your defaults for /imagine")
@@ -282,6 +336,7 @@ class ImagineCog(commands.Cog):
         request = job.request
         status = self.board.statuses.get(job.id)
         interaction, arrived = (status.interaction, status.arrived) if status else (None, 0.0)
+        reply_to = status.origin if status else None
         if status is not None:
             private = status.private
         else:  # admitted before a restart: the stored preference still holds
@@ -297,11 +352,12 @@ class ImagineCog(commands.Cog):
                 f"<@{job.member_id}> job #{job.id} failed: {result.error}. "
                 "Its images were refunded."
             )
-            await self._post(job, interaction, arrived, private, content=content)
+            await self._post(job, interaction, arrived, private, reply_to, content=content)
             await self.board.finish(job.id, None)
             await self.board.refresh_queue()
             return
-        files, withheld = await asyncio.to_thread(result_files, request, result)
+        files, kept = await asyncio.to_thread(result_files, request, result)
+        withheld = request.count - len(kept)
         lines = [f"<@{job.member_id}> job #{job.id}"]
         if withheld:
             lines.append(f"{withheld} of {request.count} image(s) withheld by the safety checker.")
@@ -312,9 +368,11 @@ class ImagineCog(commands.Cog):
             interaction,
             arrived,
             private,
+            reply_to,
             content="\n".join(lines),
             embed=describe(request, result.seconds),
             files=files,
+            view=result_view(job.id, kept),
         )
         await self.board.finish(job.id, None)  # the result replaces the status and preview
         await self.board.refresh_queue()
@@ -325,6 +383,7 @@ class ImagineCog(commands.Cog):
         interaction: discord.Interaction | None,
         arrived: float,
         private: bool,
+        reply_to: discord.Message | None,
         **message: Any,
     ) -> None:
         """Follow up while the interaction token is young; else post in the channel with a nonce
@@ -337,6 +396,9 @@ class ImagineCog(commands.Cog):
             except discord.NotFound:  # the token expired early or the interaction is gone
                 log.info("follow-up for job %s failed; posting in the channel", job.id)
         if sent is None:
+            if reply_to is not None:
+                message["reference"] = reply_to
+                message["mention_author"] = True
             sent = await self._post_outside_interaction(job, message, private)
         if sent is not None:
             await self.service.store.record_delivery(job.id, sent.channel.id, sent.id)
@@ -356,6 +418,7 @@ class ImagineCog(commands.Cog):
                 log.warning("cannot post job %s in channel %s; trying a DM", job.id, job.channel_id)
         for file in message.get("files", []):
             file.reset()
+        message.pop("reference", None)
         try:
             member = await self.bot.fetch_user(job.member_id)
             return await member.send(**message)
@@ -375,12 +438,14 @@ class ConfirmView(discord.ui.View):
         panel: discord.Interaction,
         *,
         private: bool,
+        image: PreparedImage | None,
     ) -> None:
         super().__init__(timeout=600)
         self.cog = cog
         self.request = request
         self.panel = panel
         self.private = private
+        self.image = image
         self.used = False
 
     @discord.ui.button(label="Confirm", style=discord.ButtonStyle.primary)
@@ -390,7 +455,9 @@ class ConfirmView(discord.ui.View):
             return
         self.used = True
         self.stop()
-        job = await self.cog.admit(interaction, self.request, private=self.private)
+        job = await self.cog.admit(
+            interaction, self.request, private=self.private, init_image=self.image
+        )
         text = f"Confirmed as job #{job.id}." if job else "Not queued: see the message above."
         with contextlib.suppress(discord.HTTPException):
             await self.panel.edit_original_response(content=text, view=None)
@@ -412,40 +479,6 @@ def defaults_text(defaults: MemberDefaults) -> str:
     where = "privately (only you see them)" if defaults.private else "in the channel"
     listed = "; ".join(shown) if shown else "none (the server's defaults apply)"
     return f"Your defaults: {listed}. Results are delivered {where}."
-
-
-def role_ids(user: discord.abc.User) -> list[int]:
-    return [role.id for role in getattr(user, "roles", [])]
-
-
-def relative_time(timestamp: float) -> str:
-    """Discord renders this as "in 3 hours" in each reader's own language and time zone."""
-    return f"<t:{int(timestamp)}:R>"
-
-
-def refusal_text(problem: Exception) -> str:
-    """What a member reads when a request is turned away; nothing was queued or charged."""
-    if isinstance(problem, InvalidRequest):
-        return f"{problem} Nothing was queued."
-    if isinstance(problem, QuotaExceeded):
-        status = problem.status
-        when = (
-            f" The next image frees up {relative_time(status.next_free_at)}."
-            if (status.next_free_at)
-            else ""
-        )
-        return (
-            f"You have used {status.used} of your {status.limit} images for the last 24 hours "
-            f"and asked for {problem.asked}.{when}"
-        )
-    if isinstance(problem, MemberBanned):
-        reason = f" Reason: {problem.reason}" if problem.reason else ""
-        return f"Sorry, you can't generate images on this server.{reason}"
-    if isinstance(problem, ShuttingDown):
-        return "The bot is restarting; please try again in a minute. Nothing was charged."
-    if isinstance(problem, PromptBlocked):
-        return "Your prompt contains a term this server blocks. Nothing was queued or charged."
-    raise TypeError(problem)
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -9,7 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.service import ImagineService
-from cogs.imagine import relative_time, role_ids
+from cogs.common import relative_time, role_ids
 
 
 def jump_url(guild_id: int | None, channel_id: int | None, message_id: int | None) -> str | None:

@@ -13,7 +13,7 @@ from discord.ext import commands
 from bot.blocklist import normalize_term
 from bot.requests import Job
 from bot.service import ImagineService
-from cogs.imagine import relative_time, role_ids
+from cogs.common import relative_time, role_ids
 
 MAX_LIMIT = 100_000
 

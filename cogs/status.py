@@ -10,6 +10,7 @@ import io
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import discord
 
@@ -43,10 +44,13 @@ def position_text(position: int, wait: float | None) -> str:
 
 @dataclass
 class Status:
+    """One job's status message. It is the response to `interaction` (a command or button),
+    or, for a request made by replying to a message, `message`, the bot's reply to `origin`."""
+
     job_id: int
     member_id: int
-    interaction: discord.Interaction
-    arrived: float  # time.monotonic() when the command arrived: its token lives 15 minutes
+    interaction: discord.Interaction | None
+    arrived: float  # time.monotonic() when the request arrived: a token lives 15 minutes
     headline: str
     detail: str = ""
     notes: list[str] = field(default_factory=list)
@@ -54,6 +58,20 @@ class Status:
     preview: bytes | None = None
     dirty: bool = False
     shown: str = ""
+    message: discord.Message | None = None
+    origin: discord.Message | None = None
+
+    async def edit(self, **fields: Any) -> None:
+        if self.interaction is not None:
+            await self.interaction.edit_original_response(**fields)
+        elif self.message is not None:
+            await self.message.edit(**fields)
+
+    async def delete(self) -> None:
+        if self.interaction is not None:
+            await self.interaction.delete_original_response()
+        elif self.message is not None:
+            await self.message.delete()
 
     def render(self) -> str:
         headline = f"{self.headline}: {self.detail}" if self.detail else self.headline
@@ -184,7 +202,7 @@ class StatusBoard:
             if status.preview is not None:
                 files = [discord.File(io.BytesIO(status.preview), "preview.png")]
             try:
-                await status.interaction.edit_original_response(content=text, attachments=files)
+                await status.edit(content=text, attachments=files)
                 status.shown = text
                 sent += 1
             except discord.NotFound:  # the message was deleted: stop editing it
@@ -208,10 +226,8 @@ class StatusBoard:
             return
         try:
             if text is None:
-                await status.interaction.delete_original_response()
+                await status.delete()
             else:
-                await status.interaction.edit_original_response(
-                    content=text, attachments=[], view=None
-                )
+                await status.edit(content=text, attachments=[], view=None)
         except discord.HTTPException as error:
             log.info("final status edit for job %s failed: %s", job_id, error)

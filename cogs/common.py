@@ -1,0 +1,53 @@
+"""Small helpers every cog uses to answer members the same way."""
+
+from __future__ import annotations
+
+import discord
+
+from bot.quota import MemberBanned, PromptBlocked, QuotaExceeded, ShuttingDown
+from bot.requests import InvalidRequest
+
+
+async def refuse(origin: discord.Interaction | discord.Message, text: str) -> None:
+    """Tell a member why nothing was queued: privately for an interaction, as a reply to a
+    message (which cannot be private)."""
+    if isinstance(origin, discord.Message):
+        await origin.reply(text, mention_author=False)
+    elif origin.response.is_done():
+        await origin.followup.send(text, ephemeral=True)
+    else:
+        await origin.response.send_message(text, ephemeral=True)
+
+
+def role_ids(user: discord.abc.User) -> list[int]:
+    return [role.id for role in getattr(user, "roles", [])]
+
+
+def relative_time(timestamp: float) -> str:
+    """Discord renders this as "in 3 hours" in each reader's own language and time zone."""
+    return f"<t:{int(timestamp)}:R>"
+
+
+def refusal_text(problem: Exception) -> str:
+    """What a member reads when a request is turned away; nothing was queued or charged."""
+    if isinstance(problem, InvalidRequest):
+        return f"{problem} Nothing was queued."
+    if isinstance(problem, QuotaExceeded):
+        status = problem.status
+        when = (
+            f" The next image frees up {relative_time(status.next_free_at)}."
+            if (status.next_free_at)
+            else ""
+        )
+        return (
+            f"You have used {status.used} of your {status.limit} images for the last 24 hours "
+            f"and asked for {problem.asked}.{when}"
+        )
+    if isinstance(problem, MemberBanned):
+        reason = f" Reason: {problem.reason}" if problem.reason else ""
+        return f"Sorry, you can't generate images on this server.{reason}"
+    if isinstance(problem, ShuttingDown):
+        return "The bot is restarting; please try again in a minute. Nothing was charged."
+    if isinstance(problem, PromptBlocked):
+        return "Your prompt contains a term this server blocks. Nothing was queued or charged."
+    raise TypeError(problem)
