@@ -41,3 +41,5 @@ def configure_logging(level: str, secrets: list[str]) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # aiosqlite logs every statement with its parameters (prompts included) at debug level.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))

@@ -516,11 +516,16 @@ class Store:
             )
             await self._refund(db, job_id, now)
 
-    async def record_delivery(self, job_id: int, channel_id: int, message_id: int) -> None:
+    async def record_delivery(
+        self, job_id: int, channel_id: int, message_id: int, withheld: int = 0
+    ) -> None:
+        """Where a job's result was posted; recorded as soon as it is posted, so a job found
+        running after a crash but already delivered is not run and posted again."""
         async with self._transaction() as db:
             await db.execute(
-                "UPDATE jobs SET result_channel_id = ?, result_message_id = ? WHERE id = ?",
-                (channel_id, message_id, job_id),
+                """UPDATE jobs SET result_channel_id = ?, result_message_id = ?, withheld = ?
+                   WHERE id = ?""",
+                (channel_id, message_id, withheld, job_id),
             )
 
     async def record_status_message(self, job_id: int, message_id: int) -> None:
@@ -530,11 +535,21 @@ class Store:
             )
 
     async def recover_interrupted(self, max_attempts: int) -> tuple[int, list[Job]]:
-        """After a crash: jobs left running go back to the queue in their original order, except
-        those already claimed max_attempts times, which fail with a refund (a job that keeps
-        killing the process must not take the bot down forever). Returns (requeued, failed)."""
+        """After a crash: jobs left running whose result was already posted are done; the others
+        go back to the queue in their original order, except those already claimed max_attempts
+        times, which fail with a refund (a job that keeps killing the process must not take the
+        bot down forever). Returns (requeued, failed)."""
         now = self._clock()
         async with self._transaction() as db:
+            cursor = await db.execute(
+                """UPDATE jobs SET status = 'done', finished_at = ?
+                   WHERE status = 'running' AND result_message_id IS NOT NULL
+                   RETURNING id, count, withheld""",
+                (now,),
+            )
+            for job_id, count, withheld in await cursor.fetchall():
+                if withheld >= count:
+                    await self._refund(db, job_id, now)
             cursor = await db.execute(
                 f"""UPDATE jobs SET status = 'failed', finished_at = ?, error = ?
                     WHERE status = 'running' AND attempts >= ? RETURNING {JOB_COLUMNS}""",

@@ -369,6 +369,7 @@ class ImagineCog(commands.Cog):
             arrived,
             private,
             reply_to,
+            withheld=withheld,
             content="\n".join(lines),
             embed=describe(request, result.seconds),
             files=files,
@@ -384,13 +385,21 @@ class ImagineCog(commands.Cog):
         arrived: float,
         private: bool,
         reply_to: discord.Message | None,
+        withheld: int | None = None,
         **message: Any,
     ) -> None:
         """Follow up while the interaction token is young; else post in the channel with a nonce
         (so a retry after a crash cannot post twice); if the channel refuses us, or the member
-        wants results privately, send a DM."""
+        wants results privately, send a DM. A result (`withheld` given) is recorded in the
+        store with the message that carries it."""
         sent = None
-        if interaction is not None and time.monotonic() - arrived < FOLLOWUP_WINDOW_SECONDS:
+        if job.attempts > 1 and not private and withheld is not None:
+            sent = await self._earlier_post(job)
+        if (
+            sent is None
+            and interaction is not None
+            and time.monotonic() - arrived < FOLLOWUP_WINDOW_SECONDS
+        ):
             try:
                 sent = await interaction.followup.send(wait=True, ephemeral=private, **message)
             except discord.NotFound:  # the token expired early or the interaction is gone
@@ -400,8 +409,23 @@ class ImagineCog(commands.Cog):
                 message["reference"] = reply_to
                 message["mention_author"] = True
             sent = await self._post_outside_interaction(job, message, private)
-        if sent is not None:
-            await self.service.store.record_delivery(job.id, sent.channel.id, sent.id)
+        if sent is not None and withheld is not None:
+            await self.service.store.record_delivery(job.id, sent.channel.id, sent.id, withheld)
+
+    async def _earlier_post(self, job: Job) -> discord.Message | None:
+        """A result posted before the process died, between posting and recording it: found
+        in the channel's recent history, so a rerun after a crash does not post twice."""
+        headline = f"<@{job.member_id}> job #{job.id}"
+        try:
+            channel = self.bot.get_channel(job.channel_id) or await self.bot.fetch_channel(
+                job.channel_id
+            )
+            async for message in channel.history(limit=50):
+                if message.author == self.bot.user and message.content.split("\n")[0] == headline:
+                    return message
+        except discord.HTTPException:
+            pass
+        return None
 
     async def _post_outside_interaction(
         self, job: Job, message: dict[str, Any], private: bool

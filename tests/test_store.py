@@ -74,7 +74,7 @@ async def test_claim_marks_a_batch_running_and_positions_move(store):
 
     await store.mark_done(first.id, withheld=1)
     await store.mark_failed(third.id, "boom")
-    await store.record_delivery(first.id, 55, 66)
+    await store.record_delivery(first.id, 55, 66, withheld=1)
     done, failed = await store.job(first.id), await store.job(third.id)
     assert (done.job.status, done.withheld, done.result_message_id) == ("done", 1, 66)
     assert done.finished_at is not None
@@ -125,3 +125,15 @@ async def test_jobs_returned_by_a_shutdown_keep_their_attempts(store):
     await store.return_to_queue([job.id])
     record = await store.job(job.id)
     assert (record.job.status, record.job.attempts) == ("queued", 0)
+
+
+async def test_a_job_delivered_just_before_a_crash_is_not_run_again(store):
+    delivered = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
+    blocked = await store.admit(REQUEST, member_id=2, guild_id=1, channel_id=1)
+    await store.claim_batch(4)
+    await store.record_delivery(delivered.id, 5, 6, withheld=0)
+    await store.record_delivery(blocked.id, 5, 7, withheld=2)  # all withheld: refund
+    assert await store.recover_interrupted(max_attempts=3) == (0, [])
+    assert (await store.job(delivered.id)).job.status == "done"
+    assert (await store.quota_status(1, 2, default_limit=5)).used == 0
+    assert (await store.quota_status(1, 1, default_limit=5)).used == 2
