@@ -60,6 +60,7 @@ class Status:
     shown: str = ""
     message: discord.Message | None = None
     origin: discord.Message | None = None
+    gone: bool = False  # someone deleted the status message: stop editing it
 
     async def edit(self, **fields: Any) -> None:
         if self.interaction is not None:
@@ -194,7 +195,7 @@ class StatusBoard:
         """Send the edits that are due and allowed; returns how many were sent."""
         sent = 0
         for status in list(self.statuses.values()):
-            if not status.dirty or not self.throttle.allow(status.job_id):
+            if status.gone or not status.dirty or not self.throttle.allow(status.job_id):
                 continue
             status.dirty = False
             text = status.render()
@@ -205,8 +206,8 @@ class StatusBoard:
                 await status.edit(content=text, attachments=files)
                 status.shown = text
                 sent += 1
-            except discord.NotFound:  # the message was deleted: stop editing it
-                self.forget(status.job_id)
+            except discord.NotFound:  # deleted: stop editing it, still deliver the result
+                status.gone = True
             except discord.HTTPException as error:
                 log.info("status edit for job %s failed: %s", status.job_id, error)
         return sent
@@ -222,7 +223,7 @@ class StatusBoard:
     async def finish(self, job_id: int, text: str | None) -> None:
         """The result is posted: replace the status with `text`, or delete it (None)."""
         status = self.forget(job_id)
-        if status is None:
+        if status is None or status.gone:
             return
         try:
             if text is None:

@@ -220,3 +220,23 @@ async def test_dry_run_then_confirm_admits_exactly_one_job(discord_world, imagin
     await imagine_bot.wait_idle()
     with sqlite3.connect(imagine_bot.service.settings.database_path) as raw:
         assert raw.execute("SELECT COUNT(*), MIN(seed) FROM jobs").fetchone() == (1, 8)
+
+
+async def test_a_deleted_status_message_is_left_alone_and_the_result_still_arrives(
+    discord_world, slow_bot
+):
+    w = discord_world
+    inter = await slow_bot.imagine(w.alice, prompt="a bridge", seed=6, steps=14)
+    await inter.wait_original(lambda m: "generating" in m.content, timeout=20)
+    w.fake._state.delete_message(await inter.original())  # a moderator removed it
+    result = await inter.wait_followup(timeout=30)
+    assert result.attachments[0].filename == "seed-6.png"
+    await slow_bot.wait_idle()
+    assert (await slow_bot.store.job(job_id_of(result.content))).job.status == "done"
+    assert slow_bot.bot.status_board.statuses == {}
+    edits_after = [
+        r
+        for r in w.fake.requests
+        if r.method == "PATCH" and r.path.endswith("@original") and r.status == 404
+    ]
+    assert len(edits_after) <= 1  # one refused edit, then the bot stops trying

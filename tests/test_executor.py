@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -213,3 +214,36 @@ async def test_long_prompts_are_admitted_with_a_note(service):
     admission = await submit(service, 1, prompt=" ".join(["panda"] * 120), seed=1)
     assert any("tokens long" in note and "ignored" in note for note in admission.notes)
     assert (await submit(service, 1, prompt="a short prompt", seed=1)).notes == []
+
+
+class BlankRunner(FaultyRunner):
+    """Marks images of prompts containing "blank" as still NaN after the float32 retry,
+    as the real runner does (GeneratedImage.error)."""
+
+    def generate(self, key, specs, **options):
+        images = self.runner.generate(key, specs, **options)
+        return [
+            replace(image, error="the image came out blank (NaN)")
+            if "blank" in spec.prompt
+            else image
+            for spec, image in zip(specs, images, strict=True)
+        ]
+
+
+async def test_blank_images_fail_their_job_with_a_refund(settings, tiny_runner):
+    store = await Store.open(settings.database_path)
+    service = ImagineService(settings, store, BlankRunner(tiny_runner))
+    collected = Collector()
+    service.add_listener(collected)
+    try:
+        bad = await submit(service, 1, prompt="blank", seed=1, count=2)
+        good = await submit(service, 2, seed=2)
+        service.executor.start()
+        await asyncio.wait_for(service.executor.wait_idle(), 60)
+        results = {r.job.id: r for r in collected.results}
+        assert results[bad.job.id].error == "the image came out blank (NaN)"
+        assert results[bad.job.id].images == [] and results[good.job.id].error is None
+        assert (await store.job(bad.job.id)).job.status == "failed"
+        assert (await store.quota_status(1, 1, default_limit=5)).used == 0
+    finally:
+        await service.close()
