@@ -240,3 +240,27 @@ async def test_a_deleted_status_message_is_left_alone_and_the_result_still_arriv
         if r.method == "PATCH" and r.path.endswith("@original") and r.status == 404
     ]
     assert len(edits_after) <= 1  # one refused edit, then the bot stops trying
+
+
+async def test_cancel_works_after_a_restart(discord_world, settings, held_runner):
+    w = discord_world
+    held_runner.hold()
+    quick_exit = replace(settings, shutdown_grace=0.1)
+    async with running_bot(w.fake, quick_exit, runner=held_runner) as bot:
+        await bot.imagine(w.bob, prompt="running when stopped", seed=1)
+        await held_runner.wait_calls(1)
+        inter = await bot.imagine(w.alice, prompt="waiting", seed=2, width=128)
+        job_id = job_id_of((await inter.wait_response()).content)
+        status = await inter.original()
+    held_runner.release()
+    identified = len(w.fake.identifies)
+    held_runner.hold()
+    async with running_bot(w.fake, settings, runner=held_runner) as bot:
+        await w.fake.wait_until(lambda: len(w.fake.identifies) > identified or None)
+        pressed = await w.fake.click_button(w.alice, status, f"cancel:{job_id}")
+        reply = await pressed.wait_response()
+        assert "cancelled" in reply.content
+        record = await bot.store.job(job_id)
+        assert record.job.status == "cancelled"
+        assert (await bot.store.quota_status(w.guild.id, w.alice.id, default_limit=9)).used == 0
+        held_runner.release()
