@@ -10,6 +10,8 @@ import sys
 # Interaction and webhook tokens sit in URL paths: /interactions/<id>/<token>/callback,
 # /webhooks/<application id>/<token>[/messages/...].
 _URL_TOKENS = re.compile(r"(/(?:interactions|webhooks)/\d+/)([A-Za-z0-9_.\-]{20,})")
+# ...and in gateway payloads discord.py logs at debug level: {'token': '...'} or "token": "...".
+_FIELD_TOKENS = re.compile(r"""(['"]token['"]\s*:\s*['"])([^'"]+)""")
 REDACTED = "[redacted]"
 
 
@@ -21,7 +23,8 @@ class RedactSecrets(logging.Filter):
     def redact(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, REDACTED)
-        return _URL_TOKENS.sub(rf"\1{REDACTED}", text)
+        text = _URL_TOKENS.sub(rf"\1{REDACTED}", text)
+        return _FIELD_TOKENS.sub(rf"\1{REDACTED}", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Render once, redact, and freeze the result so formatters cannot bring it back.
