@@ -46,6 +46,8 @@ class Runner(Protocol):
 
     def interrupt(self) -> None: ...
 
+    def resume(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -272,6 +274,7 @@ class Executor:
         specs = await self._image_specs(jobs)
         owners = [job.id for job in jobs for _ in range(job.request.count)]
         self._in_flight = [job.id for job in jobs]
+        self._runner.resume()  # an interrupt meant for an earlier batch does not stop this one
         self._steps = (0, 0)
         self.busy_since = time.monotonic()
         started = time.perf_counter()

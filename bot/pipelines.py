@@ -418,9 +418,13 @@ class PipelineRunner:
         self._interrupted = threading.Event()
 
     def interrupt(self) -> None:
-        """Ask the running call to stop at its next step (shutdown, or every job cancelled);
-        it then raises Interrupted. Safe to call from any thread."""
+        """Stop the running call at its next step (shutdown, or every job cancelled), and any
+        call started before `resume()`: they raise Interrupted. Safe from any thread."""
         self._interrupted.set()
+
+    def resume(self) -> None:
+        """Let calls run again after `interrupt()`; the executor calls this per batch."""
+        self._interrupted.clear()
 
     def load(self, model: str) -> StableDiffusionPipeline:
         """Load `model` now (at start-up) so missing weights fail early and nobody waits."""
@@ -474,7 +478,6 @@ class PipelineRunner:
             pipe = _with_scheduler(base, key.scheduler)
         # MPS generators are not reliable across torch versions; diffusers accepts CPU ones.
         gen_device = torch.device("cpu") if self.device.type == "mps" else self.device
-        self._interrupted.clear()
 
         def on_step(call: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if self._interrupted.is_set():

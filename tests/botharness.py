@@ -261,6 +261,9 @@ def bot_environment(
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         PYTHONUNBUFFERED="1",
         HF_HUB_OFFLINE="1",
+        # One torch thread: beside the tests on a small machine, two threads oversubscribe
+        # the cores and a batch runs several times slower.
+        OMP_NUM_THREADS="1",
         DISCORD_TOKEN=fake.token,
         DISCORD_API_BASE=fake.api_base,
         MODEL_ID="tiny",
@@ -280,7 +283,7 @@ def bot_environment(
 
 @dataclass
 class BotProcess:
-    """`python -m bot` running in `workdir`, its stderr (the log) in `log_path`."""
+    """`python -m bot` running in `workdir`; its stdout and stderr (the log) go to `log_path`."""
 
     process: subprocess.Popen[bytes]
     workdir: Path

@@ -138,6 +138,9 @@ class FaultyRunner:
     def interrupt(self):
         self.runner.interrupt()
 
+    def resume(self):
+        self.runner.resume()
+
     def generate(self, key, specs, **options):
         self.calls.append(len(specs))
         if self.fits is not None and len(specs) > self.fits:

@@ -351,6 +351,9 @@ def test_interrupt_stops_the_call_and_the_next_call_runs(runner: PipelineRunner)
     with pytest.raises(Interrupted):
         runner.generate(key("Euler"), SPECS[:1], progress=stop_after_first)
     assert steps == [1]
+    with pytest.raises(Interrupted):  # an interrupt also stops calls that start after it...
+        runner.generate(key("Euler"), SPECS[:1])
+    runner.resume()  # ...until the executor resumes for its next batch
     assert len(runner.generate(key("Euler"), SPECS[:1])) == 1
 
 
