@@ -13,6 +13,7 @@ import random
 import sqlite3
 import time
 
+import pytest
 from botharness import BotProcess, build_world
 
 KILLS = int(os.environ.get("KILL_TEST_KILLS", "10"))
@@ -41,6 +42,7 @@ def unfinished(path) -> int:
         ).fetchone()[0]
 
 
+@pytest.mark.timeout(120 + 20 * KILLS)  # each restart imports torch: several seconds
 async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     fake_discord, model_cache, tmp_path
 ):
