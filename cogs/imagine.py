@@ -16,9 +16,7 @@ from discord.ext import commands
 
 from bot.executor import JobResult
 from bot.images import ImageRejected, grid, parameters_text, png_bytes
-from bot.quota import (
-    AdmissionRefused,
-)
+from bot.quota import AdmissionRefused
 from bot.requests import (
     MAX_PROMPT_TOKENS,
     SCHEDULERS,
@@ -58,6 +56,8 @@ def describe(request: GenerationRequest, seconds: float | None = None) -> discor
     embed.add_field(name="Size", value=f"{request.width}×{request.height}")
     embed.add_field(name="Scheduler", value=request.scheduler)
     embed.add_field(name="Model", value=request.model[:1024])
+    if request.strength is not None:
+        embed.add_field(name="Strength", value=f"{request.strength:g} (from an image)")
     if seconds is not None:
         embed.set_footer(text=f"Generated in {seconds:.1f} s")
     return embed
