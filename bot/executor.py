@@ -99,7 +99,12 @@ class Executor:
         self._idle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._in_flight: list[int] = []
+        self._in_flight: list[int] = []  # the jobs of the diffusers call running now
+        self._undelivered: list[int] = []  # claimed jobs not yet delivered and marked
+        # Results wait here for the delivery task, so uploads to Discord never hold up the
+        # device: the next batch starts while the last one is still being posted.
+        self._deliveries: asyncio.Queue[JobResult] = asyncio.Queue()
+        self._delivery_task: asyncio.Task[None] | None = None
         self._cancelled: set[int] = set()
         self.on_progress: Progress | None = None
         self._steps: tuple[int, int] = (0, 0)
@@ -110,6 +115,7 @@ class Executor:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._drain_forever(), name="executor")
+        self._delivery_task = asyncio.create_task(self._deliver_forever(), name="delivery")
         self.wake()
 
     def wake(self) -> None:
@@ -122,21 +128,24 @@ class Executor:
         await self._idle.wait()
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Claim nothing more; give the running batch `grace` seconds to finish and deliver,
-        then interrupt it and put its undelivered jobs back in the queue for the next start."""
+        """Claim nothing more; give the running batch and the pending deliveries `grace`
+        seconds, then interrupt and put the undelivered jobs back in the queue for the next
+        start."""
         self._stopping = True
-        if self._task is not None and not self._task.done():
-            if self._in_flight:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._task), grace)
-                except TimeoutError:
-                    self._runner.interrupt()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            if self._in_flight:
-                log.info("returning %d interrupted job(s) to the queue", len(self._in_flight))
-                await self._store.return_to_queue(self._in_flight)
+        self._wake.set()
+        if self._task is not None and not self._task.done() and self._undelivered:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            except TimeoutError:
+                self._runner.interrupt()
+        for task in (self._task, self._delivery_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._undelivered:
+            log.info("returning %d interrupted job(s) to the queue", len(self._undelivered))
+            await self._store.return_to_queue(self._undelivered)
         await asyncio.to_thread(self._thread.shutdown, wait=True, cancel_futures=True)
 
     def expected_remaining(self) -> float:
@@ -169,6 +178,7 @@ class Executor:
                 claimed := await self._store.claim_batch(self._max_batch_size)
             ):
                 await self._run_batch(*claimed)
+            await self._deliveries.join()
             if not self._wake.is_set():  # a job admitted during the last claim is still due
                 self._idle.set()
 
@@ -274,6 +284,7 @@ class Executor:
         specs = await self._image_specs(jobs)
         owners = [job.id for job in jobs for _ in range(job.request.count)]
         self._in_flight = [job.id for job in jobs]
+        self._undelivered += self._in_flight
         self._runner.resume()  # an interrupt meant for an earlier batch does not stop this one
         self._steps = (0, 0)
         self.busy_since = time.monotonic()
@@ -282,6 +293,7 @@ class Executor:
             outcomes = await self._generate(key, specs, owners)
         finally:
             self.busy_since = None
+            self._in_flight = []
         seconds = time.perf_counter() - started
         await self._store.finish_batch(batch_id)
         cancelled = await self._store.cancel_requested([job.id for job in jobs])
@@ -291,24 +303,35 @@ class Executor:
             own = outcomes[offset : offset + job.request.count]
             offset += job.request.count
             if job.id in cancelled:
-                await self._store.mark_cancelled(job.id)
-                self._in_flight.remove(job.id)
-                self._cancelled.discard(job.id)
                 result = JobResult(job, [], None, seconds, batch_id, len(specs), cancelled=True)
-                await self._deliver_safely(result)
-                continue
-            errors = [o for o in own if isinstance(o, BaseException)]
-            blank = [o.error for o in own if not isinstance(o, BaseException) and o.error]
-            error = describe_error(errors[0]) if errors else (blank[0] if blank else None)
-            result = JobResult(job, [] if error else own, error, seconds, batch_id, len(specs))
-            # Deliver first, then mark the job finished: a crash in between leaves it running,
-            # so the next start runs it again and the delivery's nonce stops a second post.
-            await self._deliver_safely(result)
-            if error is None:
-                await self._store.mark_done(job.id, withheld=sum(i.withheld for i in own))
             else:
-                await self._store.mark_failed(job.id, error)
-            self._in_flight.remove(job.id)
+                errors = [o for o in own if isinstance(o, BaseException)]
+                blank = [o.error for o in own if not isinstance(o, BaseException) and o.error]
+                error = describe_error(errors[0]) if errors else (blank[0] if blank else None)
+                result = JobResult(job, [] if error else own, error, seconds, batch_id, len(specs))
+            self._deliveries.put_nowait(result)
+
+    async def _deliver_forever(self) -> None:
+        """Deliver results in order, then mark each job finished: a crash in between leaves
+        the job running, so the next start runs it again and finds or re-posts it once."""
+        while True:
+            result = await self._deliveries.get()
+            job = result.job
+            try:
+                if result.cancelled:
+                    await self._store.mark_cancelled(job.id)
+                    self._cancelled.discard(job.id)
+                    await self._deliver_safely(result)
+                else:
+                    await self._deliver_safely(result)
+                    if result.error is None:
+                        withheld = sum(image.withheld for image in result.images)
+                        await self._store.mark_done(job.id, withheld=withheld)
+                    else:
+                        await self._store.mark_failed(job.id, result.error)
+                self._undelivered.remove(job.id)
+            finally:
+                self._deliveries.task_done()
 
     async def _deliver_safely(self, result: JobResult) -> None:
         try:

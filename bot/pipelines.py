@@ -112,6 +112,21 @@ class PipelineOptions:
     safety_checker: bool = True
 
 
+# SD 1.5's scheduler_config.json verbatim; PNDM keeps `clip_sample` as a hidden entry that
+# DDIM picks up, as it does with the real model.
+SD15_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-to-printable-character table, which CLIP's byte-level BPE also uses."""
     printable = [
@@ -128,7 +143,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer() -> CLIPTokenizer:
     """A CLIP tokenizer with no merges: every byte is a token, so any text encodes offline."""
     symbols = list(_bytes_to_unicode().values())
     tokens = [*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"]
@@ -138,7 +153,7 @@ def _tiny_tokenizer() -> CLIPTokenizer:
 
 def _tiny_pipeline(with_safety_checker: bool) -> StableDiffusionPipeline:
     """SD 1.x's architecture at toy size: same classes and latent geometry, random weights."""
-    tokenizer = _tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     ids = {
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
@@ -169,21 +184,7 @@ def _tiny_pipeline(with_safety_checker: bool) -> StableDiffusionPipeline:
     text_encoder = CLIPTextModel(
         CLIPTextConfig(**small, **ids, num_hidden_layers=2, max_position_embeddings=77)
     )
-    # SD 1.5's scheduler_config.json verbatim; PNDM keeps `clip_sample` as a hidden entry that
-    # DDIM picks up, as it does with the real model.
-    scheduler = PNDMScheduler.from_config(
-        {
-            "num_train_timesteps": 1000,
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "trained_betas": None,
-            "skip_prk_steps": True,
-            "set_alpha_to_one": False,
-            "steps_offset": 1,
-            "clip_sample": False,
-        }
-    )
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     safety_checker = feature_extractor = None
     if with_safety_checker:
         safety_checker = StableDiffusionSafetyChecker(

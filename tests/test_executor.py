@@ -250,3 +250,34 @@ async def test_blank_images_fail_their_job_with_a_refund(settings, tiny_runner):
         assert (await store.quota_status(1, 1, default_limit=5)).used == 0
     finally:
         await service.close()
+
+
+async def test_slow_deliveries_do_not_hold_up_the_next_batch(settings, tiny_runner):
+    """Uploading to Discord takes a while; the device starts the next batch meanwhile."""
+    started = []
+
+    class Timed(FaultyRunner):
+        def generate(self, key, specs, **options):
+            started.append(time.monotonic())
+            return self.runner.generate(key, specs, **options)
+
+    delivered = []
+
+    async def slow_upload(result):
+        await asyncio.sleep(0.5)
+        delivered.append(time.monotonic())
+
+    store = await Store.open(settings.database_path)
+    service = ImagineService(settings, store, Timed(tiny_runner))
+    service.add_listener(slow_upload)
+    try:
+        first = await submit(service, 1, seed=1)
+        second = await submit(service, 2, seed=2, width=128)
+        service.executor.start()
+        await asyncio.wait_for(service.executor.wait_idle(), 60)
+        assert len(started) == 2 and len(delivered) == 2
+        assert started[1] < delivered[0]  # batch two ran while batch one was being posted
+        for admission in (first, second):  # and wait_idle still waited for every delivery
+            assert (await store.job(admission.job.id)).job.status == "done"
+    finally:
+        await service.close()

@@ -1,0 +1,581 @@
+"""Stable Diffusion 1.5 shapes with random weights: what a GPU does with our batches.
+
+Parts: `unet` (samples per second and peak memory by batch size, dtype and variant: eager,
+channels_last, attention slicing, torch.compile), `vae` (decode time with and without slicing),
+`executor` (our executor against a sequential batch-1 executor under a burst of mixed jobs and
+under Poisson arrivals at a share of the burst's throughput, with the share of the FLOP ceiling).
+Nothing is downloaded: the models are built from SD 1.5's configs, written out below, and
+their FLOPs are counted on the meta device against the named fact before anything runs.
+`--small` shrinks the models (and uses the tiny model for the executor) so the run finishes on
+a 2-core CPU in a few minutes; its numbers say nothing about a GPU.
+
+    .venv/bin/python -m bench.gpu                      # on a GPU
+    .venv/bin/python -m bench.gpu --small --device cpu
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before diffusers/huggingface_hub are imported: nothing here comes from the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import asyncio
+import copy
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from bench.common import (
+    Probe,
+    ServiceRun,
+    bench_settings,
+    environment,
+    quiet_libraries,
+    run_jobs,
+    start_service,
+)
+from bench.mix import sample_requests
+from bench.report import percentile, table, write_json
+from bot.pipelines import SD15_SCHEDULER_CONFIG, resolve_device, tiny_tokenizer
+from bot.requests import GenerationRequest, ImageSpec, RawOptions
+
+H100_SXM_DENSE_BF16_TFLOPS = 989.0
+# One 512×512 image with guidance: 1.6065 TFLOP per step, 2.54 TFLOP besides (named fact).
+FACT_TFLOP_PER_STEP, FACT_TFLOP_FIXED = 1.6065, 2.54
+
+
+def unet_config(small: bool) -> dict[str, Any]:
+    """SD 1.5's unet/config.json; --small keeps its block structure at a tenth of the width."""
+    config: dict[str, Any] = {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "act_fn": "silu",
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+    if small:
+        config.update(sample_size=16, block_out_channels=(32, 64, 128, 128), cross_attention_dim=64)
+    return config
+
+
+def vae_config(small: bool) -> dict[str, Any]:
+    """SD 1.5's vae/config.json; --small at a quarter of the width and 128-pixel images."""
+    config: dict[str, Any] = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    }
+    if small:
+        config.update(block_out_channels=(32, 32, 64, 64), sample_size=128)
+    return config
+
+
+def text_config(tokenizer: Any) -> CLIPTextConfig:
+    """CLIP ViT-L/14's text tower, as SD 1.5 uses it; token ids follow the offline tokenizer."""
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def save_sd15_pipeline(folder: Path, device: torch.device, dtype: torch.dtype) -> Path:
+    """A full-size SD 1.5 pipeline with random weights, saved as `save_pretrained` writes a
+    real one, so the bot's own loading code reads it."""
+    tokenizer = tiny_tokenizer()
+    with torch.device(device):
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**vae_config(small=False)),
+            text_encoder=CLIPTextModel(text_config(tokenizer)),
+            tokenizer=tokenizer,
+            unet=UNet2DConditionModel(**unet_config(small=False)),
+            scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.to(dtype=dtype).save_pretrained(folder)
+    return folder
+
+
+class PeakMemory:
+    """Peak memory inside the block, in MiB: the CUDA allocator's peak (weights included) on a
+    GPU; on Linux CPUs the growth of the resident set over its size at entry; else None."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mib: float | None = None
+        self._base = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:  # "5" resets the kernel's high-water mark (VmHWM) to the current RSS
+                Path("/proc/self/clear_refs").write_text("5")
+                self._base = _status_kib("VmRSS")
+            except OSError:
+                self._base = -1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._base >= 0:
+            self.mib = max(0, _status_kib("VmHWM") - self._base) / 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def timed_median(work: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of `repeats` calls after two warm-up calls, waiting for the device."""
+
+    def once() -> float:
+        start = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    once()
+    once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def measure(work: Callable[[], object], device: torch.device, repeats: int) -> dict[str, Any]:
+    """The first call's seconds (compiling, if any) and peak memory, then the median of timed
+    calls; {"error": "OOM"} when the device runs out of memory."""
+    try:
+        start = time.perf_counter()
+        with PeakMemory(device) as memory:
+            work()
+        first = time.perf_counter() - start
+        seconds = timed_median(work, device, repeats)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"error": "OOM"}
+    return {"first_call_s": first, "seconds": seconds, "peak_mib": memory.mib}
+
+
+def mib_text(mib: float | None) -> str:
+    return "n/a" if mib is None else f"{mib:.0f}"
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "peak MiB = torch.cuda.max_memory_allocated, weights included"
+    return "peak MiB = growth of the process's resident set during the first call"
+
+
+def unet_model(base: torch.nn.Module, dtype: torch.dtype, variant: str) -> torch.nn.Module:
+    """A copy of `base` set up as the variant runs it."""
+    model = copy.deepcopy(base).to(dtype=dtype)
+    if variant == "channels_last":
+        model.to(memory_format=torch.channels_last)
+    elif variant == "attention slicing":
+        model.set_attention_slice("auto")  # what ATTENTION_SLICING=true does to the UNet
+    elif variant == "compile":
+        model = torch.compile(model)
+    return model
+
+
+def unet_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Samples per second of one UNet forward (a sample is one latent; guidance makes two per
+    image), by dtype, variant and batch size; peak memory of the same calls."""
+    config = unet_config(args.small)
+    side, width = config["sample_size"], config["cross_attention_dim"]
+    with torch.device(device):
+        base = UNet2DConditionModel(**config).eval()
+    variants = ["eager", "channels_last", "attention slicing"]
+    if args.compile:
+        variants.append("compile")
+    rows, results = [], []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for variant in variants:
+            model = unet_model(base, dtype, variant)
+            memory_format = torch.channels_last if variant == "channels_last" else None
+            for batch in args.batch_sizes:
+                latents = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
+                if memory_format is not None:
+                    latents = latents.contiguous(memory_format=memory_format)
+                text = torch.randn(batch, 77, width, device=device, dtype=dtype)
+                timestep = torch.tensor(999, device=device)
+
+                def forward(m=model, x=latents, t=timestep, c=text) -> None:
+                    with torch.inference_mode():
+                        m(x, t, encoder_hidden_states=c)
+
+                entry = {
+                    "dtype": dtype_name,
+                    "variant": variant,
+                    "batch": batch,
+                    **measure(forward, device, args.repeats),
+                }
+                results.append(entry)
+                if "error" in entry:
+                    rows.append([dtype_name, variant, batch, entry["error"], "", "", ""])
+                    break  # larger batches will not fit either
+                entry["samples_per_s"] = batch / entry["seconds"]
+                rows.append(
+                    [
+                        dtype_name,
+                        variant,
+                        batch,
+                        f"{entry['samples_per_s']:.1f}",
+                        f"{entry['seconds'] * 1000:.1f}",
+                        mib_text(entry["peak_mib"]),
+                        f"{entry['first_call_s']:.1f}",
+                    ]
+                )
+                print(f"unet {dtype_name} {variant} {batch}: done", flush=True)
+            del model
+    print(f"\nUNet forward, latents {side}×{side}, {memory_note(device)}")
+    print(
+        table(
+            ["dtype", "variant", "batch", "samples/s", "ms/call", "peak MiB", "first call s"],
+            rows,
+        )
+    )
+    return results
+
+
+def vae_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """VAE decode seconds per image by batch size, whole batch at once and with VAE_SLICING
+    (one image at a time); peak memory of the same calls."""
+    config = vae_config(args.small)
+    side = config["sample_size"] // 8
+    with torch.device(device):
+        base = AutoencoderKL(**config).eval()
+    rows, results = [], []
+    for dtype_name in args.vae_dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        vae = copy.deepcopy(base).to(dtype=dtype)
+        for slicing in (False, True):
+            if slicing:
+                vae.enable_slicing()
+            for batch in args.vae_batch_sizes:
+                latents = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
+
+                def decode(v=vae, z=latents) -> None:
+                    with torch.inference_mode():
+                        v.decode(z / v.config.scaling_factor)
+
+                entry = {
+                    "dtype": dtype_name,
+                    "slicing": slicing,
+                    "batch": batch,
+                    **measure(decode, device, args.repeats),
+                }
+                results.append(entry)
+                on_off = "on" if slicing else "off"
+                if "error" in entry:
+                    rows.append([dtype_name, on_off, batch, entry["error"], ""])
+                    break
+                per_image = entry["seconds"] / batch * 1000
+                rows.append(
+                    [dtype_name, on_off, batch, f"{per_image:.1f}", mib_text(entry["peak_mib"])]
+                )
+                print(f"vae {dtype_name} slicing {on_off} {batch}: done", flush=True)
+        del vae
+    print(f"\nVAE decode to {config['sample_size']}² pixels, {memory_note(device)}")
+    print(table(["dtype", "VAE slicing", "batch", "ms/image", "peak MiB"], rows))
+    return results
+
+
+def scaled(request: GenerationRequest, small: bool) -> GenerationRequest:
+    """With --small, sides an eighth and steps a third, so the tiny model runs the mix fast."""
+    if not small:
+        return request
+    return replace(
+        request,
+        width=request.width // 8,
+        height=request.height // 8,
+        steps=max(1, round(request.steps / 3)),
+    )
+
+
+def as_raw(request: GenerationRequest) -> RawOptions:
+    return RawOptions(
+        request.prompt,
+        seed=request.seed,
+        steps=request.steps,
+        guidance=request.guidance,
+        width=request.width,
+        height=request.height,
+        scheduler=request.scheduler,
+        count=request.count,
+    )
+
+
+def count_flops(runner: Any, requests: list[GenerationRequest]) -> dict[tuple, float]:
+    """FLOPs of one image for each (width, height, steps), counted by torch over a real call."""
+    flops: dict[tuple, float] = {}
+    for request in requests:
+        shape = (request.width, request.height, request.steps)
+        if shape not in flops:
+            with FlopCounterMode(display=False) as counter:
+                runner.generate(request.batch_key, [ImageSpec("count", "", 0)])
+            flops[shape] = counter.get_total_flops()
+    return flops
+
+
+async def executor_part(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
+    """Our executor and a batch-1 executor, each under the same burst and the same Poisson
+    arrivals, one after the other on the same device."""
+    if args.small:
+        model_id = "tiny"
+    else:
+        _, dtype = resolve_device(args.device, None if args.dtype == "auto" else args.dtype)
+        print("building a random-weight SD 1.5 pipeline ...", flush=True)
+        model_id = str(save_sd15_pipeline(folder / "sd15-random", device, dtype))
+    # Text only: the runner does not do img2img yet.
+    rng = random.Random(args.seed)
+    burst, poisson = (
+        [
+            scaled(r, args.small)
+            for r in sample_requests(rng, args.jobs, model=model_id, img2img_share=0)
+        ]
+        for _ in range(2)
+    )
+    flops: dict[tuple, float] = {}
+    runs: dict[str, ServiceRun] = {}
+    offsets: list[float] = []
+    for max_batch in (args.max_batch_size, 1):
+        name = f"MAX_BATCH_SIZE={max_batch}"
+        settings = replace(
+            bench_settings(
+                folder,
+                model_id=model_id,
+                max_batch_size=max_batch,
+                device=args.device,
+                dtype=args.dtype,
+            ),
+            database_path=folder / f"bench-{max_batch}.sqlite3",
+        )
+        probe = Probe()
+        service = await start_service(settings, probe)
+        try:
+            if not flops:
+                flops = count_flops(service.runner, burst + poisson)
+            await run_jobs(service, probe, [as_raw(r) for r in burst[: args.max_batch_size]])
+            runs[f"{name}, burst"] = await run_jobs(service, probe, [as_raw(r) for r in burst])
+            if not offsets:  # Poisson arrivals at a share of our executor's burst throughput
+                rate = args.load * len(burst) / runs[f"{name}, burst"].seconds
+                clock = 0.0
+                for _ in poisson:
+                    clock += rng.expovariate(rate)
+                    offsets.append(clock)
+            runs[f"{name}, Poisson"] = await run_jobs(
+                service, probe, [as_raw(r) for r in poisson], offsets
+            )
+        finally:
+            await service.close()
+        print(f"executor {name} done", flush=True)
+
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        peak = H100_SXM_DENSE_BF16_TFLOPS
+    work = {
+        "burst": sum(flops[(r.width, r.height, r.steps)] * r.count for r in burst),
+        "Poisson": sum(flops[(r.width, r.height, r.steps)] * r.count for r in poisson),
+    }
+    rows, report = [], {}
+    for name, run in runs.items():
+        tflops = work[name.split(", ")[1]] / run.seconds / 1e12
+        share = None if peak is None else tflops / peak
+        report[name] = {
+            "seconds": run.seconds,
+            "images": run.images,
+            "images_per_s": run.images / run.seconds,
+            "latency_p50_s": percentile(run.latencies, 50),
+            "latency_p95_s": percentile(run.latencies, 95),
+            "calls": run.calls,
+            "images_per_call": run.images / run.calls,
+            "tflops": tflops,
+            "share_of_ceiling": share,
+        }
+        r = report[name]
+        rows.append(
+            [
+                name,
+                f"{r['images_per_s']:.2f}",
+                f"{r['latency_p50_s']:.2f}",
+                f"{r['latency_p95_s']:.2f}",
+                f"{r['images_per_call']:.2f}",
+                f"{tflops:.4g}",
+                "n/a" if share is None else f"{share:.1%}",
+            ]
+        )
+    ceiling = "none given" if peak is None else f"{peak:g} TFLOP/s"
+    print(
+        f"\nexecutor, {args.jobs} mixed jobs each; Poisson arrivals at {args.load:.0%} of our "
+        f"executor's burst throughput; FLOP ceiling {ceiling}"
+    )
+    print(
+        table(
+            [
+                "executor, arrivals",
+                "images/s",
+                "p50 latency s",
+                "p95 latency s",
+                "images/call",
+                "TFLOP/s",
+                "share of ceiling",
+            ],
+            rows,
+        )
+    )
+    return {
+        "model": model_id if args.small else "random-weight SD 1.5",
+        "peak_tflops": peak,
+        "flops_per_image": {f"{w}x{h}x{s}": f for (w, h, s), f in flops.items()},
+        "runs": report,
+        "poisson_offsets_s": offsets,
+    }
+
+
+def flop_check() -> dict[str, float]:
+    """Count full-size SD 1.5 FLOPs on the meta device (shapes only, no arithmetic), to check
+    the configs against the named fact of 1.6065 TFLOP per guided 512×512 step."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config(small=False))
+        vae = AutoencoderKL(**vae_config(small=False))
+        with FlopCounterMode(display=False) as step:  # guidance: two latents per image
+            unet(torch.randn(2, 4, 64, 64), torch.tensor(999), torch.randn(2, 77, 768))
+        with FlopCounterMode(display=False) as decode:
+            vae.decode(torch.randn(1, 4, 64, 64))
+    result = {
+        "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
+        "vae_params_m": sum(p.numel() for p in vae.parameters()) / 1e6,
+        "guided_step_tflop": step.get_total_flops() / 1e12,
+        "vae_decode_tflop": decode.get_total_flops() / 1e12,
+    }
+    print(
+        f"SD 1.5 shapes: UNet {result['unet_params_m']:.1f} M parameters, VAE "
+        f"{result['vae_params_m']:.2f} M; one guided 512×512 step "
+        f"{result['guided_step_tflop']:.4f} TFLOP (fact: {FACT_TFLOP_PER_STEP}), "
+        f"VAE decode {result['vae_decode_tflop']:.2f} TFLOP "
+        f"(fact: {FACT_TFLOP_FIXED} with the text encoder)"
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="reduced sizes, for a CPU")
+    parser.add_argument("--device", default="auto", help="as DEVICE")
+    parser.add_argument("--parts", default="unet,vae,executor")
+    parser.add_argument("--batch-sizes", help="default 1,2,4,8,16,32; with --small 1,2,4,8")
+    parser.add_argument("--dtypes", help="default float16,bfloat16; on a CPU float32,bfloat16")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="also time torch.compile (default: on, except with --small)",
+    )
+    parser.add_argument("--vae-batch-sizes", help="default as --batch-sizes; with --small 1,4")
+    parser.add_argument("--vae-dtypes", help="default as --dtypes; with --small the first one")
+    parser.add_argument("--repeats", type=int, help="timed calls after 2 warm-ups; default 5, 3")
+    parser.add_argument("--jobs", type=int, default=32, help="jobs in the burst and in Poisson")
+    parser.add_argument("--load", type=float, default=0.7, help="Poisson rate, share of burst")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="as MAX_BATCH_SIZE")
+    parser.add_argument("--dtype", default="auto", help="as DTYPE, for the executor part")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help=f"the FLOP ceiling; default {H100_SXM_DENSE_BF16_TFLOPS:g} (H100 SXM dense bf16) "
+        "on a GPU, none on a CPU",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads; 1 keeps timings steady when other processes share the cores",
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, _ = resolve_device(args.device)
+    if args.compile is None:
+        args.compile = not args.small
+    if args.batch_sizes is None:
+        args.batch_sizes = "1,2,4,8" if args.small else "1,2,4,8,16,32"
+    if args.dtypes is None:
+        args.dtypes = "float32,bfloat16" if device.type == "cpu" else "float16,bfloat16"
+    # A bfloat16 VAE decode takes seconds per image on a CPU without bf16 units.
+    if args.vae_dtypes is None:
+        args.vae_dtypes = args.dtypes.split(",")[0] if args.small else args.dtypes
+    if args.vae_batch_sizes is None:
+        args.vae_batch_sizes = "1,4" if args.small else args.batch_sizes
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.vae_batch_sizes = [int(b) for b in args.vae_batch_sizes.split(",")]
+    if args.repeats is None:
+        args.repeats = 3 if args.small else 5
+    quiet_libraries()
+
+    result: dict[str, Any] = {
+        "settings": {**vars(args), "out": str(args.out)},
+        "environment": environment(),
+        "device": str(device),
+    }
+    result["flop_check"] = flop_check()
+    parts = args.parts.split(",")
+    if "unet" in parts:
+        result["unet"] = unet_part(args, device)
+    if "vae" in parts:
+        result["vae"] = vae_part(args, device)
+    if "executor" in parts:
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+            result["executor"] = asyncio.run(executor_part(args, device, Path(tmp)))
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
