@@ -98,9 +98,6 @@ class GenerationRequest:
         """A job of count n uses seeds s, s+1, ... s+n-1."""
         return [self.seed + i for i in range(self.count)]
 
-    def with_seed(self, seed: int) -> GenerationRequest:
-        return replace(self, seed=seed)
-
 
 @dataclass(frozen=True)
 class ImageSpec:

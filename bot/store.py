@@ -31,7 +31,6 @@ MIGRATIONS: tuple[str, ...] = (
         guild_id INTEGER,
         channel_id INTEGER,
         interaction_id INTEGER,
-        status_message_id INTEGER,
         prompt TEXT NOT NULL,
         negative_prompt TEXT NOT NULL DEFAULT '',
         seed INTEGER NOT NULL,
@@ -526,12 +525,6 @@ class Store:
                 """UPDATE jobs SET result_channel_id = ?, result_message_id = ?, withheld = ?
                    WHERE id = ?""",
                 (channel_id, message_id, withheld, job_id),
-            )
-
-    async def record_status_message(self, job_id: int, message_id: int) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "UPDATE jobs SET status_message_id = ? WHERE id = ?", (message_id, job_id)
             )
 
     async def recover_interrupted(self, max_attempts: int) -> tuple[int, list[Job]]:
