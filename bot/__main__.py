@@ -16,6 +16,9 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
+import discord
+
 from bot.logs import configure_logging
 from bot.requests import InvalidRequest, RawOptions
 from bot.settings import Settings, SettingsError, load_settings
@@ -68,6 +71,7 @@ async def run_bot(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: asyncio.ensure_future(shut_down()))
     try:
+        await service.load_model()  # a missing model fails here, before Discord is contacted
         async with bot:
             await bot.login(settings.discord_token)
             if settings.discord_api_base:
@@ -204,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_bot(settings))
     except ModelNotAvailable as problem:
         print(f"error: {problem}", file=sys.stderr)
+        return 1
+    except discord.LoginFailure:
+        print("error: Discord refused DISCORD_TOKEN; copy the bot token again", file=sys.stderr)
+        return 1
+    except (OSError, aiohttp.ClientError) as problem:
+        where = settings.discord_api_base or "discord.com"
+        print(f"error: cannot reach Discord at {where}: {problem}", file=sys.stderr)
         return 1
     return 0
 

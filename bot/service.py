@@ -77,10 +77,14 @@ class ImagineService:
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
 
+    async def load_model(self) -> None:
+        """Load the model in the worker thread; a second call costs nothing."""
+        await self.executor.run_in_worker(self.runner.load, self.settings.model_id)
+
     async def start(self) -> None:
         """Load the model in the worker thread (a missing model fails here, not on a member's
         first request), put interrupted jobs back in the queue, and start draining it."""
-        await self.executor.run_in_worker(self.runner.load, self.settings.model_id)
+        await self.load_model()
         requeued, failed = await self.store.recover_interrupted(MAX_ATTEMPTS)
         if requeued:
             log.info("put %d interrupted job(s) back in the queue", requeued)

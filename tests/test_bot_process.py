@@ -126,3 +126,21 @@ async def test_an_invalid_setting_exits_2_with_one_line_naming_it(fake, model_ca
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "DEVICE" in lines[0], done.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"MODEL_ID": "/nowhere/sd-model"}, "error: Model '/nowhere/sd-model' is not available"),
+        ({"DISCORD_TOKEN": "not-the-token"}, "error: Discord refused DISCORD_TOKEN"),
+        ({"DISCORD_API_BASE": "http://127.0.0.1:9/api/v10"}, "error: cannot reach Discord at"),
+    ],
+)
+async def test_start_up_failures_end_with_one_clear_line(
+    fake, model_cache, tmp_path, overrides, expected
+):
+    done = await asyncio.to_thread(run_bot_command, fake, model_cache, tmp_path, **overrides)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(expected), done.stderr
+    assert "Traceback" not in done.stderr
