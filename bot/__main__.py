@@ -39,7 +39,11 @@ async def open_service(settings: Settings):
             dtype=None if settings.dtype == "auto" else settings.dtype,
             cache_dir=settings.model_cache,
             attention_slicing=settings.attention_slicing,
-            vae_slicing=settings.vae_slicing,
+            vae_decode_batch=settings.vae_decode_batch,
+            channels_last=settings.channels_last,
+            compile_unet=settings.torch_compile,
+            max_batch_size=settings.max_batch_size,
+            largest_side=settings.limits.max_side,
             safety_checker=settings.safety_checker,
         )
     )

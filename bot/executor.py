@@ -44,6 +44,8 @@ class Runner(Protocol):
 
     def release_memory(self) -> None: ...
 
+    def batch_limit(self, key: BatchKey) -> int | None: ...
+
     def interrupt(self) -> None: ...
 
     def resume(self) -> None: ...
@@ -163,8 +165,15 @@ class Executor:
         if self._in_flight and self._cancelled.issuperset(self._in_flight):
             self._runner.interrupt()
 
+    def ceiling_for(self, key: BatchKey) -> int:
+        """The most images one call of this key may hold: MAX_BATCH_SIZE, or fewer where the
+        runner measured that fewer fit in device memory."""
+        limit = self._runner.batch_limit(key)
+        return self._max_batch_size if limit is None else min(limit, self._max_batch_size)
+
     def cap_for(self, key: BatchKey) -> int:
-        return self._caps.get(key, self._max_batch_size)
+        """The ceiling, or the lower cap an out-of-memory error left for this key."""
+        return self._caps.get(key, self.ceiling_for(key))
 
     async def run_in_worker(self, func: Callable[..., Any], *args: Any) -> Any:
         """Run blocking device work (model loading, a diffusers call) in the worker thread."""
@@ -263,7 +272,7 @@ class Executor:
         if self._calls_at_cap[key] >= CAP_RECOVERY_CALLS:
             self._calls_at_cap[key] = 0
             self._caps[key] += 1
-            if self._caps[key] >= self._max_batch_size:
+            if self._caps[key] >= self.ceiling_for(key):
                 del self._caps[key], self._calls_at_cap[key]
 
     async def _image_specs(self, jobs: list[Job]) -> list[ImageSpec]:

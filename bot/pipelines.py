@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -47,6 +48,8 @@ from transformers import (
 )
 
 from bot.requests import SCHEDULERS, BatchKey, ImageSpec
+
+log = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny"
 # What a member reads when the VAE gave NaN even in float32 (an fp16 overflow that stuck).
@@ -108,8 +111,51 @@ class PipelineOptions:
     dtype: str | None = None
     cache_dir: Path = Path("data/models")
     attention_slicing: bool = False
-    vae_slicing: bool = False
     safety_checker: bool = True
+    # Images per VAE decode: a larger batch is decoded in slices of this size, which keeps
+    # the decoder's large activations out of the batch's peak memory.
+    vae_decode_batch: int = 1
+    channels_last: bool = False
+    compile_unet: bool = False
+    compile_backend: str = "inductor"
+    # The largest call the executor makes: compiled calls are padded to a bucket no larger.
+    max_batch_size: int = 8
+    # The GPU memory probe runs at the largest square size members may ask for.
+    largest_side: int = 1024
+
+
+# Share of the free GPU memory that batches may plan to use; the rest absorbs fragmentation.
+MEMORY_HEADROOM = 0.85
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """What the start-up probe measured: device bytes a call needs whatever its size
+    (`fixed_bytes`) and per image (`per_image_bytes`), both at `probe_pixels`, and the bytes
+    free for calls once the model is loaded."""
+
+    fixed_bytes: int
+    per_image_bytes: int
+    probe_pixels: int
+    free_bytes: int
+
+    def images_that_fit(self, pixels: int) -> int:
+        """The largest batch of `pixels`-sized images expected to fit. The per-image cost is
+        scaled linearly from the probe, taken at the largest size, which overestimates it for
+        smaller images whatever the attention kernel does; the fixed part is not scaled."""
+        per_image = self.per_image_bytes * pixels / self.probe_pixels
+        room = self.free_bytes * MEMORY_HEADROOM - self.fixed_bytes
+        return max(1, int(room // per_image))
+
+
+def padded_batch_size(images: int, cap: int) -> int:
+    """The batch a compiled call runs at: the next power of two, but never past the cap, so a
+    compiled UNet meets a few batch shapes instead of one per batch size and compiles once
+    for each."""
+    bucket = 1
+    while bucket < images:
+        bucket *= 2
+    return max(images, min(bucket, cap))
 
 
 # SD 1.5's scheduler_config.json verbatim; PNDM keeps `clip_sample` as a hidden entry that
@@ -300,9 +346,17 @@ def load_pipeline(model_id: str, options: PipelineOptions) -> StableDiffusionPip
         raise _not_available(model_id, options, reason) from exc
     if options.attention_slicing:
         pipe.enable_attention_slicing()
-    if options.vae_slicing:
-        pipe.vae.enable_slicing()
+    if options.vae_decode_batch == 1:
+        pipe.vae.enable_slicing()  # img2img's encoder then also takes one image at a time
     pipe.to(device)
+    if options.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if options.compile_unet:
+        # One graph per (batch bucket, size): every size members use costs one compilation,
+        # so allow more than torch's default of 8 before it falls back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        pipe.unet.compile(backend=options.compile_backend, dynamic=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -358,18 +412,26 @@ def _not_finite(images: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(images).flatten(1).all(dim=1)
 
 
-def _decode(vae: AutoencoderKL, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode latents to [-1, 1] images with a bad-output flag per image; a NaN/Inf batch is
-    decoded once more with the VAE in float32, the usual cure for fp16 overflow."""
+def _decode(
+    vae: AutoencoderKL, latents: torch.Tensor, slice_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode latents to [-1, 1] images, `slice_size` at a time, with a bad-output flag per
+    image; NaN/Inf images are decoded once more with the VAE in float32, the usual cure for
+    fp16 overflow."""
     scale = vae.config.scaling_factor
+
+    def decode(chosen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        parts = (chosen.to(dtype) / scale).split(slice_size)
+        return torch.cat([vae.decode(part, return_dict=False)[0] for part in parts])
+
     with torch.no_grad():
-        images = vae.decode(latents.to(vae.dtype) / scale, return_dict=False)[0]
+        images = decode(latents, vae.dtype)
         bad = _not_finite(images)
         if bad.any():
             dtype = vae.dtype
             vae.to(torch.float32)
             try:
-                images = vae.decode(latents.float() / scale, return_dict=False)[0]
+                images[bad] = decode(latents[bad], torch.float32).to(images.dtype)
             finally:
                 vae.to(dtype)
             bad = _not_finite(images)
@@ -416,6 +478,7 @@ class PipelineRunner:
         self.device, self.dtype = resolve_device(options.device, options.dtype)
         self._pipelines: dict[str, StableDiffusionPipeline] = {}
         self._tokenizers: dict[str, Any] = {}
+        self._memory_fits: dict[str, MemoryFit] = {}
         self._interrupted = threading.Event()
 
     def interrupt(self) -> None:
@@ -435,7 +498,69 @@ class PipelineRunner:
             # The pipeline reconfigures its tokenizer on every call; counting uses a copy.
             self._tokenizers[model] = copy.deepcopy(pipe.tokenizer)
             self._pipelines[model] = pipe
+            if self.device.type == "cuda":
+                fit = self._measure_memory(model)
+                if fit is not None:
+                    self._memory_fits[model] = fit
         return pipe
+
+    def batch_limit(self, key: BatchKey) -> int | None:
+        """How many images of this key fit in GPU memory at once, from the start-up probe;
+        None where nothing was measured (CPU, MPS), and the configured cap alone applies."""
+        fit = self._memory_fits.get(key.model)
+        return None if fit is None else fit.images_that_fit(key.width * key.height)
+
+    def _measure_memory(self, model: str) -> MemoryFit | None:
+        """Run one-step calls of one and two images at the largest size and read the peak
+        device memory of each: their difference is what an image costs, the rest is what a
+        call costs. Also warms the kernels up, so the first member does not pay for it."""
+        side = self.options.largest_side
+        key = BatchKey(model, "text", side, side, steps=1, scheduler="Euler", guidance=7.5)
+        peaks: list[int] = []
+        for images in (1, 2):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            try:
+                self.generate(key, [ImageSpec("probe", "", seed) for seed in range(images)])
+            except torch.cuda.OutOfMemoryError:
+                break
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
+        torch.cuda.empty_cache()
+        free, _total = torch.cuda.mem_get_info(self.device)
+        if not peaks:
+            log.warning(
+                "one %d×%d image does not fit in the %.1f GiB of GPU memory left after loading "
+                "%s; lower MAX_SIZE",
+                side,
+                side,
+                free / 2**30,
+                model,
+            )
+            return None
+        per_image = peaks[1] - peaks[0] if len(peaks) == 2 else peaks[0]
+        fit = MemoryFit(
+            fixed_bytes=max(0, peaks[0] - per_image),
+            per_image_bytes=max(1, per_image),
+            probe_pixels=side * side,
+            free_bytes=free,
+        )
+        log.info(
+            "GPU memory for %s: %.1f GiB free; a call takes %.2f GiB plus %.2f GiB per %d×%d "
+            "image, so at most %d image(s) at %d×%d and %d at 512×512",
+            model,
+            free / 2**30,
+            fit.fixed_bytes / 2**30,
+            fit.per_image_bytes / 2**30,
+            side,
+            side,
+            fit.images_that_fit(side * side),
+            side,
+            side,
+            fit.images_that_fit(512 * 512),
+        )
+        return fit
 
     def release_memory(self) -> None:
         """Hand cached blocks back to the device after an out-of-memory error, so the
@@ -470,6 +595,11 @@ class PipelineRunner:
         if not specs:
             return []
         base = self.load(key.model)
+        wanted = len(specs)
+        if self.options.compile_unet:
+            # Copies of the last image fill the bucket; their results are dropped below.
+            padding = padded_batch_size(wanted, self.options.max_batch_size) - wanted
+            specs = specs + [specs[-1]] * padding
         extra: dict[str, Any] = {}
         if key.mode == "image":
             extra = self._image_arguments(key, specs)
@@ -486,9 +616,8 @@ class PipelineRunner:
             elif progress is not None:
                 done = step + 1
                 due = preview_every and done % preview_every == 0 and done < call.num_timesteps
-                progress(
-                    done, call.num_timesteps, latent_previews(kwargs["latents"]) if due else None
-                )
+                previews = latent_previews(kwargs["latents"][:wanted]) if due else None
+                progress(done, call.num_timesteps, previews)
             return kwargs
 
         extra["callback_on_step_end"] = on_step
@@ -500,12 +629,12 @@ class PipelineRunner:
             guidance_scale=key.guidance,
             output_type="latent",
             **extra,
-        ).images
+        ).images[:wanted]
         if self._interrupted.is_set():
             raise Interrupted("the call was interrupted")
-        images, bad = _decode(pipe.vae, latents)
+        images, bad = _decode(pipe.vae, latents, self.options.vae_decode_batch)
         images, flags = pipe.run_safety_checker(images, self.device, pipe.text_encoder.dtype)
-        flags = flags or [False] * len(specs)
+        flags = flags or [False] * wanted
         pictures = pipe.image_processor.postprocess(
             images, output_type="pil", do_denormalize=[not flag for flag in flags]
         )

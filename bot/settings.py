@@ -36,7 +36,9 @@ class Settings:
     dtype: str = "auto"
     max_batch_size: int = 8
     attention_slicing: bool = False
-    vae_slicing: bool = False
+    vae_decode_batch: int = 1
+    channels_last: bool = False
+    torch_compile: bool = False
     safety_checker: bool = True
     discord_api_base: str | None = None
     log_level: str = "INFO"
@@ -136,7 +138,9 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DTYPE": ("dtype", _parse_choice(DTYPES)),
     "MAX_BATCH_SIZE": ("max_batch_size", _parse_int(1, 64)),
     "ATTENTION_SLICING": ("attention_slicing", _parse_bool),
-    "VAE_SLICING": ("vae_slicing", _parse_bool),
+    "VAE_DECODE_BATCH": ("vae_decode_batch", _parse_int(1, 64)),
+    "CHANNELS_LAST": ("channels_last", _parse_bool),
+    "TORCH_COMPILE": ("torch_compile", _parse_bool),
     "SAFETY_CHECKER": ("safety_checker", _parse_bool),
     "DISCORD_API_BASE": ("discord_api_base", _parse_text),
     "MAX_UPLOAD_MB": (

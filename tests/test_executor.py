@@ -123,6 +123,7 @@ class FaultyRunner:
     def __init__(self, runner, fits=None):
         self.runner = runner
         self.fits = fits
+        self.limit = None  # what a GPU memory probe would report, per key
         self.calls = []
         self.released = 0
 
@@ -134,6 +135,9 @@ class FaultyRunner:
 
     def release_memory(self):
         self.released += 1
+
+    def batch_limit(self, key):
+        return self.limit
 
     def interrupt(self):
         self.runner.interrupt()
@@ -199,6 +203,28 @@ async def test_out_of_memory_splits_the_batch_and_lowers_then_raises_the_cap(fau
         await asyncio.wait_for(service.executor.wait_idle(), 60)
     assert runner.calls == [2, 2, 2, 2]
     assert service.executor.cap_for(key) == 3
+
+
+async def test_calls_stay_within_what_the_memory_probe_says_fits(faulty):
+    service, runner, collected = faulty
+    runner.limit, runner.fits = 3, 2
+    first = [await submit(service, m, seed=m) for m in range(4)]
+    key = first[0].job.request.batch_key
+    assert service.executor.cap_for(key) == 3  # below MAX_BATCH_SIZE=4
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert runner.calls == [3, 1, 1, 1, 1]  # sliced at 3; 3 did not fit after all, so halves
+    assert all(r.error is None for r in collected.results) and len(collected.results) == 4
+
+    # After an out-of-memory error the cap recovers to the probe's limit, never past it.
+    runner.fits = None
+    for round_ in range(12):
+        for m in range(4):
+            request = service.validate(RawOptions(prompt="again", seed=100 + round_ * 4 + m))
+            await service.store.admit(request, member_id=m, guild_id=1, channel_id=2)
+        service.executor.wake()
+        await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert max(runner.calls[5:]) == 3 and service.executor.cap_for(key) == 3
 
 
 async def test_an_image_that_never_fits_fails_with_a_clear_message(faulty):

@@ -23,7 +23,8 @@ def test_values_are_parsed_and_typed():
         MODEL_ID="tiny",
         DEVICE="cpu",
         MAX_BATCH_SIZE="4",
-        VAE_SLICING="yes",
+        VAE_DECODE_BATCH="4",
+        TORCH_COMPILE="yes",
         MAX_STEPS="30",
         MIN_SIZE="64",
         DEFAULT_WIDTH="64",
@@ -31,7 +32,8 @@ def test_values_are_parsed_and_typed():
         DISCORD_API_BASE="http://127.0.0.1:9/api/v10",
         LOG_LEVEL="debug",
     )
-    assert (s.model_id, s.device, s.max_batch_size, s.vae_slicing) == ("tiny", "cpu", 4, True)
+    assert (s.model_id, s.device, s.max_batch_size, s.vae_decode_batch) == ("tiny", "cpu", 4, 4)
+    assert s.torch_compile and not s.channels_last
     assert (s.limits.max_steps, s.limits.min_side, s.limits.default_height) == (30, 64, 128)
     assert s.discord_api_base == "http://127.0.0.1:9/api/v10" and s.log_level == "DEBUG"
 
@@ -48,7 +50,8 @@ def test_missing_token_names_the_variable():
         ("DEVICE", "tpu", "DEVICE must be one of auto, cpu, cuda, mps"),
         ("MAX_BATCH_SIZE", "many", "MAX_BATCH_SIZE must be a whole number"),
         ("MAX_BATCH_SIZE", "0", "MAX_BATCH_SIZE must be from 1 to 64"),
-        ("VAE_SLICING", "maybe", "VAE_SLICING must be true or false"),
+        ("CHANNELS_LAST", "maybe", "CHANNELS_LAST must be true or false"),
+        ("VAE_DECODE_BATCH", "0", "VAE_DECODE_BATCH must be from 1 to 64"),
         ("MAX_SIZE", "1001", "MAX_SIZE must be a multiple of 8"),
         ("DEFAULT_GUIDANCE", "x", "DEFAULT_GUIDANCE must be a number"),
         ("DEFAULT_STEPS", "60", "DEFAULT_STEPS (60) must not exceed MAX_STEPS"),
