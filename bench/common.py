@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,9 @@ import transformers
 from bot.__main__ import open_service
 from bot.executor import JobResult
 from bot.images import grid, parameters_text, png_bytes
-from bot.requests import Limits, RawOptions
+from bot.requests import GenerationRequest, RawOptions
 from bot.service import ImagineService
-from bot.settings import Settings
-
-# Wide enough for the tiny model's 64-pixel images and SD's 1024-pixel ones.
-BENCH_LIMITS = Limits(min_side=64, max_side=1024, max_steps=50, max_count=4)
+from bot.settings import Settings, load_settings
 
 
 def quiet_libraries() -> None:
@@ -41,21 +38,24 @@ def quiet_libraries() -> None:
 
 
 def bench_settings(
-    folder: Path, *, model_id: str, max_batch_size: int, device: str, dtype: str = "auto"
+    folder: Path, *, model_id: str, device: str, overrides: Mapping[str, str] | None = None
 ) -> Settings:
-    """Settings as the bot reads them, with the database and model cache in `folder`; no safety
-    checker, since the random-weight models have none."""
-    return Settings(
-        discord_token="",
-        model_id=model_id,
-        database_path=folder / "bench.sqlite3",
-        model_cache=folder / "models",
-        device=device,
-        dtype=dtype,
-        max_batch_size=max_batch_size,
-        safety_checker=False,
-        limits=BENCH_LIMITS,
-    )
+    """Settings read the way the bot reads them, from variables, with the database and model
+    cache in `folder`, sizes from 64 to 1024 pixels and no safety checker (the random-weight
+    models have none). `overrides` are more variables, e.g. {"MAX_BATCH_SIZE": "1"}."""
+    environ = {
+        "MODEL_ID": model_id,
+        "DATABASE_PATH": str(folder / "bench.sqlite3"),
+        "MODEL_CACHE": str(folder / "models"),
+        "DEVICE": device,
+        "SAFETY_CHECKER": "false",
+        "MIN_SIZE": "64",
+        "MAX_SIZE": "1024",
+        "MAX_STEPS": "50",
+        "MAX_IMAGES_PER_REQUEST": "4",
+        **(overrides or {}),
+    }
+    return load_settings(environ, env_file=None, require_token=False)
 
 
 def encode_pngs(result: JobResult) -> int:
@@ -140,6 +140,7 @@ class ServiceRun:
     batch_sizes: list[int]
     calls: int
     in_calls: float
+    requests: list[GenerationRequest] = field(default_factory=list)
 
 
 async def start_service(settings: Settings, probe: Probe) -> ImagineService:
@@ -156,18 +157,25 @@ async def run_jobs(
     probe: Probe,
     raws: Sequence[RawOptions],
     offsets: Sequence[float] | None = None,
+    init_pngs: Sequence[bytes | None] | None = None,
 ) -> ServiceRun:
     """Submit every job at once (a burst of members) or each at its offset in seconds from now,
-    then wait until all are delivered. Latency runs from a job's arrival to its delivery."""
+    then wait until all are delivered. Latency runs from a job's arrival to its delivery.
+    `init_pngs[i]`, where given, makes job i an image-to-image job on that upload."""
     start = time.perf_counter()
     arrived: dict[int, float] = {}
+    requests: list[GenerationRequest] = []
 
     async def arrive(index: int, raw: RawOptions) -> None:
         if offsets is not None:
             await asyncio.sleep(max(0.0, start + offsets[index] - time.perf_counter()))
         now = time.perf_counter()
-        admission = await service.submit(service.validate(raw), member_id=index)
+        upload = None if init_pngs is None else init_pngs[index]
+        image = None if upload is None else await service.prepare_init_image(upload)
+        request = service.validate(raw, image)
+        admission = await service.submit(request, member_id=index, init_image=image)
         arrived[admission.job.id] = now
+        requests.append(request)
 
     await asyncio.gather(*(arrive(i, raw) for i, raw in enumerate(raws)))
     await service.executor.wait_idle()
@@ -180,6 +188,7 @@ async def run_jobs(
         batch_sizes=list(batches.values()),
         calls=sum(begin >= start for begin, _ in probe.calls),
         in_calls=sum(end - begin for begin, end in probe.calls if begin >= start),
+        requests=requests,
     )
 
 

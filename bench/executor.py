@@ -80,7 +80,10 @@ async def measure(args: argparse.Namespace) -> dict:
     rows, report = [], []
     with tempfile.TemporaryDirectory(prefix="bench-executor-") as tmp:
         settings = bench_settings(
-            Path(tmp), model_id="tiny", max_batch_size=args.max_batch_size, device=args.device
+            Path(tmp),
+            model_id="tiny",
+            device=args.device,
+            overrides={"MAX_BATCH_SIZE": str(args.max_batch_size)},
         )
         probe = Probe(upload_seconds=args.upload_ms / 1000)
         service = await start_service(settings, probe)

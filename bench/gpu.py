@@ -1,15 +1,17 @@
 """Stable Diffusion 1.5 shapes with random weights: what a GPU does with our batches.
 
 Parts: `unet` (samples per second and peak memory by batch size, dtype and variant: eager,
-channels_last, attention slicing, torch.compile), `vae` (decode time with and without slicing),
-`executor` (our executor against a sequential batch-1 executor under a burst of mixed jobs and
-under Poisson arrivals at a share of the burst's throughput, with the share of the FLOP ceiling).
+channels_last, attention slicing, torch.compile), `vae` (decode time by VAE_DECODE_BATCH),
+`executor` (our executor, with each `--variant` of its settings, against a sequential batch-1
+executor under a burst of mixed jobs, image-to-image among them, and under Poisson arrivals at a
+share of the burst's throughput, with the share of the FLOP ceiling).
 Nothing is downloaded: the models are built from SD 1.5's configs, written out below, and
 their FLOPs are counted on the meta device against the named fact before anything runs.
 `--small` shrinks the models (and uses the tiny model for the executor) so the run finishes on
 a 2-core CPU in a few minutes; its numbers say nothing about a GPU.
 
     .venv/bin/python -m bench.gpu                      # on a GPU
+    .venv/bin/python -m bench.gpu --parts executor --variant TORCH_COMPILE=true
     .venv/bin/python -m bench.gpu --small --device cpu
 """
 
@@ -32,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
@@ -48,7 +51,13 @@ from bench.common import (
 )
 from bench.mix import sample_requests
 from bench.report import percentile, table, write_json
-from bot.pipelines import SD15_SCHEDULER_CONFIG, resolve_device, tiny_tokenizer
+from bot.images import png_bytes
+from bot.pipelines import (
+    SD15_SCHEDULER_CONFIG,
+    decode_latents,
+    resolve_device,
+    tiny_tokenizer,
+)
 from bot.requests import GenerationRequest, ImageSpec, RawOptions
 
 H100_SXM_DENSE_BF16_TFLOPS = 989.0
@@ -287,8 +296,8 @@ def unet_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 def vae_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """VAE decode seconds per image by batch size, whole batch at once and with VAE_SLICING
-    (one image at a time); peak memory of the same calls."""
+    """VAE decode seconds per image by batch size through the bot's own decode, with
+    VAE_DECODE_BATCH at the batch size (all at once) and at 1; peak memory of the same calls."""
     config = vae_config(args.small)
     side = config["sample_size"] // 8
     with torch.device(device):
@@ -297,35 +306,35 @@ def vae_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for dtype_name in args.vae_dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         vae = copy.deepcopy(base).to(dtype=dtype)
-        for slicing in (False, True):
-            if slicing:
-                vae.enable_slicing()
+        for one_by_one in (False, True):
             for batch in args.vae_batch_sizes:
+                if one_by_one and batch == 1:
+                    continue  # the same call as the row above
                 latents = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
+                slice_size = 1 if one_by_one else batch
 
-                def decode(v=vae, z=latents) -> None:
+                def decode(v=vae, z=latents, n=slice_size) -> None:
                     with torch.inference_mode():
-                        v.decode(z / v.config.scaling_factor)
+                        decode_latents(v, z, n)
 
                 entry = {
                     "dtype": dtype_name,
-                    "slicing": slicing,
+                    "vae_decode_batch": slice_size,
                     "batch": batch,
                     **measure(decode, device, args.repeats),
                 }
                 results.append(entry)
-                on_off = "on" if slicing else "off"
                 if "error" in entry:
-                    rows.append([dtype_name, on_off, batch, entry["error"], ""])
+                    rows.append([dtype_name, slice_size, batch, entry["error"], ""])
                     break
                 per_image = entry["seconds"] / batch * 1000
                 rows.append(
-                    [dtype_name, on_off, batch, f"{per_image:.1f}", mib_text(entry["peak_mib"])]
+                    [dtype_name, slice_size, batch, f"{per_image:.1f}", mib_text(entry["peak_mib"])]
                 )
-                print(f"vae {dtype_name} slicing {on_off} {batch}: done", flush=True)
+                print(f"vae {dtype_name} {batch} by {slice_size}: done", flush=True)
         del vae
     print(f"\nVAE decode to {config['sample_size']}² pixels, {memory_note(device)}")
-    print(table(["dtype", "VAE slicing", "batch", "ms/image", "peak MiB"], rows))
+    print(table(["dtype", "VAE_DECODE_BATCH", "batch", "ms/image", "peak MiB"], rows))
     return results
 
 
@@ -351,69 +360,106 @@ def as_raw(request: GenerationRequest) -> RawOptions:
         height=request.height,
         scheduler=request.scheduler,
         count=request.count,
+        strength=request.strength,
     )
 
 
-def count_flops(runner: Any, requests: list[GenerationRequest]) -> dict[tuple, float]:
-    """FLOPs of one image for each (width, height, steps), counted by torch over a real call."""
-    flops: dict[tuple, float] = {}
+def upload_for(request: GenerationRequest, rng: random.Random) -> bytes | None:
+    """A member's upload for an image-to-image request (noise of the request's size), else
+    None; the bot fits it to the default area as it fits any upload."""
+    if request.mode != "image":
+        return None
+    noise = rng.randbytes(request.width * request.height * 3)
+    return png_bytes(PIL.Image.frombytes("RGB", (request.width, request.height), noise))
+
+
+def count_flops(runner: Any, requests: list[GenerationRequest], flops: dict) -> None:
+    """Add to `flops` the FLOPs of one image of each new batch key (scheduler aside), counted
+    by torch over a real call; image-to-image calls include encoding their init image."""
     for request in requests:
-        shape = (request.width, request.height, request.steps)
-        if shape not in flops:
-            with FlopCounterMode(display=False) as counter:
-                runner.generate(request.batch_key, [ImageSpec("count", "", 0)])
-            flops[shape] = counter.get_total_flops()
-    return flops
+        key = replace(request.batch_key, scheduler="Euler")
+        if key in flops:
+            continue
+        init = None
+        if key.mode == "image":
+            init = PIL.Image.new("RGB", (key.width, key.height), (128, 96, 64))
+        with FlopCounterMode(display=False) as counter:
+            runner.generate(key, [ImageSpec("count", "", 0, init)])
+        flops[key] = counter.get_total_flops()
+
+
+def work_of(requests: list[GenerationRequest], flops: dict) -> float:
+    return sum(flops[replace(r.batch_key, scheduler="Euler")] * r.count for r in requests)
+
+
+def executor_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, str]]]:
+    """Our executor, each --variant of it, and the sequential batch-1 executor, all with the
+    --setting variables; named by what differs."""
+    common = dict(item.split("=", 1) for item in args.setting)
+    ours = {**common, "MAX_BATCH_SIZE": str(args.max_batch_size)}
+    runs = [(f"MAX_BATCH_SIZE={args.max_batch_size}", ours)]
+    for variant in args.variant:
+        runs.append(
+            (
+                f"MAX_BATCH_SIZE={args.max_batch_size}, {variant}",
+                {**ours, **dict(item.split("=", 1) for item in variant.split(","))},
+            )
+        )
+    runs.append(("MAX_BATCH_SIZE=1", {**common, "MAX_BATCH_SIZE": "1"}))
+    return runs
 
 
 async def executor_part(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
-    """Our executor and a batch-1 executor, each under the same burst and the same Poisson
-    arrivals, one after the other on the same device."""
+    """Our executor (and its variants) and a batch-1 executor, each under the same burst and
+    the same Poisson arrivals of the mix, one after the other on the same device."""
+    variants = executor_variants(args)
     if args.small:
         model_id = "tiny"
+        # Uploads are fitted to the default area: the tiny model's 64×64.
+        variants = [(n, {"DEFAULT_WIDTH": "64", "DEFAULT_HEIGHT": "64", **o}) for n, o in variants]
     else:
-        _, dtype = resolve_device(args.device, None if args.dtype == "auto" else args.dtype)
+        dtype_name = dict(item.split("=", 1) for item in args.setting).get("DTYPE", "auto")
+        _, dtype = resolve_device(args.device, None if dtype_name == "auto" else dtype_name)
         print("building a random-weight SD 1.5 pipeline ...", flush=True)
         model_id = str(save_sd15_pipeline(folder / "sd15-random", device, dtype))
-    # Text only: the runner does not do img2img yet.
     rng = random.Random(args.seed)
     burst, poisson = (
-        [
-            scaled(r, args.small)
-            for r in sample_requests(rng, args.jobs, model=model_id, img2img_share=0)
-        ]
+        [scaled(r, args.small) for r in sample_requests(rng, args.jobs, model=model_id)]
         for _ in range(2)
     )
-    flops: dict[tuple, float] = {}
+    uploads = {
+        name: [upload_for(r, rng) for r in jobs]
+        for name, jobs in (("burst", burst), ("Poisson", poisson))
+    }
+    flops: dict = {}
     runs: dict[str, ServiceRun] = {}
     offsets: list[float] = []
-    for max_batch in (args.max_batch_size, 1):
-        name = f"MAX_BATCH_SIZE={max_batch}"
-        settings = replace(
-            bench_settings(
-                folder,
-                model_id=model_id,
-                max_batch_size=max_batch,
-                device=args.device,
-                dtype=args.dtype,
-            ),
-            database_path=folder / f"bench-{max_batch}.sqlite3",
+    for index, (name, overrides) in enumerate(variants):
+        settings = bench_settings(
+            folder / f"run-{index}", model_id=model_id, device=args.device, overrides=overrides
         )
         probe = Probe()
         service = await start_service(settings, probe)
         try:
-            if not flops:
-                flops = count_flops(service.runner, burst + poisson)
-            await run_jobs(service, probe, [as_raw(r) for r in burst[: args.max_batch_size]])
-            runs[f"{name}, burst"] = await run_jobs(service, probe, [as_raw(r) for r in burst])
+            warm_up = burst[: args.max_batch_size]
+            await run_jobs(
+                service, probe, [as_raw(r) for r in warm_up], None, uploads["burst"][: len(warm_up)]
+            )
+            run = await run_jobs(service, probe, [as_raw(r) for r in burst], None, uploads["burst"])
+            runs[f"{name}, burst"] = run
             if not offsets:  # Poisson arrivals at a share of our executor's burst throughput
-                rate = args.load * len(burst) / runs[f"{name}, burst"].seconds
+                rate = args.load * len(burst) / run.seconds
                 clock = 0.0
                 for _ in poisson:
                     clock += rng.expovariate(rate)
                     offsets.append(clock)
             runs[f"{name}, Poisson"] = await run_jobs(
-                service, probe, [as_raw(r) for r in poisson], offsets
+                service, probe, [as_raw(r) for r in poisson], offsets, uploads["Poisson"]
+            )
+            count_flops(
+                service.runner,
+                runs[f"{name}, burst"].requests + runs[f"{name}, Poisson"].requests,
+                flops,
             )
         finally:
             await service.close()
@@ -422,13 +468,9 @@ async def executor_part(args: argparse.Namespace, device: torch.device, folder: 
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
         peak = H100_SXM_DENSE_BF16_TFLOPS
-    work = {
-        "burst": sum(flops[(r.width, r.height, r.steps)] * r.count for r in burst),
-        "Poisson": sum(flops[(r.width, r.height, r.steps)] * r.count for r in poisson),
-    }
     rows, report = [], {}
     for name, run in runs.items():
-        tflops = work[name.split(", ")[1]] / run.seconds / 1e12
+        tflops = work_of(run.requests, flops) / run.seconds / 1e12
         share = None if peak is None else tflops / peak
         report[name] = {
             "seconds": run.seconds,
@@ -475,7 +517,15 @@ async def executor_part(args: argparse.Namespace, device: torch.device, folder: 
     return {
         "model": model_id if args.small else "random-weight SD 1.5",
         "peak_tflops": peak,
-        "flops_per_image": {f"{w}x{h}x{s}": f for (w, h, s), f in flops.items()},
+        "flops_per_image": {
+            f"{k.mode} {k.width}x{k.height} {k.steps} steps"
+            + ("" if k.strength is None else f" strength {k.strength}"): f
+            for k, f in flops.items()
+        },
+        "img2img_jobs": {
+            "burst": sum(r.mode == "image" for r in burst),
+            "Poisson": sum(r.mode == "image" for r in poisson),
+        },
         "runs": report,
         "poisson_offsets_s": offsets,
     }
@@ -525,7 +575,20 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=32, help="jobs in the burst and in Poisson")
     parser.add_argument("--load", type=float, default=0.7, help="Poisson rate, share of burst")
     parser.add_argument("--max-batch-size", type=int, default=8, help="as MAX_BATCH_SIZE")
-    parser.add_argument("--dtype", default="auto", help="as DTYPE, for the executor part")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a bot setting for every executor run, e.g. DTYPE=bfloat16 (repeatable)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="also run our executor with these settings, e.g. TORCH_COMPILE=true (repeatable)",
+    )
     parser.add_argument(
         "--peak-tflops",
         type=float,

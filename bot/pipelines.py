@@ -412,7 +412,7 @@ def _not_finite(images: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(images).flatten(1).all(dim=1)
 
 
-def _decode(
+def decode_latents(
     vae: AutoencoderKL, latents: torch.Tensor, slice_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode latents to [-1, 1] images, `slice_size` at a time, with a bad-output flag per
@@ -589,7 +589,8 @@ class PipelineRunner:
         only on its own spec and the key. `progress(done, total, previews)` is called after each
         step, with a rough preview per image every `preview_every` steps (else None).
         Mode "image" starts from each spec's `init_image` and denoises int(steps × strength)
-        steps. Latents are decoded here, so a NaN image can be retried in float32."""
+        steps. Latents are decoded here, so a NaN image can be retried in float32. A compiled
+        UNet runs the call padded to its batch bucket (`padded_batch_size`)."""
         if key.mode not in MODES:
             raise ValueError(f"unknown mode {key.mode!r}; expected one of: {', '.join(MODES)}.")
         if not specs:
@@ -598,7 +599,9 @@ class PipelineRunner:
         wanted = len(specs)
         if self.options.compile_unet:
             # Copies of the last image fill the bucket; their results are dropped below.
-            padding = padded_batch_size(wanted, self.options.max_batch_size) - wanted
+            limit = self.batch_limit(key) or self.options.max_batch_size
+            cap = min(self.options.max_batch_size, limit)
+            padding = padded_batch_size(wanted, cap) - wanted
             specs = specs + [specs[-1]] * padding
         extra: dict[str, Any] = {}
         if key.mode == "image":
@@ -632,7 +635,7 @@ class PipelineRunner:
         ).images[:wanted]
         if self._interrupted.is_set():
             raise Interrupted("the call was interrupted")
-        images, bad = _decode(pipe.vae, latents, self.options.vae_decode_batch)
+        images, bad = decode_latents(pipe.vae, latents, self.options.vae_decode_batch)
         images, flags = pipe.run_safety_checker(images, self.device, pipe.text_encoder.dtype)
         flags = flags or [False] * wanted
         pictures = pipe.image_processor.postprocess(
