@@ -61,9 +61,12 @@ def test_gpu_benchmark_runs_on_a_cpu_with_the_small_flag(tmp_path):
     assert [(r["batch"], r["vae_decode_batch"]) for r in result["vae"]] == [(1, 1), (2, 2), (2, 1)]
     runs = result["executor"]["runs"]
     executors = ("MAX_BATCH_SIZE=8", "MAX_BATCH_SIZE=8, CHANNELS_LAST=true", "MAX_BATCH_SIZE=1")
-    arrivals = ("burst", "Poisson")
+    arrivals = ("burst", "30-step burst", "Poisson")
     assert list(runs) == [f"{e}, {a}" for e in executors for a in arrivals]
     for a in arrivals:  # every executor made the same images from the same jobs
         assert len({runs[f"{e}, {a}"]["images"] for e in executors}) == 1
     assert runs["MAX_BATCH_SIZE=1, burst"]["images_per_call"] == 1.0
     assert all(run["images_per_s"] > 0 and run["share_of_ceiling"] is None for run in runs.values())
+    assert runs["MAX_BATCH_SIZE=8, 30-step burst"]["images_per_call"] >= 2  # they batch
+    goals = result["executor"]["goals"]
+    assert list(goals) == list(executors[:2]) and goals["MAX_BATCH_SIZE=8"]["burst_speedup"] > 0
