@@ -52,7 +52,7 @@ def test_gpu_benchmark_runs_on_a_cpu_with_the_small_flag(tmp_path):
         "bench.gpu", tmp_path / "gpu.json",
         "--small", "--device", "cpu", "--threads", "1", "--repeats", "1",
         "--batch-sizes", "1,2", "--dtypes", "float32", "--vae-batch-sizes", "1,2",
-        "--jobs", "6", "--variant", "CHANNELS_LAST=true",
+        "--jobs", "6", "--rounds", "1", "--variant", "CHANNELS_LAST=true",
     )  # fmt: skip
     assert round(result["flop_check"]["guided_step_tflop"], 4) == 1.6065
     assert {(r["variant"], r["batch"]) for r in result["unet"]} == {
