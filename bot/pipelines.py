@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import huggingface_hub.constants
 import PIL.Image
@@ -146,6 +146,40 @@ class MemoryFit:
         per_image = self.per_image_bytes * pixels / self.probe_pixels
         room = self.free_bytes * MEMORY_HEADROOM - self.fixed_bytes
         return max(1, int(room // per_image))
+
+
+class MemoryMeter(Protocol):
+    """A device allocator's counters, as the start-up memory probe reads them."""
+
+    def start(self) -> int:
+        """Clear cached blocks and the peak counter; return the bytes allocated now."""
+
+    def peak(self) -> int:
+        """The most bytes allocated since `start`."""
+
+    def free(self) -> int:
+        """Bytes the device has free, with nothing cached."""
+
+
+class CudaMemory:
+    """The CUDA caching allocator's counters for one device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> int:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def free(self) -> int:
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(self.device)[0]
 
 
 def padded_batch_size(images: int, cap: int) -> int:
@@ -499,9 +533,7 @@ class PipelineRunner:
             self._tokenizers[model] = copy.deepcopy(pipe.tokenizer)
             self._pipelines[model] = pipe
             if self.device.type == "cuda":
-                fit = self._measure_memory(model)
-                if fit is not None:
-                    self._memory_fits[model] = fit
+                self.measure_memory(model, CudaMemory(self.device))
         return pipe
 
     def batch_limit(self, key: BatchKey) -> int | None:
@@ -510,25 +542,22 @@ class PipelineRunner:
         fit = self._memory_fits.get(key.model)
         return None if fit is None else fit.images_that_fit(key.width * key.height)
 
-    def _measure_memory(self, model: str) -> MemoryFit | None:
+    def measure_memory(self, model: str, meter: MemoryMeter) -> MemoryFit | None:
         """Run one-step calls of one and two images at the largest size and read the peak
         device memory of each: their difference is what an image costs, the rest is what a
-        call costs. Also warms the kernels up, so the first member does not pay for it."""
+        call costs. Also warms the kernels up, so the first member does not pay for it.
+        `batch_limit` answers from what this finds."""
         side = self.options.largest_side
         key = BatchKey(model, "text", side, side, steps=1, scheduler="Euler", guidance=7.5)
         peaks: list[int] = []
         for images in (1, 2):
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
+            before = meter.start()
             try:
                 self.generate(key, [ImageSpec("probe", "", seed) for seed in range(images)])
             except torch.cuda.OutOfMemoryError:
                 break
-            peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
-        torch.cuda.empty_cache()
-        free, _total = torch.cuda.mem_get_info(self.device)
+            peaks.append(meter.peak() - before)
+        free = meter.free()
         if not peaks:
             log.warning(
                 "one %d×%d image does not fit in the %.1f GiB of GPU memory left after loading "
@@ -546,6 +575,7 @@ class PipelineRunner:
             probe_pixels=side * side,
             free_bytes=free,
         )
+        self._memory_fits[model] = fit
         log.info(
             "GPU memory for %s: %.1f GiB free; a call takes %.2f GiB plus %.2f GiB per %d×%d "
             "image, so at most %d image(s) at %d×%d and %d at 512×512",

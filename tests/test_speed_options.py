@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,76 @@ def test_memory_fit_scales_the_per_image_cost_with_pixels():
 
 def test_nothing_is_measured_on_a_cpu(tiny_runner):
     assert tiny_runner.batch_limit(KEY) is None
+
+
+GIB = 2**30
+
+
+class SimulatedAllocator:
+    """Stands in for the CUDA allocator's counters, which this machine lacks: a call's peak is
+    `fixed` plus `per_image` for each image the UNet saw (two samples per image, for guidance),
+    over 1 GiB of weights; a call of more than `fits` images raises CUDA's out-of-memory error."""
+
+    def __init__(self, runner, *, fixed, per_image, free, fits=99):
+        self.fixed, self.per_image, self.free_bytes, self.fits = fixed, per_image, free, fits
+        self.images = 0
+        self.unet_batches = []
+        unet = runner.load("tiny").unet
+        self.handle = unet.register_forward_pre_hook(self._saw)
+
+    def _saw(self, _module, args):
+        samples = len(args[0])
+        self.unet_batches.append(samples)
+        if samples // 2 > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.images = max(self.images, samples // 2)
+
+    def start(self):
+        self.images = 0
+        return GIB
+
+    def peak(self):
+        return GIB + self.fixed + self.per_image * self.images
+
+    def free(self):
+        return self.free_bytes
+
+
+def probe(model_cache, caplog, **allocator):
+    runner = runner_with(model_cache, largest_side=64)
+    meter = SimulatedAllocator(runner, **allocator)
+    try:
+        with caplog.at_level("INFO", logger="bot.pipelines"):
+            fit = runner.measure_memory("tiny", meter)
+    finally:
+        meter.handle.remove()
+    return runner, meter, fit
+
+
+def test_memory_probe_runs_one_then_two_images_and_limits_each_size(model_cache, caplog):
+    runner, meter, fit = probe(model_cache, caplog, fixed=2 * GIB, per_image=4 * GIB, free=20 * GIB)
+    assert meter.unet_batches == [2, 4]  # one step of one image, then of two
+    assert (fit.fixed_bytes, fit.per_image_bytes, fit.probe_pixels) == (2 * GIB, 4 * GIB, 64 * 64)
+    # 20 GiB × 0.85 − 2 GiB leaves 15 GiB: three 4 GiB images at 64², one at twice the pixels.
+    assert runner.batch_limit(KEY) == 3
+    assert runner.batch_limit(replace(KEY, height=128)) == 1
+    assert "at most 3 image(s) at 64×64" in caplog.text
+
+
+def test_memory_probe_when_two_images_do_not_fit(model_cache, caplog):
+    runner, meter, fit = probe(
+        model_cache, caplog, fixed=2 * GIB, per_image=4 * GIB, free=20 * GIB, fits=1
+    )
+    assert meter.unet_batches == [2, 4]
+    # Without the second point, the whole of one call counts as the image's.
+    assert (fit.fixed_bytes, fit.per_image_bytes) == (0, 6 * GIB)
+    assert runner.batch_limit(KEY) == 2
+
+
+def test_memory_probe_when_no_image_fits(model_cache, caplog):
+    runner, _meter, fit = probe(
+        model_cache, caplog, fixed=2 * GIB, per_image=4 * GIB, free=3 * GIB, fits=0
+    )
+    assert fit is None and runner.batch_limit(KEY) is None  # out-of-memory splitting remains
+    assert "one 64×64 image does not fit in the 3.0 GiB of GPU memory" in caplog.text
+    assert "lower MAX_SIZE" in caplog.text
