@@ -214,3 +214,11 @@ def test_memory_probe_when_no_image_fits(model_cache, caplog):
     assert fit is None and runner.batch_limit(KEY) is None  # out-of-memory splitting remains
     assert "one 64×64 image does not fit in the 3.0 GiB of GPU memory" in caplog.text
     assert "lower MAX_SIZE" in caplog.text
+
+
+def test_attention_runs_through_torchs_fused_kernel_by_default(tiny_runner):
+    """SDPA (torch.nn.functional.scaled_dot_product_attention) is diffusers' default processor
+    under torch 2; ATTENTION_SLICING is the only setting that swaps it out."""
+    pipe = tiny_runner.load("tiny")
+    for model in (pipe.unet, pipe.vae):
+        assert {type(p).__name__ for p in model.attn_processors.values()} == {"AttnProcessor2_0"}
