@@ -139,6 +139,7 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
         for note in admission.notes:
             print(f"note: {note}", file=sys.stderr)
         result = await done
+        await service.executor.wait_idle()  # the job is marked done after its delivery
     finally:
         await service.close()
     if result.error:

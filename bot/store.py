@@ -8,6 +8,8 @@ interleave their BEGIN ... COMMIT on the same connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -265,13 +267,18 @@ class Store:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE takes the write lock up front, so read-then-write cannot race."""
+        """BEGIN IMMEDIATE takes the write lock up front, so read-then-write cannot race.
+        A caller cancelled anywhere inside (a shutdown) still leaves no transaction open:
+        aiosqlite runs statements in order on its own thread, even those whose caller stopped
+        waiting, so the ROLLBACK queued here runs after whatever it interrupted."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                await self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                # "no transaction is active" when BEGIN itself failed.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    await asyncio.shield(self._db.execute("ROLLBACK"))
                 raise
             await self._db.execute("COMMIT")
 

@@ -21,6 +21,9 @@ from botharness import (
 )
 from fakediscord import FakeDiscord
 
+from bot.images import read_parameters
+from bot.store import Store
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 HEARTBEAT_MS = 300
@@ -119,6 +122,26 @@ async def test_sigterm_finishes_the_running_batch_then_exits_cleanly(fake, world
     assert (await bot_process.job(running_id)).job.status == "done"
     assert (await bot_process.job(waiting_id)).job.status == "queued"  # for the next start
     assert waiting.followup_ids == []
+
+
+async def test_generate_writes_the_png_the_bot_would_post(fake, model_cache, tmp_path):
+    """The README's `python -m bot generate`: the same queue, executor and pixels as the bot."""
+    done = await asyncio.to_thread(
+        run_bot_command, fake, model_cache, tmp_path,
+        "generate", "photo of a panda surfing", "--seed", "42", "--out", "panda.png",
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    png = (tmp_path / "panda.png").read_bytes()
+    parameters = read_parameters(png)
+    assert parameters["prompt"] == "photo of a panda surfing" and parameters["seed"] == 42
+    store = await Store.open(tmp_path / "bot.sqlite3")
+    try:
+        (record,) = await store.history(0)  # the command line runs as member 0
+    finally:
+        await store.close()
+    assert record.job.status == "done" and record.job.request.seed == 42
+    assert record.error is None and record.finished_at is not None
 
 
 async def test_an_invalid_setting_exits_2_with_one_line_naming_it(fake, model_cache, tmp_path):

@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import sqlite3
 
 import pytest
@@ -95,6 +96,24 @@ async def test_concurrent_claims_never_hand_out_a_job_twice(store):
     claims = await asyncio.gather(*(store.claim_batch(4) for _ in range(8)))
     seen = [job.id for claim in claims if claim for job in claim[1]]
     assert len(seen) == len(set(seen)) == 10
+
+
+async def test_a_transaction_cancelled_anywhere_leaves_the_store_whole(store, tmp_path):
+    """A shutdown cancels tasks wherever they are: inside BEGIN, between statements, in
+    COMMIT. Each cancelled admission is all there or not there at all, and the next
+    transaction starts cleanly."""
+    for pauses in range(40):
+        task = asyncio.create_task(store.admit(REQUEST, member_id=pauses, guild_id=1, channel_id=1))
+        for _ in range(pauses):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.admit(REQUEST, member_id=1000 + pauses, guild_id=1, channel_id=1)
+    with sqlite3.connect(tmp_path / "db" / "bot.sqlite3") as raw:
+        jobs = raw.execute("SELECT id FROM jobs ORDER BY id").fetchall()
+        charged = raw.execute("SELECT job_id FROM ledger ORDER BY job_id").fetchall()
+    assert jobs == charged and 40 <= len(jobs) < 80  # every cancelled one is whole or absent
 
 
 async def test_status_check_constraint_rejects_unknown_states(store, tmp_path):
