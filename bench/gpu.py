@@ -411,8 +411,8 @@ def executor_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, str
 
 
 async def executor_part(args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
-    """Our executor (and its variants) and a batch-1 executor, each under the same burst and
-    the same Poisson arrivals of the mix, one after the other on the same device."""
+    """Our executor (and its variants) and a batch-1 executor, each under the same bursts and
+    the same Poisson arrivals, all loaded side by side on the same device and run in turn."""
     variants = executor_variants(args)
     if args.small:
         model_id = "tiny"
