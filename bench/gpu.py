@@ -59,7 +59,7 @@ from bot.pipelines import (
     resolve_device,
     tiny_tokenizer,
 )
-from bot.requests import GenerationRequest, ImageSpec, RawOptions
+from bot.requests import BatchKey, GenerationRequest, ImageSpec, RawOptions
 
 H100_SXM_DENSE_BF16_TFLOPS = 989.0
 # One 512×512 image with guidance: 1.6065 TFLOP per step, 2.54 TFLOP besides (named fact).
@@ -374,11 +374,16 @@ def upload_for(request: GenerationRequest, rng: random.Random) -> bytes | None:
     return png_bytes(PIL.Image.frombytes("RGB", (request.width, request.height), noise))
 
 
+def flop_key(request: GenerationRequest) -> BatchKey:
+    """The request's batch key with the scheduler left out: FLOPs do not depend on it."""
+    return replace(request.batch_key, scheduler="Euler")
+
+
 def count_flops(runner: Any, requests: list[GenerationRequest], flops: dict) -> None:
     """Add to `flops` the FLOPs of one image of each new batch key (scheduler aside), counted
     by torch over a real call; image-to-image calls include encoding their init image."""
     for request in requests:
-        key = replace(request.batch_key, scheduler="Euler")
+        key = flop_key(request)
         if key in flops:
             continue
         init = None
@@ -390,22 +395,23 @@ def count_flops(runner: Any, requests: list[GenerationRequest], flops: dict) -> 
 
 
 def work_of(requests: list[GenerationRequest], flops: dict) -> float:
-    return sum(flops[replace(r.batch_key, scheduler="Euler")] * r.count for r in requests)
+    return sum(flops[flop_key(r)] * r.count for r in requests)
+
+
+def assignments(items: list[str]) -> dict[str, str]:
+    """["NAME=VALUE", ...] as a dict of bot setting variables."""
+    return dict(item.split("=", 1) for item in items)
 
 
 def executor_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, str]]]:
     """Our executor, each --variant of it, and the sequential batch-1 executor, all with the
     --setting variables; named by what differs."""
-    common = dict(item.split("=", 1) for item in args.setting)
+    common = assignments(args.setting)
     ours = {**common, "MAX_BATCH_SIZE": str(args.max_batch_size)}
     runs = [(f"MAX_BATCH_SIZE={args.max_batch_size}", ours)]
     for variant in args.variant:
-        runs.append(
-            (
-                f"MAX_BATCH_SIZE={args.max_batch_size}, {variant}",
-                {**ours, **dict(item.split("=", 1) for item in variant.split(","))},
-            )
-        )
+        name = f"MAX_BATCH_SIZE={args.max_batch_size}, {variant}"
+        runs.append((name, {**ours, **assignments(variant.split(","))}))
     runs.append(("MAX_BATCH_SIZE=1", {**common, "MAX_BATCH_SIZE": "1"}))
     return runs
 
@@ -419,7 +425,7 @@ async def executor_part(args: argparse.Namespace, device: torch.device, folder: 
         # Uploads are fitted to the default area: the tiny model's 64×64.
         variants = [(n, {"DEFAULT_WIDTH": "64", "DEFAULT_HEIGHT": "64", **o}) for n, o in variants]
     else:
-        dtype_name = dict(item.split("=", 1) for item in args.setting).get("DTYPE", "auto")
+        dtype_name = assignments(args.setting).get("DTYPE", "auto")
         _, dtype = resolve_device(args.device, None if dtype_name == "auto" else dtype_name)
         print("building a random-weight SD 1.5 pipeline ...", flush=True)
         model_id = str(save_sd15_pipeline(folder / "sd15-random", device, dtype))

@@ -629,8 +629,8 @@ class PipelineRunner:
         wanted = len(specs)
         if self.options.compile_unet:
             # Copies of the last image fill the bucket; their results are dropped below.
-            limit = self.batch_limit(key) or self.options.max_batch_size
-            cap = min(self.options.max_batch_size, limit)
+            largest = self.options.max_batch_size
+            cap = min(largest, self.batch_limit(key) or largest)
             padding = padded_batch_size(wanted, cap) - wanted
             specs = specs + [specs[-1]] * padding
         extra: dict[str, Any] = {}
