@@ -2,7 +2,9 @@
 #   docker build -t imagine-bot .
 #   docker run --rm -v imagine-data:/data imagine-bot python -m bot download   # once
 #   docker run -d --gpus all --env-file .env -v imagine-data:/data imagine-bot
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# The base image's torch must meet pyproject's floor (2.7: TORCH_COMPILE needs it), or
+# `pip install .` replaces it with a CUDA build of its own choosing.
+FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
