@@ -80,9 +80,8 @@ class CostModel:
 
     def call_seconds(self, key: BatchKey, images: int) -> float:
         pixels = images * key.width * key.height / 512**2
-        steps = key.steps if key.strength is None else int(key.steps * key.strength)
         decode = self.per_image_decode * pixels
-        return steps * (self.per_step + self.per_image_step * pixels) + decode
+        return key.denoising_steps * (self.per_step + self.per_image_step * pixels) + decode
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ log = logging.getLogger("bot")
 
 async def open_service(settings: Settings):
     """The store, the model runner and the executor, wired together but not yet started."""
+    from bot.db import Store
     from bot.pipelines import PipelineOptions, PipelineRunner
     from bot.service import ImagineService
-    from bot.store import Store
 
     store = await Store.open(settings.database_path)
     runner = PipelineRunner(
@@ -60,30 +60,24 @@ def make_bot(settings: Settings, service):
 
 
 async def run_bot(settings: Settings) -> None:
-    from bot.discord_api import use_advertised_gateway
+    from bot.lifecycle import online, shut_down
 
     service = await open_service(settings)
     bot = make_bot(settings, service)
 
-    async def shut_down() -> None:
-        """Stop admitting, let the running batch finish and deliver, then leave the gateway."""
+    stopping: list[asyncio.Task[None]] = []  # held, so the task cannot be garbage-collected
+
+    def on_signal() -> None:
         log.info("shutting down (up to %.0f s for the running batch)", settings.shutdown_grace)
-        await service.close(settings.shutdown_grace)
-        await bot.close()
+        stopping.append(asyncio.ensure_future(shut_down(settings, service, bot)))
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(shut_down()))
+        loop.add_signal_handler(signum, on_signal)
     try:
-        await service.load_model()  # a missing model fails here, before Discord is contacted
-        async with bot:
-            await bot.login(settings.discord_token)
-            if settings.discord_api_base:
-                await use_advertised_gateway(bot)
-            await service.start()
-            await bot.connect()
+        async with online(settings, service, bot) as connection:
+            await connection  # until a signal's shut_down (or a failure) leaves the gateway
     finally:
-        await service.close()
         log.info("stopped")
 
 

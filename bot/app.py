@@ -1,8 +1,11 @@
-"""The Bot: owns the service's Discord side, loads the cogs, answers app-command errors."""
+"""The Bot: the composition root of the Discord side. It owns the status board, the admission
+desk and the delivery (created once, used by every cog and button), wires them to the service,
+loads the cogs, and sends app-command errors to the one error funnel."""
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -10,6 +13,13 @@ from discord.ext import commands
 
 from bot.service import ImagineService
 from bot.settings import Settings
+from cogs.admission import AdmissionDesk, StatusBoard
+from cogs.buttons import PERSISTENT_BUTTONS
+from cogs.common import answer_failure
+from cogs.delivery import Delivery
+
+if TYPE_CHECKING:
+    from bot.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -17,29 +27,24 @@ EXTENSIONS = ("cogs.imagine", "cogs.variations", "cogs.member", "cogs.moderation
 
 
 class ImagineTree(app_commands.CommandTree):
-    """The one error funnel for app commands: a member sees a short apology, never a traceback."""
+    """Slash commands and context menus fail into the same funnel as buttons."""
 
     async def on_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
-        if isinstance(error, app_commands.MissingPermissions):
-            message = "You need the Manage Server permission for this command."
-        elif isinstance(error, app_commands.NoPrivateMessage):
-            message = "This command works only in a server."
-        else:
-            name = interaction.command.qualified_name if interaction.command else "?"
-            log.error("command %r failed", name, exc_info=error)
-            message = "Something went wrong on our side; nothing was charged. Please try again."
-        try:
-            if interaction.response.is_done():
-                await interaction.followup.send(message, ephemeral=True)
-            else:
-                await interaction.response.send_message(message, ephemeral=True)
-        except discord.HTTPException:
-            log.warning("could not tell the member about the error")
+        await answer_failure(interaction, error)
 
 
 class ImagineBot(commands.Bot):
+    """Everything the cogs and buttons read from the bot is declared here."""
+
+    settings: Settings
+    service: ImagineService
+    store: Store
+    status_board: StatusBoard
+    desk: AdmissionDesk
+    delivery: Delivery
+
     def __init__(self, settings: Settings, service: ImagineService) -> None:
         # Slash commands, buttons and the context menu need no privileged intent; message
         # content is only needed to vary replies that do not mention the bot.
@@ -53,12 +58,31 @@ class ImagineBot(commands.Bot):
         )
         self.settings = settings
         self.service = service
+        self.store = service.store
+        self.status_board = StatusBoard(service)
+        self.desk = AdmissionDesk(service, self.status_board)
+        self.delivery = Delivery(self, service.store, self.status_board)
+        self._listening = False
 
     async def setup_hook(self) -> None:
-        """Load the cogs. The command tree is not synced here: `python -m bot sync` does that,
-        because syncing is rate limited and rarely needed."""
+        """Listen to the service and load the cogs. The command tree is not synced here:
+        `python -m bot sync` does that, because syncing is rate limited and rarely needed."""
+        self.add_dynamic_items(*PERSISTENT_BUTTONS)
+        self.service.add_listener(self.delivery.deliver)
+        self.service.add_progress_listener(self.status_board.on_progress)
+        self.status_board.start()
+        self._listening = True
         for extension in EXTENSIONS:
             try:
                 await self.load_extension(extension)
             except commands.ExtensionError:
                 log.exception("could not load %s", extension)
+
+    async def close(self) -> None:
+        """Stop hearing from the service before leaving the gateway."""
+        if self._listening:
+            self._listening = False
+            self.service.remove_listener(self.delivery.deliver)
+            self.service.remove_progress_listener(self.status_board.on_progress)
+            await self.status_board.stop()
+        await super().close()

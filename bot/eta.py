@@ -48,10 +48,7 @@ def call_seconds(speeds: Mapping[SpeedKey, float], batch: Sequence[Job]) -> floa
     )
     if per_step is None:
         return None
-    steps = (
-        request.steps if request.strength is None else max(1, int(request.steps * request.strength))
-    )
-    return per_step * steps
+    return per_step * request.batch_key.denoising_steps
 
 
 def estimate_waits(

@@ -18,15 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import PIL.Image
+
+from bot.batching import BatchCaps
+from bot.db import Store, jobs, speeds
 from bot.eta import SpeedKey
 from bot.images import png_bytes, read_png
 from bot.requests import BatchKey, ImageSpec, Job
-from bot.store import Store
+from bot.results import GeneratedImage, Interrupted, StepProgress
 
 log = logging.getLogger(__name__)
-
-# Successful calls at a lowered cap before it is raised by one image again.
-CAP_RECOVERY_CALLS = 4
 
 
 class Runner(Protocol):
@@ -38,9 +39,9 @@ class Runner(Protocol):
         key: BatchKey,
         specs: list[ImageSpec],
         *,
-        progress: Callable[[int, int, list[Any] | None], None] | None = None,
+        progress: StepProgress | None = None,
         preview_every: int = 0,
-    ) -> Sequence[Any]: ...
+    ) -> Sequence[GeneratedImage]: ...
 
     def release_memory(self) -> None: ...
 
@@ -53,10 +54,10 @@ class Runner(Protocol):
 
 @dataclass(frozen=True)
 class JobResult:
-    """A finished job: its images (objects with `.image` and `.withheld`) or an error."""
+    """A finished job: its images or an error."""
 
     job: Job
-    images: list[Any]
+    images: list[GeneratedImage]
     error: str | None
     seconds: float
     batch_id: int
@@ -70,9 +71,43 @@ Deliver = Callable[[JobResult], Awaitable[None]]
 Progress = Callable[[list[int], int, int, dict[int, bytes] | None], None]
 
 
+class ProgressListeners:
+    """Fans one executor's progress out to whoever listens (status boards); with nobody
+    listening it is empty, and the executor then skips encoding previews."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Progress] = []
+
+    def add(self, listener: Progress) -> None:
+        self._listeners.append(listener)
+
+    def remove(self, listener: Progress) -> None:
+        self._listeners.remove(listener)
+
+    def __len__(self) -> int:
+        return len(self._listeners)
+
+    def __call__(
+        self, job_ids: list[int], done: int, total: int, previews: dict[int, bytes] | None
+    ) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(job_ids, done, total, previews)
+            except Exception:
+                log.exception("a progress listener failed")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """torch.cuda.OutOfMemoryError and its MPS/CPU cousins, without importing torch here."""
     return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+
+
+def preview_pngs(owners: list[int], previews: list[PIL.Image.Image]) -> dict[int, bytes]:
+    """Each job's first preview image as a PNG; `owners[i]` is the job of image i."""
+    firsts: dict[int, PIL.Image.Image] = {}
+    for owner, image in zip(owners, previews, strict=True):
+        firsts.setdefault(owner, image)
+    return {owner: png_bytes(image) for owner, image in firsts.items()}
 
 
 def describe_error(error: BaseException) -> str:
@@ -82,6 +117,8 @@ def describe_error(error: BaseException) -> str:
 
 
 class Executor:
+    """Hands each finished job to `deliver`, and each step to `progress` when it is not empty."""
+
     def __init__(
         self,
         store: Store,
@@ -89,12 +126,14 @@ class Executor:
         *,
         max_batch_size: int,
         deliver: Deliver,
+        progress: Progress | None = None,
         preview_every: int = 0,
     ) -> None:
         self._store = store
         self._runner = runner
         self._max_batch_size = max_batch_size
         self._deliver = deliver
+        self._progress = progress
         self._preview_every = preview_every
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-worker")
         self._wake = asyncio.Event()
@@ -108,11 +147,8 @@ class Executor:
         self._deliveries: asyncio.Queue[JobResult] = asyncio.Queue()
         self._delivery_task: asyncio.Task[None] | None = None
         self._cancelled: set[int] = set()
-        self.on_progress: Progress | None = None
         self._steps: tuple[int, int] = (0, 0)
-        # Per batch key: the lowered cap after an out-of-memory error, and calls since then.
-        self._caps: dict[BatchKey, int] = {}
-        self._calls_at_cap: dict[BatchKey, int] = {}
+        self.caps = BatchCaps(self.ceiling_for)
         self.busy_since: float | None = None
 
     def start(self) -> None:
@@ -147,7 +183,7 @@ class Executor:
                     await task
         if self._undelivered:
             log.info("returning %d interrupted job(s) to the queue", len(self._undelivered))
-            await self._store.return_to_queue(self._undelivered)
+            await self._store.write(jobs.return_to_queue, self._undelivered)
         await asyncio.to_thread(self._thread.shutdown, wait=True, cancel_futures=True)
 
     def expected_remaining(self) -> float:
@@ -171,10 +207,6 @@ class Executor:
         limit = self._runner.batch_limit(key)
         return self._max_batch_size if limit is None else min(limit, self._max_batch_size)
 
-    def cap_for(self, key: BatchKey) -> int:
-        """The ceiling, or the lower cap an out-of-memory error left for this key."""
-        return self._caps.get(key, self.ceiling_for(key))
-
     async def run_in_worker(self, func: Callable[..., Any], *args: Any) -> Any:
         """Run blocking device work (model loading, a diffusers call) in the worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, func, *args)
@@ -184,43 +216,37 @@ class Executor:
             await self._wake.wait()
             self._wake.clear()
             while not self._stopping and (
-                claimed := await self._store.claim_batch(self._max_batch_size)
+                claimed := await self._store.write(jobs.claim_batch, self._max_batch_size)
             ):
                 await self._run_batch(*claimed)
             await self._deliveries.join()
             if not self._wake.is_set():  # a job admitted during the last claim is still due
                 self._idle.set()
 
-    def _progress_reporter(self, owners: list[int]) -> Callable[..., None]:
+    def _progress_reporter(self, owners: list[int]) -> StepProgress:
         """A step callback for the worker thread: `owners[i]` is the job of image i. Previews
         are encoded there (small PNGs), then progress is handed to the event loop."""
         loop = asyncio.get_running_loop()
         job_ids = list(dict.fromkeys(owners))
 
-        def report(done: int, total: int, previews: list[Any] | None = None) -> None:
+        def report(done: int, total: int, previews: list[PIL.Image.Image] | None = None) -> None:
             self._steps = (done, total)
-            if self.on_progress is None:
+            if not self._progress:  # None, or nobody listening: encode nothing
                 return
-            pngs = None
-            if previews:
-                # Each job shows its first image.
-                firsts: dict[int, Any] = {}
-                for owner, image in zip(owners, previews, strict=True):
-                    firsts.setdefault(owner, image)
-                pngs = {owner: png_bytes(image) for owner, image in firsts.items()}
-            loop.call_soon_threadsafe(self.on_progress, job_ids, done, total, pngs)
+            pngs = preview_pngs(owners, previews) if previews else None
+            loop.call_soon_threadsafe(self._progress, job_ids, done, total, pngs)
 
         return report
 
     async def _generate(
         self, key: BatchKey, specs: list[ImageSpec], owners: list[int]
-    ) -> list[Any]:
+    ) -> list[GeneratedImage | BaseException]:
         """One result per spec: an image, or the exception that image could not get past.
         Calls run at the key's cap; a failed call is split in halves until the culprit is
         alone, so the other members' images still come out."""
-        cap = self.cap_for(key)
+        cap = self.caps.cap(key)
         if len(specs) > cap:
-            results = []
+            results: list[GeneratedImage | BaseException] = []
             for start in range(0, len(specs), cap):
                 end = start + cap
                 results += await self._generate(key, specs[start:end], owners[start:end])
@@ -240,16 +266,13 @@ class Executor:
                 )
             )
         except Exception as error:
-            if type(error).__name__ == "Interrupted":  # asked to stop: no retry, no split
+            if isinstance(error, Interrupted):  # asked to stop: no retry, no split
                 return [error] * len(specs)
             if is_out_of_memory(error):
                 await self.run_in_worker(self._runner.release_memory)
-                self._caps[key] = max(1, len(specs) // 2)
-                self._calls_at_cap[key] = 0
+                cap = self.caps.shrink(key, len(specs))
                 log.warning(
-                    "out of memory at %d images; cap for this size is now %d",
-                    len(specs),
-                    self._caps[key],
+                    "out of memory at %d images; cap for this size is now %d", len(specs), cap
                 )
             else:
                 log.exception("a diffusers call of %d image(s) failed", len(specs))
@@ -258,41 +281,30 @@ class Executor:
             half = len(specs) // 2
             first = await self._generate(key, specs[:half], owners[:half])
             return first + await self._generate(key, specs[half:], owners[half:])
-        self._recover_cap(key)
-        steps = key.steps if key.strength is None else max(1, int(key.steps * key.strength))
+        self.caps.succeeded(key)
         speed_key = SpeedKey(key.model, key.width * key.height, len(specs))
-        await self._store.record_speed(speed_key, (time.perf_counter() - started) / steps)
+        seconds_per_step = (time.perf_counter() - started) / key.denoising_steps
+        await self._store.write(speeds.record, speed_key, seconds_per_step)
         return images
 
-    def _recover_cap(self, key: BatchKey) -> None:
-        """Raise a lowered cap by one image after a run of successful calls."""
-        if key not in self._caps:
-            return
-        self._calls_at_cap[key] += 1
-        if self._calls_at_cap[key] >= CAP_RECOVERY_CALLS:
-            self._calls_at_cap[key] = 0
-            self._caps[key] += 1
-            if self._caps[key] >= self.ceiling_for(key):
-                del self._caps[key], self._calls_at_cap[key]
-
-    async def _image_specs(self, jobs: list[Job]) -> list[ImageSpec]:
+    async def _image_specs(self, batch: list[Job]) -> list[ImageSpec]:
         """The specs of every image in the batch, with init images read from the store for
         image-to-image jobs (a missing one fails its job alone, in the runner's checks)."""
         specs: list[ImageSpec] = []
-        for job in jobs:
+        for job in batch:
             init_image = None
             if job.request.init_image_hash is not None:
-                png = await self._store.init_image(job.request.init_image_hash)
+                png = await self._store.read(jobs.init_image, job.request.init_image_hash)
                 if png is not None:
                     init_image = await asyncio.to_thread(read_png, png)
             specs += [replace(spec, init_image=init_image) for spec in job.image_specs]
         return specs
 
-    async def _run_batch(self, batch_id: int, jobs: list[Job]) -> None:
-        key = jobs[0].request.batch_key
-        specs = await self._image_specs(jobs)
-        owners = [job.id for job in jobs for _ in range(job.request.count)]
-        self._in_flight = [job.id for job in jobs]
+    async def _run_batch(self, batch_id: int, batch: list[Job]) -> None:
+        key = batch[0].request.batch_key
+        specs = await self._image_specs(batch)
+        owners = [job.id for job in batch for _ in range(job.request.count)]
+        self._in_flight = [job.id for job in batch]
         self._undelivered += self._in_flight
         self._runner.resume()  # an interrupt meant for an earlier batch does not stop this one
         self._steps = (0, 0)
@@ -304,20 +316,23 @@ class Executor:
             self.busy_since = None
             self._in_flight = []
         seconds = time.perf_counter() - started
-        await self._store.finish_batch(batch_id)
-        cancelled = await self._store.cancel_requested([job.id for job in jobs])
+        await self._store.write(jobs.finish_batch, batch_id)
+        cancelled = await self._store.read(jobs.cancel_requested, [job.id for job in batch])
 
         offset = 0
-        for job in jobs:
+        for job in batch:
             own = outcomes[offset : offset + job.request.count]
             offset += job.request.count
             if job.id in cancelled:
                 result = JobResult(job, [], None, seconds, batch_id, len(specs), cancelled=True)
             else:
                 errors = [o for o in own if isinstance(o, BaseException)]
-                blank = [o.error for o in own if not isinstance(o, BaseException) and o.error]
+                images = [o for o in own if not isinstance(o, BaseException)]
+                blank = [image.error for image in images if image.error]
                 error = describe_error(errors[0]) if errors else (blank[0] if blank else None)
-                result = JobResult(job, [] if error else own, error, seconds, batch_id, len(specs))
+                result = JobResult(
+                    job, [] if error else images, error, seconds, batch_id, len(specs)
+                )
             self._deliveries.put_nowait(result)
 
     async def _deliver_forever(self) -> None:
@@ -328,16 +343,16 @@ class Executor:
             job = result.job
             try:
                 if result.cancelled:
-                    await self._store.mark_cancelled(job.id)
+                    await self._store.write(jobs.mark_cancelled, job.id)
                     self._cancelled.discard(job.id)
                     await self._deliver_safely(result)
                 else:
                     await self._deliver_safely(result)
                     if result.error is None:
                         withheld = sum(image.withheld for image in result.images)
-                        await self._store.mark_done(job.id, withheld=withheld)
+                        await self._store.write(jobs.mark_done, job.id, withheld=withheld)
                     else:
-                        await self._store.mark_failed(job.id, result.error)
+                        await self._store.write(jobs.mark_failed, job.id, result.error)
                 self._undelivered.remove(job.id)
             finally:
                 self._deliveries.task_done()

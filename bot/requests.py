@@ -10,6 +10,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 # Names a member understands, in the order shown in Discord's choice list.
@@ -59,6 +60,17 @@ class BatchKey:
     scheduler: str
     guidance: float
     strength: float | None = None
+
+    @property
+    def denoising_steps(self) -> int:
+        """The denoising steps this key's call really runs (see `denoising_steps`)."""
+        return denoising_steps(self.steps, self.strength)
+
+
+def denoising_steps(steps: int, strength: float | None) -> int:
+    """Steps a call really denoises: all of them, or from an init image the last
+    int(steps × strength), as diffusers' img2img counts them; 0 means none, which is refused."""
+    return steps if strength is None else int(steps * strength)
 
 
 @dataclass(frozen=True)
@@ -229,7 +241,7 @@ def validate(
     strength = round(float(strength), 2)
     if not math.isfinite(strength) or not 0.05 <= strength <= 1:
         raise InvalidRequest("strength", f"must be a number from 0.05 to 1, got {strength}.")
-    if int(steps * strength) < 1:
+    if denoising_steps(steps, strength) < 1:
         raise InvalidRequest(
             "strength", f"{strength:g} of {steps} steps leaves no step to run; raise either."
         )
@@ -266,6 +278,16 @@ def split_inline_options(text: str) -> tuple[str, dict[str, int | float]]:
     return _INLINE.sub(" ", text).strip(), options
 
 
+class JobStatus(StrEnum):
+    """Where a job is: queued → running → done | failed | cancelled (the jobs table's CHECK)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 @dataclass(frozen=True)
 class Job:
     """An admitted request as the store holds it: who asked, where to answer, and its state."""
@@ -275,7 +297,7 @@ class Job:
     guild_id: int | None
     channel_id: int | None
     request: GenerationRequest
-    status: str = "queued"
+    status: JobStatus = JobStatus.QUEUED
     queued_at: float = 0.0
     attempts: int = 0
     batch_id: int | None = None

@@ -13,13 +13,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from bot.db import Store, admission, jobs, members, quotas, speeds
+from bot.db.members import MemberDefaults
 from bot.eta import estimate_waits
-from bot.executor import Executor, JobResult, Runner
+from bot.executor import Executor, JobResult, Progress, ProgressListeners, Runner
 from bot.images import decode_upload, fit_for_model, png_bytes
 from bot.quota import ShuttingDown
 from bot.requests import MAX_PROMPT_TOKENS, GenerationRequest, Job, RawOptions, validate
 from bot.settings import Settings
-from bot.store import MemberDefaults, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class ImagineService:
         self.store = store
         self.runner = runner
         self._listeners: list[Listener] = []
+        self._progress = ProgressListeners()
         self.accepting = True
         self._closed = False
         self.executor = Executor(
@@ -68,6 +70,7 @@ class ImagineService:
             runner,
             max_batch_size=settings.max_batch_size,
             deliver=self._announce,
+            progress=self._progress,
             preview_every=settings.preview_every,
         )
 
@@ -77,6 +80,13 @@ class ImagineService:
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
 
+    def add_progress_listener(self, listener: Progress) -> None:
+        """`listener(job_ids, done, total, previews)` hears every step of the running call."""
+        self._progress.add(listener)
+
+    def remove_progress_listener(self, listener: Progress) -> None:
+        self._progress.remove(listener)
+
     async def load_model(self) -> None:
         """Load the model in the worker thread; a second call costs nothing."""
         await self.executor.run_in_worker(self.runner.load, self.settings.model_id)
@@ -85,11 +95,11 @@ class ImagineService:
         """Load the model in the worker thread (a missing model fails here, not on a member's
         first request), put interrupted jobs back in the queue, and start draining it."""
         await self.load_model()
-        requeued, failed = await self.store.recover_interrupted(MAX_ATTEMPTS)
+        requeued, failed = await self.store.write(jobs.recover_interrupted, MAX_ATTEMPTS)
         if requeued:
             log.info("put %d interrupted job(s) back in the queue", requeued)
         for job in failed:
-            record = await self.store.job(job.id)
+            record = await self.store.read(jobs.get, job.id)
             await self._announce(JobResult(job, [], record.error, 0.0, job.batch_id or 0, 0))
         self.executor.start()
 
@@ -139,7 +149,7 @@ class ImagineService:
     ) -> tuple[RawOptions, MemberDefaults]:
         """Fill options the member left out from their /settings; the rest fall through to the
         server's defaults in validation."""
-        defaults = await self.store.member_defaults(member_id)
+        defaults = await self.store.read(members.defaults, member_id)
         filled = replace(
             raw,
             steps=defaults.steps if raw.steps is None else raw.steps,
@@ -183,7 +193,8 @@ class ImagineService:
         over quota) without storing or charging anything."""
         if not self.accepting:
             raise ShuttingDown()
-        job = await self.store.admit(
+        job = await self.store.write(
+            admission.admit,
             request,
             member_id=member_id,
             guild_id=guild_id,
@@ -195,26 +206,53 @@ class ImagineService:
             init_png=None if init_image is None else init_image.png,
         )
         self.executor.wake()
-        position = await self.store.queue_position(job.id)
+        position = await self.store.read(jobs.position, job.id)
         return Admission(job, position, self.prompt_notes(request))
 
     async def estimate_wait(self, request: GenerationRequest) -> float | None:
         """Seconds until a request admitted now would be done, from measured speed."""
-        queued = await self.store.pending_jobs()
-        speeds = await self.store.speeds()
         newcomer = Job(-1, 0, None, None, request, queued_at=float("inf"))
+        _, waits = await self.queue_waits(newcomer)
+        return waits[-1]
+
+    async def queue_waits(
+        self, newcomer: Job | None = None
+    ) -> tuple[list[Job], dict[int, float | None]]:
+        """The queued jobs in order and, by job id, seconds until each would be done (from
+        measured speed); a `newcomer` counts as queued last."""
+        queued = await self.store.read(jobs.pending)
+        measured = await self.store.read(speeds.measured)
         waits = estimate_waits(
-            [*queued, newcomer],
-            speeds,
+            queued if newcomer is None else [*queued, newcomer],
+            measured,
             self.settings.max_batch_size,
             self.executor.expected_remaining(),
         )
-        return waits[-1]
+        return queued, waits
 
     async def quota(self, guild_id: int | None, member_id: int, *, exempt: bool = False):
-        return await self.store.quota_status(
-            guild_id, member_id, default_limit=self.settings.daily_quota, exempt=exempt
+        return await self.store.read(
+            quotas.status,
+            guild_id,
+            member_id,
+            default_limit=self.settings.daily_quota,
+            exempt=exempt,
         )
+
+    async def cancel(self, job_id: int) -> jobs.CancelOutcome:
+        """Cancel and refund a queued job at once; a running one's images are dropped (and
+        refunded) when its call ends."""
+        outcome = await self.store.write(jobs.request_cancel, job_id)
+        if outcome is jobs.CancelOutcome.STOPPING:
+            self.executor.note_cancelled(job_id)
+        return outcome
+
+    async def forget_member(self, member_id: int) -> int:
+        """Delete a member's prompts and parameters, from the write-ahead log too; raises
+        members.JobStillRunning while one of their jobs runs. Returns the jobs deleted."""
+        deleted = await self.store.write(members.forget, member_id)
+        await self.store.checkpoint()
+        return deleted
 
     def is_exempt(self, role_ids: list[int]) -> bool:
         return not self.settings.quota_exempt_roles.isdisjoint(role_ids)

@@ -1,11 +1,19 @@
-"""Small helpers every cog uses to answer members the same way."""
+"""Small helpers every cog uses to answer members the same way, and the one error funnel."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import discord
+from discord import app_commands
 
 from bot.quota import MemberBanned, PromptBlocked, QuotaExceeded, ShuttingDown
 from bot.requests import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+APOLOGY = "Something went wrong on our side; nothing was charged. Please try again."
 
 
 async def refuse(origin: discord.Interaction | discord.Message, text: str) -> None:
@@ -17,6 +25,29 @@ async def refuse(origin: discord.Interaction | discord.Message, text: str) -> No
         await origin.followup.send(text, ephemeral=True)
     else:
         await origin.response.send_message(text, ephemeral=True)
+
+
+async def answer_failure(interaction: discord.Interaction, error: Exception) -> None:
+    """The one error funnel for slash commands, context menus and buttons: the member reads a
+    short private answer, never a traceback; an unexpected error is logged with its own."""
+    if isinstance(error, app_commands.MissingPermissions):
+        text = "You need the Manage Server permission for this command."
+    elif isinstance(error, app_commands.NoPrivateMessage):
+        text = "This command works only in a server."
+    else:
+        log.error("%s failed", _what(interaction), exc_info=error)
+        text = APOLOGY
+    try:
+        await refuse(interaction, text)
+    except discord.HTTPException:
+        log.warning("could not tell the member about the error")
+
+
+def _what(interaction: discord.Interaction) -> str:
+    if interaction.command is not None:
+        return f"command {interaction.command.qualified_name!r}"
+    data: Any = interaction.data or {}
+    return f"component {data.get('custom_id', '?')!r}"
 
 
 def role_ids(user: discord.abc.User) -> list[int]:

@@ -1,15 +1,23 @@
-"""A member's own corner: /quota, /history and /forget-me. Every answer is private."""
+"""A member's own corner: /quota, /history, /forget-me and their /settings for /imagine.
+Every answer is private."""
 
 from __future__ import annotations
 
-import re
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.service import ImagineService
+from bot.db import members
+from bot.db.members import MemberDefaults
+from bot.requests import SCHEDULERS, InvalidRequest, RawOptions
+from cogs.buttons import forget_me_view
 from cogs.common import relative_time, role_ids
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
 
 
 def jump_url(guild_id: int | None, channel_id: int | None, message_id: int | None) -> str | None:
@@ -18,56 +26,35 @@ def jump_url(guild_id: int | None, channel_id: int | None, message_id: int | Non
     return f"https://discord.com/channels/{guild_id or '@me'}/{channel_id}/{message_id}"
 
 
-class ForgetMeButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"forget-me:(?P<member>\d+)"
-):
-    """The confirmation button; its custom_id names the member, so it works after a restart
-    and nobody else can press it for them."""
-
-    def __init__(self, member_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Delete my prompts",
-                style=discord.ButtonStyle.danger,
-                custom_id=f"forget-me:{member_id}",
-            )
+def defaults_text(defaults: MemberDefaults) -> str:
+    shown = [
+        f"{label}: {value}"
+        for label, value in (
+            ("steps", defaults.steps),
+            ("width", defaults.width),
+            ("height", defaults.height),
+            ("scheduler", defaults.scheduler),
+            ("negative prompt", defaults.negative_prompt),
+            ("count", defaults.count),
         )
-        self.member_id = member_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]
-    ) -> ForgetMeButton:
-        return cls(int(match["member"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        if interaction.user.id != self.member_id:
-            await interaction.response.send_message(
-                "This button belongs to someone else.", ephemeral=True
-            )
-            return
-        deleted = await interaction.client.service.store.forget_member(self.member_id)
-        if deleted < 0:
-            text = "One of your jobs is running right now; try again when it has finished."
-        else:
-            text = (
-                f"Done: deleted {deleted} job(s) with their prompts and parameters. "
-                "Your quota counts are kept, without any text."
-            )
-        await interaction.response.edit_message(content=text, view=None)
+        if value is not None
+    ]
+    where = "privately (only you see them)" if defaults.private else "in the channel"
+    listed = "; ".join(shown) if shown else "none (the server's defaults apply)"
+    return f"Your defaults: {listed}. Results are delivered {where}."
 
 
 class MemberCog(commands.Cog):
-    def __init__(self, bot: commands.Bot, service: ImagineService) -> None:
+    def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
-        self.service = service
 
     @app_commands.command(name="quota", description="How many images you have left today")
-    async def quota(self, interaction: discord.Interaction) -> None:
-        status = await self.service.quota(
+    async def quota(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        service = self.bot.service
+        status = await service.quota(
             interaction.guild_id,
             interaction.user.id,
-            exempt=self.service.is_exempt(role_ids(interaction.user)),
+            exempt=service.is_exempt(role_ids(interaction.user)),
         )
         if status.unlimited:
             text = f"You have no image limit here. You made {status.used} in the last 24 hours."
@@ -79,8 +66,8 @@ class MemberCog(commands.Cog):
         await interaction.response.send_message(text, ephemeral=True)
 
     @app_commands.command(name="history", description="Your last 10 jobs")
-    async def history(self, interaction: discord.Interaction) -> None:
-        records = await self.service.store.history(interaction.user.id, limit=10)
+    async def history(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        records = await self.bot.store.read(members.history, interaction.user.id, limit=10)
         if not records:
             await interaction.response.send_message("You have no jobs yet.", ephemeral=True)
             return
@@ -99,17 +86,73 @@ class MemberCog(commands.Cog):
     @app_commands.command(
         name="forget-me", description="Delete your prompts and job parameters from the bot"
     )
-    async def forget_me(self, interaction: discord.Interaction) -> None:
-        view = discord.ui.View(timeout=None)
-        view.add_item(ForgetMeButton(interaction.user.id))
+    async def forget_me(self, interaction: discord.Interaction[ImagineBot]) -> None:
         await interaction.response.send_message(
             "This deletes every prompt and job parameter the bot keeps for you, on every server. "
             "Posted images stay in their channels. Press the button to confirm.",
-            view=view,
+            view=forget_me_view(interaction.user.id),
             ephemeral=True,
         )
 
+    @app_commands.command(name="settings", description="Your defaults for /imagine")
+    @app_commands.describe(
+        steps="Default steps",
+        width="Default width in pixels",
+        height="Default height in pixels",
+        scheduler="Default sampling method",
+        negative_prompt="Default negative prompt",
+        count="Default number of images",
+        private="Deliver your results only to you",
+        reset="Forget all your defaults",
+    )
+    @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in SCHEDULERS])
+    async def settings_command(
+        self,
+        interaction: discord.Interaction[ImagineBot],
+        steps: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        scheduler: str | None = None,
+        negative_prompt: str | None = None,
+        count: int | None = None,
+        private: bool | None = None,
+        reset: bool | None = None,
+    ) -> None:
+        store = self.bot.store
+        member_id = interaction.user.id
+        current = MemberDefaults() if reset else await store.read(members.defaults, member_id)
+        chosen = {
+            "steps": steps,
+            "width": width,
+            "height": height,
+            "scheduler": scheduler,
+            "negative_prompt": negative_prompt,
+            "count": count,
+            "private": private,
+        }
+        wanted = replace(current, **{k: v for k, v in chosen.items() if v is not None})
+        try:  # the same checks /imagine makes, so a saved default can never be refused later
+            self.bot.service.validate(
+                RawOptions(
+                    "check",
+                    None,
+                    wanted.negative_prompt,
+                    wanted.steps,
+                    None,
+                    wanted.width,
+                    wanted.height,
+                    wanted.scheduler,
+                    wanted.count,
+                )
+            )
+        except InvalidRequest as problem:
+            await interaction.response.send_message(
+                f"{problem} Your defaults were not changed.", ephemeral=True
+            )
+            return
+        await store.write(members.set_defaults, member_id, wanted)
+        await interaction.response.send_message(defaults_text(wanted), ephemeral=True)
 
-async def setup(bot: commands.Bot) -> None:
-    bot.add_dynamic_items(ForgetMeButton)
-    await bot.add_cog(MemberCog(bot, bot.service))
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(MemberCog(bot))

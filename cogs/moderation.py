@@ -6,14 +6,19 @@ that, so every call is checked again here. Answers are private to the moderator.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot.blocklist import normalize_term
+from bot.db import jobs, moderation, quotas
 from bot.requests import Job
-from bot.service import ImagineService
 from cogs.common import relative_time, role_ids
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
 
 MAX_LIMIT = 100_000
 
@@ -47,12 +52,12 @@ class ModerationCog(commands.Cog):
     queue = app_commands.Group(name="queue", description="The job queue", parent=mod)
     blocklist = app_commands.Group(name="blocklist", description="Blocked prompt terms", parent=mod)
 
-    def __init__(self, bot: commands.Bot, service: ImagineService) -> None:
+    def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
-        self.service = service
-        self.store = service.store
+        self.service = bot.service
+        self.store = bot.store
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction[ImagineBot]) -> bool:
         """Our own check on every /mod call, whatever Discord's permission settings say."""
         if interaction.guild_id is None or not interaction.permissions.manage_guild:
             raise app_commands.MissingPermissions(["manage_guild"])
@@ -60,7 +65,7 @@ class ModerationCog(commands.Cog):
 
     async def _done(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[ImagineBot],
         text: str,
         *,
         action: str | None = None,
@@ -68,7 +73,8 @@ class ModerationCog(commands.Cog):
     ) -> None:
         """Answer privately and, for actions that change something, write the audit entry."""
         if action is not None:
-            await self.store.record_audit(
+            await self.store.write(
+                moderation.record_audit,
                 interaction.guild_id,
                 interaction.user.id,
                 action,
@@ -80,7 +86,9 @@ class ModerationCog(commands.Cog):
     # --- quotas ---------------------------------------------------------------------------
 
     @quota.command(name="show", description="A member's quota and usage")
-    async def quota_show(self, interaction: discord.Interaction, member: discord.Member) -> None:
+    async def quota_show(
+        self, interaction: discord.Interaction[ImagineBot], member: discord.Member
+    ) -> None:
         status = await self.service.quota(
             interaction.guild_id, member.id, exempt=self.service.is_exempt(role_ids(member))
         )
@@ -93,14 +101,14 @@ class ModerationCog(commands.Cog):
     @quota.command(name="set", description="Set a member's daily image limit (0 = unlimited)")
     async def quota_set(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[ImagineBot],
         member: discord.Member,
         limit: app_commands.Range[int, 0, MAX_LIMIT],
     ) -> None:
         if not 0 <= limit <= MAX_LIMIT:
             await self._done(interaction, f"`limit` must be from 0 to {MAX_LIMIT}.")
             return
-        await self.store.set_member_limit(interaction.guild_id, member.id, limit)
+        await self.store.write(quotas.set_member_limit, interaction.guild_id, member.id, limit)
         shown = "unlimited" if limit == 0 else f"{limit} images a day"
         await self._done(
             interaction,
@@ -110,8 +118,10 @@ class ModerationCog(commands.Cog):
         )
 
     @quota.command(name="reset", description="Forget a member's usage so far")
-    async def quota_reset(self, interaction: discord.Interaction, member: discord.Member) -> None:
-        await self.store.reset_member_usage(interaction.guild_id, member.id)
+    async def quota_reset(
+        self, interaction: discord.Interaction[ImagineBot], member: discord.Member
+    ) -> None:
+        await self.store.write(quotas.reset_member_usage, interaction.guild_id, member.id)
         await self._done(
             interaction,
             f"{member.mention}'s usage is reset.",
@@ -121,12 +131,14 @@ class ModerationCog(commands.Cog):
 
     @quota.command(name="default", description="The server's daily image limit (0 = unlimited)")
     async def quota_default(
-        self, interaction: discord.Interaction, limit: app_commands.Range[int, 0, MAX_LIMIT]
+        self,
+        interaction: discord.Interaction[ImagineBot],
+        limit: app_commands.Range[int, 0, MAX_LIMIT],
     ) -> None:
         if not 0 <= limit <= MAX_LIMIT:
             await self._done(interaction, f"`limit` must be from 0 to {MAX_LIMIT}.")
             return
-        await self.store.set_guild_limit(interaction.guild_id, limit)
+        await self.store.write(quotas.set_guild_limit, interaction.guild_id, limit)
         shown = "unlimited" if limit == 0 else f"{limit} images a day"
         await self._done(interaction, f"Members may now make {shown}.", action="quota default")
 
@@ -134,11 +146,14 @@ class ModerationCog(commands.Cog):
 
     @mod.command(name="ban", description="Stop a member from generating; cancels their queue")
     async def ban(
-        self, interaction: discord.Interaction, member: discord.Member, reason: str | None = None
+        self,
+        interaction: discord.Interaction[ImagineBot],
+        member: discord.Member,
+        reason: str | None = None,
     ) -> None:
         reason = (reason or "").strip()[:300] or None
-        cancelled = await self.store.ban(
-            interaction.guild_id, member.id, interaction.user.id, reason
+        cancelled = await self.store.write(
+            moderation.ban, interaction.guild_id, member.id, interaction.user.id, reason
         )
         text = f"{member.mention} is banned from generating"
         text += f" ({reason})." if reason else "."
@@ -147,8 +162,10 @@ class ModerationCog(commands.Cog):
         await self._done(interaction, text, action="ban", target=member)
 
     @mod.command(name="unban", description="Let a banned member generate again")
-    async def unban(self, interaction: discord.Interaction, member: discord.Member) -> None:
-        if await self.store.unban(interaction.guild_id, member.id):
+    async def unban(
+        self, interaction: discord.Interaction[ImagineBot], member: discord.Member
+    ) -> None:
+        if await self.store.write(moderation.unban, interaction.guild_id, member.id):
             await self._done(
                 interaction, f"{member.mention} may generate again.", action="unban", target=member
             )
@@ -158,13 +175,13 @@ class ModerationCog(commands.Cog):
     # --- queue ----------------------------------------------------------------------------
 
     @queue.command(name="list", description="Running and queued jobs")
-    async def queue_list(self, interaction: discord.Interaction) -> None:
-        jobs = await self.store.active_jobs(interaction.guild_id)
-        if not jobs:
+    async def queue_list(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        active = await self.store.read(jobs.active, interaction.guild_id)
+        if not active:
             await self._done(interaction, "The queue is empty.")
             return
         lines, position = [], 0
-        for job in jobs:
+        for job in active:
             if job.status == "queued":
                 position += 1
             lines.append(job_line(position if job.status == "queued" else None, job))
@@ -172,10 +189,10 @@ class ModerationCog(commands.Cog):
 
     @queue.command(name="clear", description="Cancel and refund queued jobs (one member's or all)")
     async def queue_clear(
-        self, interaction: discord.Interaction, member: discord.Member | None = None
+        self, interaction: discord.Interaction[ImagineBot], member: discord.Member | None = None
     ) -> None:
-        cancelled = await self.store.cancel_queued(
-            interaction.guild_id, member.id if member else None
+        cancelled = await self.store.write(
+            jobs.cancel_queued, interaction.guild_id, member.id if member else None
         )
         whose = f"{member.mention}'s" if member else "all"
         await self._done(
@@ -188,8 +205,8 @@ class ModerationCog(commands.Cog):
     # --- stats and audit ------------------------------------------------------------------
 
     @mod.command(name="stats", description="Usage over the last day and week")
-    async def stats(self, interaction: discord.Interaction) -> None:
-        stats = await self.store.usage_stats(interaction.guild_id)
+    async def stats(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        stats = await self.store.read(moderation.usage_stats, interaction.guild_id)
         top = ", ".join(f"{mention(m)} ({n})" for m, n in stats.top_members) or "nobody yet"
         text = (
             f"Images: {stats.images_day} in the last 24 hours, {stats.images_week} in 7 days.\n"
@@ -201,8 +218,8 @@ class ModerationCog(commands.Cog):
         await self._done(interaction, text)
 
     @mod.command(name="audit", description="Recent moderator actions")
-    async def audit(self, interaction: discord.Interaction) -> None:
-        entries = await self.store.audit_log(interaction.guild_id)
+    async def audit(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        entries = await self.store.read(moderation.audit_log, interaction.guild_id)
         if not entries:
             await self._done(interaction, "No moderator actions yet.")
             return
@@ -216,30 +233,34 @@ class ModerationCog(commands.Cog):
 
     @blocklist.command(name="add", description="Refuse prompts containing a term")
     async def blocklist_add(
-        self, interaction: discord.Interaction, term: app_commands.Range[str, 1, 100]
+        self, interaction: discord.Interaction[ImagineBot], term: app_commands.Range[str, 1, 100]
     ) -> None:
         term = term.strip()
         if not normalize_term(term):
             await self._done(interaction, "`term` must contain letters or digits.")
             return
-        if await self.store.add_blocked_term(interaction.guild_id, term, interaction.user.id):
+        if await self.store.write(
+            moderation.add_blocked_term, interaction.guild_id, term, interaction.user.id
+        ):
             await self._done(interaction, f"Blocked `{term}`.", action="blocklist add")
         else:
             await self._done(interaction, f"`{term}` was already blocked.")
 
     @blocklist.command(name="remove", description="Allow a blocked term again")
-    async def blocklist_remove(self, interaction: discord.Interaction, term: str) -> None:
-        if await self.store.remove_blocked_term(interaction.guild_id, term):
+    async def blocklist_remove(
+        self, interaction: discord.Interaction[ImagineBot], term: str
+    ) -> None:
+        if await self.store.write(moderation.remove_blocked_term, interaction.guild_id, term):
             await self._done(interaction, f"Unblocked `{term}`.", action="blocklist remove")
         else:
             await self._done(interaction, f"`{term}` is not on the blocklist.")
 
     @blocklist.command(name="list", description="The blocked terms")
-    async def blocklist_list(self, interaction: discord.Interaction) -> None:
-        terms = await self.store.blocked_terms(interaction.guild_id)
+    async def blocklist_list(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        terms = await self.store.read(moderation.blocked_terms, interaction.guild_id)
         text = ", ".join(f"`{t}`" for t in terms) if terms else "No terms are blocked."
         await self._done(interaction, text)
 
 
-async def setup(bot: commands.Bot) -> None:
-    await bot.add_cog(ModerationCog(bot, bot.service))
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(ModerationCog(bot))

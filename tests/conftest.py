@@ -67,13 +67,13 @@ def with_changes(settings: Settings, **changes) -> Settings:
     return replace(settings, **changes)
 
 
-# ---- the real bot against the fake Discord (tests/botharness.py) ----------------------------
+# ---- the real bot against the fake Discord (tests/harness/in_process.py) ---------------------
 
 
 @pytest.fixture
 def discord_world(fake_discord):
     """The fake Discord with a guild, two members (alice, bob) and a moderator (mod)."""
-    from botharness import build_world
+    from harness.in_process import build_world
 
     return build_world(fake_discord)
 
@@ -81,7 +81,7 @@ def discord_world(fake_discord):
 @pytest.fixture
 def held_runner(tiny_runner):
     """The session's tiny runner behind a gate (`hold()` / `release()`); released at the end."""
-    from botharness import HeldRunner
+    from harness.in_process import HeldRunner
 
     runner = HeldRunner(tiny_runner)
     yield runner
@@ -91,7 +91,7 @@ def held_runner(tiny_runner):
 @pytest.fixture
 async def imagine_bot(discord_world, settings, held_runner):
     """The bot, connected to `discord_world.fake`, running on `held_runner`."""
-    from botharness import running_bot
+    from harness.in_process import running_bot
 
     async with running_bot(discord_world.fake, settings, runner=held_runner) as running:
         try:

@@ -1,31 +1,14 @@
 from dataclasses import replace
 
-from bot.batching import form_batch
-from bot.requests import GenerationRequest, Job
+from factories import make_job, make_request
 
-BASE = GenerationRequest(
-    prompt="p",
-    seed=1,
-    steps=20,
-    guidance=7.5,
-    width=512,
-    height=512,
-    scheduler="DPM++ 2M",
-    count=1,
-    model="m",
-)
+from bot.batching import BatchCaps, form_batch
+
+BASE = make_request(scheduler="DPM++ 2M")
 
 
 def job(job_id, queued_at=None, **changes):
-    request = replace(BASE, **changes)
-    return Job(
-        job_id,
-        member_id=job_id,
-        guild_id=1,
-        channel_id=1,
-        request=request,
-        queued_at=float(job_id if queued_at is None else queued_at),
-    )
+    return make_job(job_id, BASE, queued_at=queued_at, **changes)
 
 
 def ids(batch):
@@ -83,3 +66,62 @@ def test_a_count_four_job_and_four_single_jobs_fill_a_batch_of_eight():
 
 def test_oldest_job_larger_than_the_cap_still_runs():
     assert ids(form_batch([job(1, count=4), job(2)], 2)) == [1]
+
+
+KEY = BASE.batch_key
+
+
+def caps(ceiling=8, recovery_calls=4):
+    return BatchCaps(lambda key: ceiling, recovery_calls)
+
+
+def test_an_untouched_key_is_capped_at_the_ceiling():
+    assert caps(ceiling=6).cap(KEY) == 6
+
+
+def test_out_of_memory_halves_the_failed_size_but_never_below_one():
+    limits = caps()
+    assert limits.shrink(KEY, 8) == 4 and limits.cap(KEY) == 4
+    assert limits.shrink(KEY, 3) == 1 and limits.cap(KEY) == 1
+    assert limits.shrink(KEY, 1) == 1 and limits.cap(KEY) == 1
+
+
+def test_a_lowered_cap_rises_by_one_after_enough_successful_calls():
+    limits = caps(recovery_calls=4)
+    limits.shrink(KEY, 4)
+    for _ in range(3):
+        limits.succeeded(KEY)
+    assert limits.cap(KEY) == 2
+    limits.succeeded(KEY)
+    assert limits.cap(KEY) == 3
+    limits.shrink(KEY, 3)  # a new failure starts the count again
+    for _ in range(3):
+        limits.succeeded(KEY)
+    assert limits.cap(KEY) == 1
+
+
+def test_the_cap_is_cleared_at_the_ceiling_and_never_passes_it():
+    ceiling = [3]
+    limits = BatchCaps(lambda key: ceiling[0], recovery_calls=1)
+    limits.shrink(KEY, 2)
+    limits.succeeded(KEY)
+    assert limits.cap(KEY) == 2
+    limits.succeeded(KEY)  # back at the ceiling: forgotten, so it follows the ceiling again
+    assert limits.cap(KEY) == 3
+    ceiling[0] = 5
+    for _ in range(4):
+        limits.succeeded(KEY)
+    assert limits.cap(KEY) == 5
+    limits.shrink(KEY, 5)
+    ceiling[0] = 1  # the ceiling fell below the lowered cap (a later memory probe)
+    assert limits.cap(KEY) == 1
+
+
+def test_each_key_has_its_own_cap():
+    limits = caps()
+    other = replace(BASE, width=256).batch_key
+    limits.shrink(KEY, 8)
+    assert (limits.cap(KEY), limits.cap(other)) == (4, 8)
+    for _ in range(4):
+        limits.succeeded(other)
+    assert (limits.cap(KEY), limits.cap(other)) == (4, 8)

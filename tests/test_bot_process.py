@@ -11,18 +11,14 @@ import asyncio
 import numpy as np
 import pytest
 import pytest_asyncio
-from botharness import (
-    BotProcess,
-    attachment_names,
-    build_world,
-    job_id_of,
-    pixels,
-    run_bot_command,
-)
+from factories import pixels
 from fakediscord import FakeDiscord
+from harness.answers import attachment_names, job_id_of
+from harness.child_process import BotProcess, run_bot_command
+from harness.in_process import build_world
 
+from bot.db import Store, members
 from bot.images import read_parameters
-from bot.store import Store
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -137,7 +133,7 @@ async def test_generate_writes_the_png_the_bot_would_post(fake, model_cache, tmp
     assert parameters["prompt"] == "photo of a panda surfing" and parameters["seed"] == 42
     store = await Store.open(tmp_path / "bot.sqlite3")
     try:
-        (record,) = await store.history(0)  # the command line runs as member 0
+        (record,) = await store.read(members.history, 0)  # the command line runs as member 0
     finally:
         await store.close()
     assert record.job.status == "done" and record.job.request.seed == 42

@@ -5,8 +5,10 @@ import sqlite3
 from dataclasses import replace
 
 import pytest
-from botharness import job_id_of, running_bot
+from harness.answers import job_id_of
+from harness.in_process import running_bot
 
+from bot.db import jobs, quotas
 from bot.throttle import EditThrottle
 
 
@@ -112,13 +114,35 @@ async def test_cancel_a_queued_job_refunds_it_and_it_never_runs(
     assert "Only the member who asked" in (await stranger.wait_response()).content
     pressed = await w.fake.click_button(w.alice, status, f"cancel:{job_id}")
     assert "cancelled" in (await pressed.wait_response()).content
-    assert (await imagine_bot.store.job(job_id)).job.status == "cancelled"
-    quota = await imagine_bot.store.quota_status(w.guild.id, w.alice.id, default_limit=10)
+    assert (await imagine_bot.store.read(jobs.get, job_id)).job.status == "cancelled"
+    quota = await imagine_bot.store.read(quotas.status, w.guild.id, w.alice.id, default_limit=10)
     assert quota.used == 0
     held_runner.release()
     await imagine_bot.wait_idle()
     assert all(spec.prompt != "doomed" for _, specs in held_runner.calls for spec in specs)
     assert inter.followup_ids == []
+
+
+async def test_a_button_that_fails_still_answers_the_member(
+    discord_world, imagine_bot, held_runner, monkeypatch
+):
+    """discord.py only logs an exception raised in a button's callback; ours reach the same
+    error funnel as a slash command's, so the member hears back (privately, no traceback)."""
+    w = discord_world
+    held_runner.hold()
+    inter = await imagine_bot.imagine(w.alice, prompt="stuck", seed=1)
+    job_id = job_id_of((await inter.wait_response()).content)
+
+    async def broken(tx, job_id):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(jobs, "request_cancel", broken)
+    pressed = await w.fake.click_button(w.alice, await inter.original(), f"cancel:{job_id}")
+    answer = await pressed.wait_response()
+    assert answer.ephemeral and "Something went wrong on our side" in answer.content
+    assert "disk on fire" not in answer.content
+    held_runner.release()
+    await imagine_bot.wait_idle()
 
 
 async def test_cancel_every_running_job_interrupts_the_call(
@@ -132,7 +156,7 @@ async def test_cancel_every_running_job_interrupts_the_call(
     pressed = await w.fake.click_button(w.mod, await inter.original(), f"cancel:{job_id}")
     assert "will be dropped and refunded" in (await pressed.wait_response()).content
     await imagine_bot.wait_idle()
-    record = await imagine_bot.store.job(job_id)
+    record = await imagine_bot.store.read(jobs.get, job_id)
     assert record.job.status == "cancelled" and record.result_message_id is None
     assert inter.followup_ids == []
     final = await inter.original()
@@ -158,7 +182,7 @@ async def test_cancel_one_of_two_running_jobs_drops_only_its_images(
     held_runner.release()
     await imagine_bot.wait_idle()
     assert len(held_runner.calls[1][1]) == 2  # both ran in one call: it was not interrupted
-    assert (await imagine_bot.store.job(mine_id)).job.status == "cancelled"
+    assert (await imagine_bot.store.read(jobs.get, mine_id)).job.status == "cancelled"
     assert mine.followup_ids == []
     assert (await theirs.wait_followup()).attachments[0].filename == "seed-3.png"
 
@@ -206,7 +230,7 @@ async def test_dry_run_then_confirm_admits_exactly_one_job(discord_world, imagin
     assert shown.ephemeral and "Dry run" in shown.content
     assert "Seeds 8, 9" in shown.content and "Cost: 2 image(s)" in shown.content
     assert "tokens long" in shown.content and "Prompt tokens:" in shown.content
-    assert await imagine_bot.store.count_jobs() == 0
+    assert await imagine_bot.store.read(jobs.count) == 0
     panel = await inter.original()
     confirm = next(c for row in panel.components for c in row["components"])
     pressed = await w.fake.click_button(w.alice, panel, confirm["custom_id"])
@@ -232,7 +256,7 @@ async def test_a_deleted_status_message_is_left_alone_and_the_result_still_arriv
     result = await inter.wait_followup(timeout=30)
     assert result.attachments[0].filename == "seed-6.png"
     await slow_bot.wait_idle()
-    assert (await slow_bot.store.job(job_id_of(result.content))).job.status == "done"
+    assert (await slow_bot.store.read(jobs.get, job_id_of(result.content))).job.status == "done"
     assert slow_bot.bot.status_board.statuses == {}
     edits_after = [
         r
@@ -260,7 +284,9 @@ async def test_cancel_works_after_a_restart(discord_world, settings, held_runner
         pressed = await w.fake.click_button(w.alice, status, f"cancel:{job_id}")
         reply = await pressed.wait_response()
         assert "cancelled" in reply.content
-        record = await bot.store.job(job_id)
+        record = await bot.store.read(jobs.get, job_id)
         assert record.job.status == "cancelled"
-        assert (await bot.store.quota_status(w.guild.id, w.alice.id, default_limit=9)).used == 0
+        assert (
+            await bot.store.read(quotas.status, w.guild.id, w.alice.id, default_limit=9)
+        ).used == 0
         held_runner.release()

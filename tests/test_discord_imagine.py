@@ -7,11 +7,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from botharness import attachment_names, embed_field, job_id_of, pixels, running_bot
 from conftest import TEST_LIMITS
+from factories import pixels
+from harness.answers import attachment_names, embed_field, job_id_of
+from harness.in_process import running_bot
 
+from bot.db import Store, jobs
 from bot.requests import DEFAULT_SCHEDULER, BatchKey, ImageSpec
-from bot.store import Store
 
 
 def default_key(width: int = 64, height: int = 64) -> BatchKey:
@@ -58,7 +60,7 @@ async def test_imagine_is_acknowledged_then_delivers_the_seeds_image(
     assert delivered.shape == (64, 64, 3)
     assert_close(delivered, expected_pixels(tiny_runner, prompt, 1234))
 
-    record = await imagine_bot.store.job(job_id_of(first.content))
+    record = await imagine_bot.store.read(jobs.get, job_id_of(first.content))
     assert record.job.request.seed == 1234 and record.job.status == "done"
     assert record.job.member_id == world.alice.id and record.interaction_id == inter.id
     assert (record.result_channel_id, record.result_message_id) == (world.channel.id, followup.id)
@@ -138,7 +140,7 @@ async def test_a_bad_option_is_refused_privately_and_nothing_is_queued(
     response = await inter.wait_response(3)
     assert response.type == 4 and response.ephemeral
     assert f"`{option}`" in response.content
-    assert await imagine_bot.store.count_jobs() == 0
+    assert await imagine_bot.store.read(jobs.count) == 0
     assert imagine_bot.runner.calls == [] and inter.followup_ids == []
 
 
@@ -168,7 +170,7 @@ async def test_an_old_interaction_gets_its_result_as_a_channel_message(
     discord_world, imagine_bot, monkeypatch
 ):
     world = discord_world
-    monkeypatch.setattr(imagine_bot.module("cogs.imagine"), "FOLLOWUP_WINDOW_SECONDS", 0)
+    monkeypatch.setattr(imagine_bot.module("cogs.delivery"), "FOLLOWUP_WINDOW_SECONDS", 0)
     inter = await imagine_bot.imagine(world.alice, prompt="an old token", seed=5)
     job_id = job_id_of((await inter.wait_response(3)).content)
 
@@ -181,7 +183,7 @@ async def test_an_old_interaction_gets_its_result_as_a_channel_message(
     assert message.nonce is not None
     assert attachment_names(message) == ["seed-5.png"]
     await imagine_bot.wait_idle()
-    record = await imagine_bot.store.job(job_id)
+    record = await imagine_bot.store.read(jobs.get, job_id)
     assert (record.result_channel_id, record.result_message_id) == (world.channel.id, message.id)
 
 
@@ -189,7 +191,7 @@ async def test_a_channel_that_refuses_the_bot_gets_the_result_by_dm(
     discord_world, imagine_bot, monkeypatch
 ):
     world, fake = discord_world, discord_world.fake
-    monkeypatch.setattr(imagine_bot.module("cogs.imagine"), "FOLLOWUP_WINDOW_SECONDS", 0)
+    monkeypatch.setattr(imagine_bot.module("cogs.delivery"), "FOLLOWUP_WINDOW_SECONDS", 0)
     fake.deny_send(world.channel)
     inter = await imagine_bot.imagine(world.alice, prompt="a private view", seed=6)
     job_id = job_id_of((await inter.wait_response(3)).content)
@@ -200,7 +202,7 @@ async def test_a_channel_that_refuses_the_bot_gets_the_result_by_dm(
     assert embed_field(message, "Seed") == "6"
     assert any(r.status == 403 and r.path.endswith("/messages") for r in fake.refused)
     await imagine_bot.wait_idle()
-    record = await imagine_bot.store.job(job_id)
+    record = await imagine_bot.store.read(jobs.get, job_id)
     assert (record.result_channel_id, record.result_message_id) == (dm.id, message.id)
 
 
@@ -218,7 +220,7 @@ async def test_shutdown_past_the_grace_returns_the_running_job_to_the_queue(
     assert closed.by_client
     reopened = await Store.open(settings.database_path)
     try:
-        record = await reopened.job(job_id)
+        record = await reopened.read(jobs.get, job_id)
     finally:
         await reopened.close()
     assert record.job.status == "queued" and record.result_message_id is None

@@ -5,6 +5,8 @@ import sqlite3
 
 import pytest
 
+from bot.db import jobs, members
+
 MOD_COMMANDS = [
     (("quota", "show"), "member"),
     (("quota", "set"), "member+limit"),
@@ -68,11 +70,11 @@ async def test_moderator_sets_a_quota_that_then_holds_and_is_audited(discord_wor
 
     first = await imagine_bot.imagine(w.alice, prompt="a fox", seed=1, count=2)
     await imagine_bot.queued_job(first)
-    jobs_before = await imagine_bot.store.count_jobs()
+    jobs_before = await imagine_bot.store.read(jobs.count)
     refused = await (await imagine_bot.imagine(w.alice, prompt="a fox", seed=3)).wait_response()
     assert refused.ephemeral
     assert "used 2 of your 2 images" in refused.content and "<t:" in refused.content
-    assert await imagine_bot.store.count_jobs() == jobs_before
+    assert await imagine_bot.store.read(jobs.count) == jobs_before
 
     shown = await (await mod(w, w.mod, "quota", "show", member=w.alice)).wait_response()
     assert "2 image(s) in the last 24 hours, limit 2 a day" in shown.content
@@ -108,7 +110,7 @@ async def test_ban_cancels_queued_jobs_and_refuses_politely(
 
     banned = await (await mod(w, w.mod, "ban", member=w.alice, reason="spam")).wait_response()
     assert "Cancelled and refunded 1 queued job(s)" in banned.content
-    assert (await imagine_bot.store.job(queued.job.id)).job.status == "cancelled"
+    assert (await imagine_bot.store.read(jobs.get, queued.job.id)).job.status == "cancelled"
     refused = await (await imagine_bot.imagine(w.alice, prompt="z", seed=3)).wait_response()
     assert (
         refused.ephemeral
@@ -180,7 +182,7 @@ async def test_forget_me_needs_the_owners_confirmation(discord_world, imagine_bo
     custom_id = f"forget-me:{w.alice.id}"
     stranger = await w.fake.click_button(w.bob, message, custom_id)
     assert "belongs to someone else" in (await stranger.wait_response()).content
-    assert await imagine_bot.store.history(w.alice.id) != []
+    assert await imagine_bot.store.read(members.history, w.alice.id) != []
     confirmed = await w.fake.click_button(w.alice, message, custom_id)
     assert "deleted 1 job(s)" in (await confirmed.wait_response()).content
-    assert await imagine_bot.store.history(w.alice.id) == []
+    assert await imagine_bot.store.read(members.history, w.alice.id) == []

@@ -7,12 +7,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from botharness import job_id_of, pixels, running_bot
+from factories import make_request, pixels
+from harness.answers import job_id_of
+from harness.in_process import running_bot
 from PIL import Image
 from test_images import encode, noise, png_claiming
 
+from bot.db import jobs
 from bot.images import parameters_text, png_bytes
-from bot.requests import GenerationRequest
 
 
 def vary_ids(message):
@@ -37,7 +39,7 @@ async def result_of(bot, member, **options):
 async def new_job_from(response_or_message, bot):
     job_id = job_id_of(response_or_message.content)
     await bot.wait_idle()
-    return await bot.store.job(job_id)
+    return await bot.store.read(jobs.get, job_id)
 
 
 async def test_result_buttons_vary_each_image_and_reroll(discord_world, imagine_bot):
@@ -155,7 +157,7 @@ async def test_a_reply_to_a_members_image_without_mention_is_left_alone(discord_
 
 async def test_context_menu_reuses_png_parameters(discord_world, imagine_bot):
     w = discord_world
-    foreign = GenerationRequest(
+    foreign = make_request(
         prompt="a neon city",
         negative_prompt="fog",
         seed=99,
@@ -164,7 +166,6 @@ async def test_context_menu_reuses_png_parameters(discord_world, imagine_bot):
         width=64,
         height=64,
         scheduler="Euler a",
-        count=1,
         model="other-model",
     )
     upload = png_bytes(noise(64, 64, seed=2), parameters_text(foreign, 99))

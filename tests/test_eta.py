@@ -1,27 +1,15 @@
-from dataclasses import replace
-
 import pytest
+from factories import Clock, make_job, make_request
 
 from bot.eta import SpeedKey, blend, estimate_waits, seconds_per_step
-from bot.requests import GenerationRequest, Job
 from bot.throttle import EditThrottle
 
-BASE = GenerationRequest(
-    prompt="p",
-    seed=1,
-    steps=10,
-    guidance=7.5,
-    width=512,
-    height=512,
-    scheduler="Euler",
-    count=1,
-    model="m",
-)
+BASE = make_request(steps=10)
 PIXELS = 512 * 512
 
 
 def job(job_id, **changes):
-    return Job(job_id, job_id, 1, 1, replace(BASE, **changes), queued_at=float(job_id))
+    return make_job(job_id, BASE, **changes)
 
 
 def test_moving_average_moves_toward_new_measurements():
@@ -51,14 +39,6 @@ def test_waits_follow_the_batches_the_executor_will_form():
 
 def test_no_estimate_without_measurements():
     assert estimate_waits([job(1), job(2)], {}, max_images=4) == {1: None, 2: None}
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def test_edits_are_throttled_per_message_and_overall():

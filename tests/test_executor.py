@@ -6,10 +6,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from factories import pixels
 
+from bot.db import Store, admission, jobs, quotas
 from bot.requests import RawOptions
 from bot.service import ImagineService
-from bot.store import Store
 
 
 class Collector:
@@ -36,10 +37,6 @@ async def submit(service, member, **options):
     return await service.submit(request, member_id=member, guild_id=1, channel_id=2)
 
 
-def pixels(result, index=0):
-    return np.asarray(result.images[index].image, dtype=np.int16)
-
-
 async def test_compatible_jobs_share_a_batch_and_keep_their_seeds(service, tiny_runner):
     collected = Collector()
     service.add_listener(collected)
@@ -54,10 +51,10 @@ async def test_compatible_jobs_share_a_batch_and_keep_their_seeds(service, tiny_
     batches = [r.batch_id for r in sorted(collected.results, key=lambda r: r.job.id)]
     assert batches[:4] == [batches[0]] * 4 and batches[4:] == [batches[4]] * 2
     assert batches[0] != batches[4]
-    for admission in admitted:
-        record = await service.store.job(admission.job.id)
+    for entry in admitted:
+        record = await service.store.read(jobs.get, entry.job.id)
         assert record.job.status == "done"
-        assert record.job.batch_id == by_job[admission.job.id].batch_id
+        assert record.job.batch_id == by_job[entry.job.id].batch_id
 
     # The image for a seed is the same when its job runs alone.
     alone = Collector()
@@ -66,10 +63,33 @@ async def test_compatible_jobs_share_a_batch_and_keep_their_seeds(service, tiny_
     solo = await submit(service, 99, prompt="member 3's picture", seed=103)
     await asyncio.wait_for(service.executor.wait_idle(), 60)
     assert alone.results[0].job.id == solo.job.id and alone.results[0].batch_images == 1
-    difference = np.abs(pixels(alone.results[0]) - pixels(by_job[admitted[3].job.id])).max()
+    difference = np.abs(
+        pixels(alone.results[0].images[0]) - pixels(by_job[admitted[3].job.id].images[0])
+    ).max()
     assert difference <= 1
-    other_seed = pixels(by_job[admitted[2].job.id])
-    assert np.abs(other_seed - pixels(by_job[admitted[3].job.id])).max() > 10
+    other_seed = pixels(by_job[admitted[2].job.id].images[0])
+    assert np.abs(other_seed - pixels(by_job[admitted[3].job.id].images[0])).max() > 10
+
+
+async def test_each_step_reaches_the_progress_listeners_until_removed(service):
+    heard = []
+
+    def listener(job_ids, done, total, previews):
+        heard.append((job_ids, done, total, previews))
+
+    service.add_progress_listener(listener)
+    first = await submit(service, 1, seed=1, steps=6)  # previews every 5 steps
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert [step[:3] for step in heard] == [([first.job.id], done, 6) for done in range(1, 7)]
+    assert [done for _, done, _, previews in heard if previews] == [5]
+    assert heard[4][3][first.job.id].startswith(b"\x89PNG")
+
+    service.remove_progress_listener(listener)
+    await submit(service, 1, seed=2, steps=6)
+    service.executor.wake()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert len(heard) == 6
 
 
 async def test_incompatible_jobs_run_apart_and_the_oldest_first(service):
@@ -176,9 +196,9 @@ async def test_a_failing_image_fails_its_job_alone_and_the_others_complete(fault
     assert all(results[a.job.id].error is None for a in good)
     assert len({r.batch_id for r in collected.results}) == 1
     assert runner.calls[0] == 3  # one call for all three, then halves around the culprit
-    record = await service.store.job(bad.job.id)
+    record = await service.store.read(jobs.get, bad.job.id)
     assert (record.job.status, record.error) == ("failed", "RuntimeError: the device fell over")
-    assert (await service.store.job(good[0].job.id)).job.status == "done"
+    assert (await service.store.read(jobs.get, good[0].job.id)).job.status == "done"
 
 
 async def test_out_of_memory_splits_the_batch_and_lowers_then_raises_the_cap(faulty):
@@ -191,18 +211,20 @@ async def test_out_of_memory_splits_the_batch_and_lowers_then_raises_the_cap(fau
     assert runner.released == 1
     assert all(r.error is None for r in collected.results) and len(collected.results) == 4
     key = first[0].job.request.batch_key
-    assert service.executor.cap_for(key) == 2
+    assert service.executor.caps.cap(key) == 2
 
     # The lowered cap is used straight away, then raised by one after enough good calls.
     runner.calls.clear()
     for round_ in range(4):
         for m in range(2):  # admitted straight into the store, then one wake-up: one batch
             request = service.validate(RawOptions(prompt="again", seed=100 + round_ * 2 + m))
-            await service.store.admit(request, member_id=m, guild_id=1, channel_id=2)
+            await service.store.write(
+                admission.admit, request, member_id=m, guild_id=1, channel_id=2
+            )
         service.executor.wake()
         await asyncio.wait_for(service.executor.wait_idle(), 60)
     assert runner.calls == [2, 2, 2, 2]
-    assert service.executor.cap_for(key) == 3
+    assert service.executor.caps.cap(key) == 3
 
 
 async def test_calls_stay_within_what_the_memory_probe_says_fits(faulty):
@@ -210,7 +232,7 @@ async def test_calls_stay_within_what_the_memory_probe_says_fits(faulty):
     runner.limit, runner.fits = 3, 2
     first = [await submit(service, m, seed=m) for m in range(4)]
     key = first[0].job.request.batch_key
-    assert service.executor.cap_for(key) == 3  # below MAX_BATCH_SIZE=4
+    assert service.executor.caps.cap(key) == 3  # below MAX_BATCH_SIZE=4
     service.executor.start()
     await asyncio.wait_for(service.executor.wait_idle(), 60)
     assert runner.calls == [3, 1, 1, 1, 1]  # sliced at 3; 3 did not fit after all, so halves
@@ -221,10 +243,12 @@ async def test_calls_stay_within_what_the_memory_probe_says_fits(faulty):
     for round_ in range(12):
         for m in range(4):
             request = service.validate(RawOptions(prompt="again", seed=100 + round_ * 4 + m))
-            await service.store.admit(request, member_id=m, guild_id=1, channel_id=2)
+            await service.store.write(
+                admission.admit, request, member_id=m, guild_id=1, channel_id=2
+            )
         service.executor.wake()
         await asyncio.wait_for(service.executor.wait_idle(), 60)
-    assert max(runner.calls[5:]) == 3 and service.executor.cap_for(key) == 3
+    assert max(runner.calls[5:]) == 3 and service.executor.caps.cap(key) == 3
 
 
 async def test_an_image_that_never_fits_fails_with_a_clear_message(faulty):
@@ -235,13 +259,13 @@ async def test_an_image_that_never_fits_fails_with_a_clear_message(faulty):
     await asyncio.wait_for(service.executor.wait_idle(), 60)
     assert runner.calls == [2, 1, 1]
     assert "did not fit in GPU memory" in collected.results[0].error
-    assert (await service.store.job(job.job.id)).job.status == "failed"
-    assert (await service.store.quota_status(1, 1, default_limit=5)).used == 0  # refunded
+    assert (await service.store.read(jobs.get, job.job.id)).job.status == "failed"
+    assert (await service.store.read(quotas.status, 1, 1, default_limit=5)).used == 0  # refunded
 
 
 async def test_long_prompts_are_admitted_with_a_note(service):
-    admission = await submit(service, 1, prompt=" ".join(["panda"] * 120), seed=1)
-    assert any("tokens long" in note and "ignored" in note for note in admission.notes)
+    admitted = await submit(service, 1, prompt=" ".join(["panda"] * 120), seed=1)
+    assert any("tokens long" in note and "ignored" in note for note in admitted.notes)
     assert (await submit(service, 1, prompt="a short prompt", seed=1)).notes == []
 
 
@@ -272,8 +296,8 @@ async def test_blank_images_fail_their_job_with_a_refund(settings, tiny_runner):
         results = {r.job.id: r for r in collected.results}
         assert results[bad.job.id].error == "the image came out blank (NaN)"
         assert results[bad.job.id].images == [] and results[good.job.id].error is None
-        assert (await store.job(bad.job.id)).job.status == "failed"
-        assert (await store.quota_status(1, 1, default_limit=5)).used == 0
+        assert (await store.read(jobs.get, bad.job.id)).job.status == "failed"
+        assert (await store.read(quotas.status, 1, 1, default_limit=5)).used == 0
     finally:
         await service.close()
 
@@ -303,7 +327,7 @@ async def test_slow_deliveries_do_not_hold_up_the_next_batch(settings, tiny_runn
         await asyncio.wait_for(service.executor.wait_idle(), 60)
         assert len(started) == 2 and len(delivered) == 2
         assert started[1] < delivered[0]  # batch two ran while batch one was being posted
-        for admission in (first, second):  # and wait_idle still waited for every delivery
-            assert (await store.job(admission.job.id)).job.status == "done"
+        for entry in (first, second):  # and wait_idle still waited for every delivery
+            assert (await store.read(jobs.get, entry.job.id)).job.status == "done"
     finally:
         await service.close()

@@ -52,18 +52,6 @@ class Panel(discord.ui.View):
         await interaction.response.edit_message(content="clicked!", view=None)
 
 
-class Rename(discord.ui.Modal, title="Rename"):
-    new_name: discord.ui.TextInput = discord.ui.TextInput(label="New name", custom_id="rename:name")
-
-    def __init__(self, seen: Seen) -> None:
-        super().__init__()
-        self.seen = seen
-
-    async def on_submit(self, interaction: discord.Interaction) -> None:
-        self.seen.events["renamed"] = self.new_name.value
-        await interaction.response.send_message(f"renamed to {self.new_name.value}", ephemeral=True)
-
-
 def make_bot(seen: Seen, *, message_content: bool = False) -> commands.Bot:
     intents = discord.Intents.default()
     intents.members = True
@@ -97,10 +85,6 @@ def make_bot(seen: Seen, *, message_content: bool = False) -> commands.Bot:
     @bot.tree.command(name="panel", description="Post a button")
     async def panel(interaction: discord.Interaction) -> None:
         await interaction.response.send_message("panel", view=Panel(seen))
-
-    @bot.tree.command(name="rename", description="Open a modal")
-    async def rename(interaction: discord.Interaction) -> None:
-        await interaction.response.send_modal(Rename(seen))
 
     @bot.tree.command(name="slow", description="Answers too late")
     async def slow(interaction: discord.Interaction) -> None:
@@ -186,12 +170,13 @@ async def test_defer_then_followup_with_png(world: World) -> None:
     assert attachment.content_type == "image/png"
     assert (attachment.width, attachment.height) == (16, 12)
     assert await fetch(attachment.url) == ECHO_PNG
+    downloads = [r for r in fake.requests if r.path.startswith("/attachments/")]
+    assert [(r.method, r.status) for r in downloads] == [("GET", 200)]
 
     # Discord fills the "thinking" message with the first follow-up.
     original = await inter.original()
     assert original.id == followup.id and not original.loading and not original.ephemeral
     assert original.interaction_id == inter.id
-    assert fake.registered_commands == {}  # dispatched from the local tree, never synced
 
 
 async def test_ephemeral_reply_has_flag_64(world: World) -> None:
@@ -245,17 +230,6 @@ async def test_button_click_edits_the_message(world: World) -> None:
     assert world.seen.events["clicked_by"].id == world.mod.id
     edited = await fake.wait_for_message(lambda m: m.id == panel.id and m.content == "clicked!")
     assert edited.components == [] and edited.edits[0].content == "panel"
-
-
-async def test_modal_round_trip(world: World) -> None:
-    fake = world.fake
-    opened = await fake.slash_command(world.alice, world.guild.channel, "rename")
-    modal = await opened.wait_response()
-    assert modal.type == 9 and modal.data["title"] == "Rename"
-
-    submitted = await fake.submit_modal(world.alice, opened, {"rename:name": "Panda"})
-    assert (await submitted.wait_response()).content == "renamed to Panda"
-    assert world.seen.events["renamed"] == "Panda"
 
 
 async def test_message_context_menu_receives_target(world: World) -> None:
@@ -341,19 +315,13 @@ async def test_channel_send_reply_nonce_and_denied_channel(world: World) -> None
     assert posted.reference == user_message.id and posted.nonce == "1234"
     assert world.alice.id in posted.mention_ids  # replies ping the author by default
 
-    await channel.typing()
-    assert fake.typing[-1][0] == channel.id
-
-    quiet = fake.add_channel(world.guild, "quiet")
-    fake.deny_send(quiet)
-    # Once this message is in, the CHANNEL_CREATE and CHANNEL_UPDATE before it were handled.
-    await fake.send_message(world.alice, quiet, "sync", mentions_bot=True)
+    fake.deny_send(world.guild.channel)
+    # Once this message is in, the CHANNEL_UPDATE before it was handled.
+    await fake.send_message(world.alice, world.guild.channel, "sync", mentions_bot=True)
     await asyncio.wait_for(world.seen.messages.get(), 5)
-    denied = bot.get_channel(quiet.id)
-    assert isinstance(denied, discord.TextChannel)
-    assert not denied.permissions_for(denied.guild.me).send_messages
+    assert not channel.permissions_for(channel.guild.me).send_messages
     with pytest.raises(discord.Forbidden) as refused:
-        await denied.send("nope")
+        await channel.send("nope")
     assert refused.value.code == 50013
 
 
@@ -400,22 +368,6 @@ async def test_gateway_is_zlib_stream_and_close_is_recorded(world: World) -> Non
     assert closed.by_client and closed.code in (1000, 4000)
 
 
-async def test_resume_after_server_drop(world: World) -> None:
-    fake = world.fake
-    await fake.disconnect_bot(4000)
-    await fake.wait_until_ready(10)
-    inter = await fake.slash_command(world.alice, world.guild.channel, "echo", {"text": "back"})
-    assert (await inter.wait_followup()).content == "back"
-    assert len(fake.identifies) == 1  # resumed, not re-identified
-
-
-async def test_tree_sync_registers_commands(world: World) -> None:
-    synced = await world.bot.tree.sync()
-    names = sorted(c["name"] for c in world.fake.registered_commands[None])
-    assert names == ["Vary", "admin", "echo", "panel", "rename", "slow"]
-    assert {c.id for c in synced} == {int(c["id"]) for c in world.fake.registered_commands[None]}
-
-
 async def test_unknown_route_is_recorded(world: World) -> None:
     fake = world.fake
     route = discord.http.Route("GET", "/guilds/{guild_id}/bans", guild_id=world.guild.id)
@@ -424,8 +376,7 @@ async def test_unknown_route_is_recorded(world: World) -> None:
     assert [(r.method, r.path) for r in fake.unknown_routes] == [
         ("GET", f"/guilds/{world.guild.id}/bans")
     ]
-    with pytest.raises(AssertionError, match="bans"):
-        fake.assert_no_unknown_routes()
+    assert fake.problems() == [f"unknown route: GET /guilds/{world.guild.id}/bans"]
     fake.unknown_routes.clear()
 
 

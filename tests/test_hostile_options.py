@@ -8,6 +8,7 @@ import sqlite3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bot.db import jobs
 from bot.requests import MAX_SEED, SCHEDULERS
 
 NASTY_TEXT = [
@@ -110,4 +111,4 @@ async def test_hostile_option_values(discord_world, imagine_bot, held_runner):
     await asyncio.to_thread(one)
     assert seen["refused"] > 100 and seen["queued"] > 50, seen
     print(f"hostile options: {seen}")
-    await imagine_bot.store.cancel_queued(w.guild.id)
+    await imagine_bot.store.write(jobs.cancel_queued, w.guild.id)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import make_request
 from PIL import Image, ImageFile, features
 
 from bot.images import (
@@ -190,20 +191,17 @@ def test_fit_for_model(size: tuple[int, int], expected: tuple[int, int]) -> None
 
 
 def request(**changes: object) -> GenerationRequest:
-    fields: dict[str, object] = {
-        "prompt": "a red cat, oil painting: warm light",
-        "negative_prompt": "blurry, people",
-        "seed": 1234,
-        "steps": 20,
-        "guidance": 7.5,
-        "width": 512,
-        "height": 768,
-        "scheduler": "DPM++ 2M",
-        "count": 1,
-        "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        **changes,
-    }
-    return GenerationRequest(**fields)  # type: ignore[arg-type]
+    return make_request(
+        **{
+            "prompt": "a red cat, oil painting: warm light",
+            "negative_prompt": "blurry, people",
+            "seed": 1234,
+            "height": 768,
+            "scheduler": "DPM++ 2M",
+            "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            **changes,
+        }
+    )
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
+from factories import pixels
 from PIL import Image
 
-from bot.pipelines import GeneratedImage, PipelineOptions, PipelineRunner, _with_scheduler
+from bot.pipelines import PipelineOptions, PipelineRunner, with_scheduler
 from bot.requests import SCHEDULERS, BatchKey, ImageSpec
 
 
@@ -50,11 +51,6 @@ def plain(seed: int, colour: str) -> ImageSpec:
     return ImageSpec("a red cat", "blurry", seed, init_image=Image.new("RGB", (64, 64), colour))
 
 
-def pixels(result: GeneratedImage | Image.Image) -> np.ndarray:
-    image = result if isinstance(result, Image.Image) else result.image
-    return np.asarray(image, dtype=np.int16)
-
-
 @pytest.mark.parametrize(("width", "height"), [(64, 64), (64, 128), (128, 64)])
 def test_images_have_the_key_size_and_differ_from_the_init(
     runner: PipelineRunner, width: int, height: int
@@ -91,17 +87,17 @@ def test_seed_init_image_and_strength_each_change_the_result(runner: PipelineRun
 
 def test_strength_decides_the_number_of_steps(runner: PipelineRunner) -> None:
     seen: list[tuple[int, int]] = []
+    weak = key(0.35, scheduler="Euler", steps=10)
     runner.generate(
-        key(0.35, scheduler="Euler", steps=10),
-        [spec(1)],
-        progress=lambda done, total, _previews: seen.append((done, total)),
+        weak, [spec(1)], progress=lambda done, total, _previews: seen.append((done, total))
     )
-    assert seen == [(1, 3), (2, 3), (3, 3)]  # int(10 × 0.3) steps
+    assert seen == [(1, 3), (2, 3), (3, 3)]  # int(10 × 0.35) steps
+    assert weak.denoising_steps == 3  # what the ETA and the speed records count
 
 
 def test_img2img_shares_the_text_to_image_weights(runner: PipelineRunner) -> None:
     base = runner.load("tiny")
-    call = _with_scheduler(base, "Euler", StableDiffusionImg2ImgPipeline)
+    call = with_scheduler(base, "Euler", StableDiffusionImg2ImgPipeline)
     assert isinstance(call, StableDiffusionImg2ImgPipeline)
     assert call.unet is base.unet and call.vae is base.vae
     assert call.text_encoder is base.text_encoder and call.tokenizer is base.tokenizer

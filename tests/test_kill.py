@@ -14,7 +14,8 @@ import sqlite3
 import time
 
 import pytest
-from botharness import BotProcess, build_world
+from harness.child_process import BotProcess
+from harness.in_process import build_world
 
 KILLS = int(os.environ.get("KILL_TEST_KILLS", "10"))
 

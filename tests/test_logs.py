@@ -31,7 +31,8 @@ def test_tokens_are_redacted_in_messages_arguments_and_tracebacks(capfd):
 
 
 async def test_the_real_bot_at_debug_level_never_logs_a_token(fake_discord, model_cache, tmp_path):
-    from botharness import BotProcess, build_world
+    from harness.child_process import BotProcess
+    from harness.in_process import build_world
 
     world = build_world(fake_discord)
     process = BotProcess.start(fake_discord, model_cache, tmp_path / "bot", LOG_LEVEL="DEBUG")

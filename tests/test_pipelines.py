@@ -26,23 +26,22 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from factories import pixels
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from bot.pipelines import (
-    BLANK_IMAGE_ERROR,
-    GeneratedImage,
-    Interrupted,
     ModelNotAvailable,
     PipelineOptions,
     PipelineRunner,
-    _with_scheduler,
     build_tiny_model,
     load_pipeline,
     make_scheduler,
     resolve_device,
+    with_scheduler,
 )
 from bot.requests import MAX_PROMPT_TOKENS, SCHEDULERS, BatchKey, ImageSpec
+from bot.results import BLANK_IMAGE_ERROR, Interrupted
 
 SPECS = [
     ImageSpec("a red cat on a sofa", "", 11),
@@ -55,10 +54,6 @@ SPECS = [
 def key(scheduler: str = "DPM++ 2M", width: int = 64, height: int = 64, **kw: object) -> BatchKey:
     fields = {"model": "tiny", "mode": "text", "steps": 4, "guidance": 7.5, **kw}
     return BatchKey(width=width, height=height, scheduler=scheduler, **fields)  # type: ignore[arg-type]
-
-
-def pixels(result: GeneratedImage) -> np.ndarray:
-    return np.asarray(result.image, dtype=np.int16)
 
 
 @pytest.fixture(scope="session")
@@ -185,7 +180,7 @@ def test_every_scheduler_gives_images_of_the_asked_size(
 
 def test_scheduler_swap_shares_weights_and_leaves_the_model_alone(runner: PipelineRunner) -> None:
     base = runner.load("tiny")
-    call = _with_scheduler(base, "Euler a")
+    call = with_scheduler(base, "Euler a")
     assert isinstance(call.scheduler, EulerAncestralDiscreteScheduler)
     assert call.unet is base.unet and call.vae is base.vae
     assert call.text_encoder is base.text_encoder
@@ -243,7 +238,7 @@ def test_generate_rejects_other_modes_and_accepts_empty(runner: PipelineRunner) 
 
 @pytest.mark.parametrize("scheduler", ["DPM++ 2M", "Euler a"])
 def test_own_decoding_matches_a_plain_pipeline_call(runner: PipelineRunner, scheduler: str) -> None:
-    pipe = _with_scheduler(runner.load("tiny"), scheduler)
+    pipe = with_scheduler(runner.load("tiny"), scheduler)
     plain = pipe(
         prompt=[s.prompt for s in SPECS[:2]],
         negative_prompt=[s.negative_prompt for s in SPECS[:2]],

@@ -2,38 +2,21 @@
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 
 import pytest
+from factories import Clock, make_request
 
+from bot.db import Store, admission, jobs, members, moderation, quotas
 from bot.quota import MemberBanned, PromptBlocked, QuotaExceeded, QuotaStatus
-from bot.requests import GenerationRequest
-from bot.store import Store
 
 GUILD = 77
-REQUEST = GenerationRequest(
-    prompt="a lighthouse in a storm",
-    seed=1,
-    steps=4,
-    guidance=7.5,
-    width=64,
-    height=64,
-    scheduler="Euler",
-    count=1,
-    model="tiny",
-)
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1_000_000.0
-
-    def __call__(self):
-        return self.now
+REQUEST = make_request(prompt="a lighthouse in a storm", steps=4, width=64, height=64, model="tiny")
 
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return Clock(1_000_000.0)
 
 
 @pytest.fixture
@@ -44,11 +27,15 @@ async def store(tmp_path, clock):
 
 
 async def admit(store, member=1, count=1, limit=5, prompt=None, **kwargs):
-    request = GenerationRequest(
-        **{**REQUEST.__dict__, "count": count, "prompt": prompt or REQUEST.prompt}
-    )
-    return await store.admit(
-        request, member_id=member, guild_id=GUILD, channel_id=3, default_limit=limit, **kwargs
+    request = replace(REQUEST, count=count, prompt=prompt or REQUEST.prompt)
+    return await store.write(
+        admission.admit,
+        request,
+        member_id=member,
+        guild_id=GUILD,
+        channel_id=3,
+        default_limit=limit,
+        **kwargs,
     )
 
 
@@ -89,13 +76,13 @@ async def test_refused_requests_leave_nothing(store, tmp_path):
     with pytest.raises(QuotaExceeded) as caught:
         await admit(store, count=2)
     assert (caught.value.status.used, caught.value.status.limit) == (4, 5)
-    await store.ban(GUILD, 9, moderator_id=1, reason="spam")
+    await store.write(moderation.ban, GUILD, 9, moderator_id=1, reason="spam")
     with pytest.raises(MemberBanned, match="spam"):
         await admit(store, member=9)
-    await store.add_blocked_term(GUILD, "gore", moderator_id=1)
+    await store.write(moderation.add_blocked_term, GUILD, "gore", moderator_id=1)
     with pytest.raises(PromptBlocked):
         await admit(store, member=10, prompt="lots of G.O.R.E")
-    assert await store.count_jobs() == 1
+    assert await store.read(jobs.count) == 1
     assert ledger(tmp_path / "bot.sqlite3") == [("charge", 1, 4)]
 
 
@@ -103,10 +90,10 @@ async def test_rolling_window_frees_images_as_charges_age(store, clock):
     await admit(store, count=3)
     clock.now += 3600
     await admit(store, count=2)
-    status = await store.quota_status(GUILD, 1, default_limit=5)
+    status = await store.read(quotas.status, GUILD, 1, default_limit=5)
     assert (status.used, status.left, status.next_free_at) == (5, 0, 1_000_000.0 + 86400)
     clock.now = 1_000_000.0 + 86400 + 1
-    status = await store.quota_status(GUILD, 1, default_limit=5)
+    status = await store.read(quotas.status, GUILD, 1, default_limit=5)
     assert (status.used, status.left) == (2, 3)
 
 
@@ -114,17 +101,17 @@ async def test_overrides_server_default_and_reset(store):
     await admit(store, count=3, limit=3)
     with pytest.raises(QuotaExceeded):
         await admit(store, limit=3)
-    await store.set_guild_limit(GUILD, 10)
+    await store.write(quotas.set_guild_limit, GUILD, 10)
     await admit(store, limit=3)
-    await store.set_member_limit(GUILD, 1, 4)
+    await store.write(quotas.set_member_limit, GUILD, 1, 4)
     with pytest.raises(QuotaExceeded):
         await admit(store, limit=3)
-    await store.reset_member_usage(GUILD, 1)
-    assert (await store.quota_status(GUILD, 1, default_limit=3)).used == 0
-    await store.set_member_limit(GUILD, 1, 0)  # 0: unlimited for this member
+    await store.write(quotas.reset_member_usage, GUILD, 1)
+    assert (await store.read(quotas.status, GUILD, 1, default_limit=3)).used == 0
+    await store.write(quotas.set_member_limit, GUILD, 1, 0)  # 0: unlimited for this member
     await admit(store, count=4, limit=3)
     await admit(store, count=4, limit=3, exempt=False)
-    assert (await store.quota_status(GUILD, 1, default_limit=3)).unlimited
+    assert (await store.read(quotas.status, GUILD, 1, default_limit=3)).unlimited
 
 
 async def test_exempt_members_are_not_limited(store):
@@ -139,20 +126,20 @@ async def test_failed_cancelled_and_withheld_jobs_refund_exactly_once(tmp_path, 
     withheld = await admit(store, member=1, count=2)
     partly = await admit(store, member=2, count=2)
     cancelled = await admit(store, member=3, count=1)
-    await store.claim_batch(6)
-    await store.mark_failed(failed.id, "RuntimeError: boom")
-    await store.mark_done(withheld.id, withheld=2)
-    await store.mark_done(partly.id, withheld=1)  # one image delivered: no refund
-    assert [j.id for j in await store.cancel_queued(GUILD, 3)] == [cancelled.id]
-    assert (await store.quota_status(GUILD, 1, default_limit=5)).used == 0
-    assert (await store.quota_status(GUILD, 2, default_limit=5)).used == 2
+    await store.write(jobs.claim_batch, 6)
+    await store.write(jobs.mark_failed, failed.id, "RuntimeError: boom")
+    await store.write(jobs.mark_done, withheld.id, withheld=2)
+    await store.write(jobs.mark_done, partly.id, withheld=1)  # one image delivered: no refund
+    assert [j.id for j in await store.write(jobs.cancel_queued, GUILD, 3)] == [cancelled.id]
+    assert (await store.read(quotas.status, GUILD, 1, default_limit=5)).used == 0
+    assert (await store.read(quotas.status, GUILD, 2, default_limit=5)).used == 2
     await store.close()
 
     # After a restart the same failure is recorded again: still one refund each.
     store = await Store.open(path, clock=clock)
-    await store.mark_failed(failed.id, "RuntimeError: boom again")
-    await store.mark_done(withheld.id, withheld=2)
-    assert await store.cancel_queued(GUILD, 3) == []
+    await store.write(jobs.mark_failed, failed.id, "RuntimeError: boom again")
+    await store.write(jobs.mark_done, withheld.id, withheld=2)
+    assert await store.write(jobs.cancel_queued, GUILD, 3) == []
     assert ledger(path) == [("charge", 4, 7), ("refund", 3, -5)]
     await store.close()
 
@@ -160,11 +147,13 @@ async def test_failed_cancelled_and_withheld_jobs_refund_exactly_once(tmp_path, 
 async def test_ban_cancels_and_refunds_queued_jobs(store):
     first = await admit(store, member=5, count=2)
     await admit(store, member=6)
-    cancelled = await store.ban(GUILD, 5, moderator_id=1, reason=None)
+    cancelled = await store.write(moderation.ban, GUILD, 5, moderator_id=1, reason=None)
     assert [j.id for j in cancelled] == [first.id]
-    assert (await store.job(first.id)).job.status == "cancelled"
-    assert (await store.quota_status(GUILD, 5, default_limit=5)).used == 0
-    assert await store.unban(GUILD, 5) and not await store.unban(GUILD, 5)
+    assert (await store.read(jobs.get, first.id)).job.status == "cancelled"
+    assert (await store.read(quotas.status, GUILD, 5, default_limit=5)).used == 0
+    assert await store.write(moderation.unban, GUILD, 5) and not await store.write(
+        moderation.unban, GUILD, 5
+    )
     await admit(store, member=5)
 
 
@@ -173,15 +162,18 @@ async def test_forget_me_leaves_no_prompt_text_in_the_file(tmp_path, clock):
     store = await Store.open(path, clock=clock)
     secret = "zebra-unicorn-secret-prompt"
     done = await admit(store, member=8, prompt=f"{secret} one")
-    await store.claim_batch(1)
-    await store.mark_done(done.id)
+    await store.write(jobs.claim_batch, 1)
+    await store.write(jobs.mark_done, done.id)
     await admit(store, member=8, prompt=f"{secret} two")
     await admit(store, member=9, prompt="someone else's lighthouse")
-    assert await store.forget_member(8) == 2
-    assert await store.history(8) == []
-    assert [r.job.request.prompt for r in await store.history(9)] == ["someone else's lighthouse"]
+    assert await store.write(members.forget, 8) == 2
+    await store.checkpoint()  # as the member cog does after forgetting
+    assert await store.read(members.history, 8) == []
+    assert [r.job.request.prompt for r in await store.read(members.history, 9)] == [
+        "someone else's lighthouse"
+    ]
     # The ledger keeps counts, without text: member 8 used 1 image (the queued one refunded).
-    assert (await store.quota_status(GUILD, 8, default_limit=5)).used == 1
+    assert (await store.read(quotas.status, GUILD, 8, default_limit=5)).used == 1
     await store.close()
     for file in tmp_path.iterdir():
         assert secret.encode() not in file.read_bytes(), file.name
@@ -189,6 +181,7 @@ async def test_forget_me_leaves_no_prompt_text_in_the_file(tmp_path, clock):
 
 async def test_forget_me_waits_for_running_jobs(store):
     await admit(store, member=8)
-    await store.claim_batch(1)
-    assert await store.forget_member(8) == -1
-    assert await store.count_jobs() == 1
+    await store.write(jobs.claim_batch, 1)
+    with pytest.raises(members.JobStillRunning):
+        await store.write(members.forget, 8)
+    assert await store.read(jobs.count) == 1

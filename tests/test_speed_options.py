@@ -180,7 +180,7 @@ def probe(model_cache, caplog, **allocator):
     runner = runner_with(model_cache, largest_side=64)
     meter = SimulatedAllocator(runner, **allocator)
     try:
-        with caplog.at_level("INFO", logger="bot.pipelines"):
+        with caplog.at_level("INFO", logger="bot.pipelines.runner"):
             fit = runner.measure_memory("tiny", meter)
     finally:
         meter.handle.remove()

@@ -1,38 +1,22 @@
 import asyncio
 import contextlib
 import sqlite3
+from dataclasses import replace
 
 import pytest
+from factories import Clock, make_request
 
-from bot.requests import GenerationRequest
-from bot.store import MIGRATIONS, Store
+from bot.db import Store, admission, jobs, quotas
+from bot.db.schema import MIGRATIONS
 
-REQUEST = GenerationRequest(
-    prompt="a panda",
-    negative_prompt="blur",
-    seed=42,
-    steps=20,
-    guidance=7.5,
-    width=512,
-    height=512,
-    scheduler="Euler a",
-    count=2,
-    model="m",
+REQUEST = make_request(
+    prompt="a panda", negative_prompt="blur", seed=42, scheduler="Euler a", count=2
 )
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        self.now += 1
-        return self.now
 
 
 @pytest.fixture
 async def store(tmp_path):
-    store = await Store.open(tmp_path / "db" / "bot.sqlite3", clock=Clock())
+    store = await Store.open(tmp_path / "db" / "bot.sqlite3", clock=Clock(1000.0, tick=1))
     yield store
     await store.close()
 
@@ -50,50 +34,52 @@ async def test_schema_is_migrated_with_wal_and_foreign_keys(tmp_path):
 
 
 async def test_admitted_job_keeps_every_parameter(store):
-    job = await store.admit(REQUEST, member_id=7, guild_id=8, channel_id=9, interaction_id=10)
-    record = await store.job(job.id)
+    job = await store.write(
+        admission.admit, REQUEST, member_id=7, guild_id=8, channel_id=9, interaction_id=10
+    )
+    record = await store.read(jobs.get, job.id)
     assert record.job.request == REQUEST
     assert (record.job.member_id, record.job.guild_id, record.job.channel_id) == (7, 8, 9)
     assert record.job.status == "queued" and record.interaction_id == 10
 
 
 async def test_claim_marks_a_batch_running_and_positions_move(store):
-    other = GenerationRequest(**{**REQUEST.__dict__, "width": 256, "count": 1})
-    first = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
-    odd = await store.admit(other, member_id=2, guild_id=1, channel_id=1)
-    third = await store.admit(REQUEST, member_id=3, guild_id=1, channel_id=1)
-    assert [await store.queue_position(j.id) for j in (first, odd, third)] == [1, 2, 3]
+    other = replace(REQUEST, width=256, count=1)
+    first = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
+    odd = await store.write(admission.admit, other, member_id=2, guild_id=1, channel_id=1)
+    third = await store.write(admission.admit, REQUEST, member_id=3, guild_id=1, channel_id=1)
+    assert [await store.read(jobs.position, j.id) for j in (first, odd, third)] == [1, 2, 3]
 
-    batch_id, jobs = await store.claim_batch(8)
-    assert [j.id for j in jobs] == [first.id, third.id]
-    for job in jobs:
-        record = await store.job(job.id)
+    batch_id, claimed = await store.write(jobs.claim_batch, 8)
+    assert [j.id for j in claimed] == [first.id, third.id]
+    for job in claimed:
+        record = await store.read(jobs.get, job.id)
         assert record.job.status == "running" and record.job.batch_id == batch_id
         assert record.batch_size == 4 and record.job.attempts == 1 and record.started_at
-    assert await store.queue_position(odd.id) == 1
-    assert await store.queue_position(first.id) == 0
+    assert await store.read(jobs.position, odd.id) == 1
+    assert await store.read(jobs.position, first.id) == 0
 
-    await store.mark_done(first.id, withheld=1)
-    await store.mark_failed(third.id, "boom")
-    await store.record_delivery(first.id, 55, 66, withheld=1)
-    done, failed = await store.job(first.id), await store.job(third.id)
+    await store.write(jobs.mark_done, first.id, withheld=1)
+    await store.write(jobs.mark_failed, third.id, "boom")
+    await store.write(jobs.record_delivery, first.id, 55, 66, withheld=1)
+    done, failed = await store.read(jobs.get, first.id), await store.read(jobs.get, third.id)
     assert (done.job.status, done.withheld, done.result_message_id) == ("done", 1, 66)
     assert done.finished_at is not None
     assert (failed.job.status, failed.error) == ("failed", "boom")
 
 
 async def test_interrupted_jobs_are_queued_again_in_order(store):
-    a = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
-    b = await store.admit(REQUEST, member_id=2, guild_id=1, channel_id=1)
-    await store.claim_batch(2)  # a alone fills the cap of 2 images
-    assert await store.recover_interrupted(max_attempts=3) == (1, [])
-    assert [j.id for j in await store.pending_jobs()] == [a.id, b.id]
+    a = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
+    b = await store.write(admission.admit, REQUEST, member_id=2, guild_id=1, channel_id=1)
+    await store.write(jobs.claim_batch, 2)  # a alone fills the cap of 2 images
+    assert await store.write(jobs.recover_interrupted, max_attempts=3) == (1, [])
+    assert [j.id for j in await store.read(jobs.pending)] == [a.id, b.id]
 
 
 async def test_concurrent_claims_never_hand_out_a_job_twice(store):
     for member in range(10):
-        await store.admit(REQUEST, member_id=member, guild_id=1, channel_id=1)
-    claims = await asyncio.gather(*(store.claim_batch(4) for _ in range(8)))
+        await store.write(admission.admit, REQUEST, member_id=member, guild_id=1, channel_id=1)
+    claims = await asyncio.gather(*(store.write(jobs.claim_batch, 4) for _ in range(8)))
     seen = [job.id for claim in claims if claim for job in claim[1]]
     assert len(seen) == len(set(seen)) == 10
 
@@ -103,21 +89,25 @@ async def test_a_transaction_cancelled_anywhere_leaves_the_store_whole(store, tm
     COMMIT. Each cancelled admission is all there or not there at all, and the next
     transaction starts cleanly."""
     for pauses in range(40):
-        task = asyncio.create_task(store.admit(REQUEST, member_id=pauses, guild_id=1, channel_id=1))
+        task = asyncio.create_task(
+            store.write(admission.admit, REQUEST, member_id=pauses, guild_id=1, channel_id=1)
+        )
         for _ in range(pauses):
             await asyncio.sleep(0)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await store.admit(REQUEST, member_id=1000 + pauses, guild_id=1, channel_id=1)
+        await store.write(
+            admission.admit, REQUEST, member_id=1000 + pauses, guild_id=1, channel_id=1
+        )
     with sqlite3.connect(tmp_path / "db" / "bot.sqlite3") as raw:
-        jobs = raw.execute("SELECT id FROM jobs ORDER BY id").fetchall()
+        rows = raw.execute("SELECT id FROM jobs ORDER BY id").fetchall()
         charged = raw.execute("SELECT job_id FROM ledger ORDER BY job_id").fetchall()
-    assert jobs == charged and 40 <= len(jobs) < 80  # every cancelled one is whole or absent
+    assert rows == charged and 40 <= len(rows) < 80  # every cancelled one is whole or absent
 
 
 async def test_status_check_constraint_rejects_unknown_states(store, tmp_path):
-    await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
+    await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
     with (
         sqlite3.connect(tmp_path / "db" / "bot.sqlite3") as raw,
         pytest.raises(sqlite3.IntegrityError),
@@ -126,33 +116,33 @@ async def test_status_check_constraint_rejects_unknown_states(store, tmp_path):
 
 
 async def test_jobs_claimed_three_times_fail_with_a_refund_at_start_up(store):
-    job = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
+    job = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
     for attempt in range(1, 4):
-        assert (await store.claim_batch(8))[1][0].attempts == attempt
-        requeued, failed = await store.recover_interrupted(max_attempts=3)
+        assert (await store.write(jobs.claim_batch, 8))[1][0].attempts == attempt
+        requeued, failed = await store.write(jobs.recover_interrupted, max_attempts=3)
         if attempt < 3:
             assert (requeued, failed) == (1, [])
     assert [j.id for j in failed] == [job.id] and requeued == 0
-    record = await store.job(job.id)
+    record = await store.read(jobs.get, job.id)
     assert record.job.status == "failed" and "3 times" in record.error
-    assert (await store.quota_status(1, 1, default_limit=5)).used == 0
+    assert (await store.read(quotas.status, 1, 1, default_limit=5)).used == 0
 
 
 async def test_jobs_returned_by_a_shutdown_keep_their_attempts(store):
-    job = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
-    await store.claim_batch(8)
-    await store.return_to_queue([job.id])
-    record = await store.job(job.id)
+    job = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
+    await store.write(jobs.claim_batch, 8)
+    await store.write(jobs.return_to_queue, [job.id])
+    record = await store.read(jobs.get, job.id)
     assert (record.job.status, record.job.attempts) == ("queued", 0)
 
 
 async def test_a_job_delivered_just_before_a_crash_is_not_run_again(store):
-    delivered = await store.admit(REQUEST, member_id=1, guild_id=1, channel_id=1)
-    blocked = await store.admit(REQUEST, member_id=2, guild_id=1, channel_id=1)
-    await store.claim_batch(4)
-    await store.record_delivery(delivered.id, 5, 6, withheld=0)
-    await store.record_delivery(blocked.id, 5, 7, withheld=2)  # all withheld: refund
-    assert await store.recover_interrupted(max_attempts=3) == (0, [])
-    assert (await store.job(delivered.id)).job.status == "done"
-    assert (await store.quota_status(1, 2, default_limit=5)).used == 0
-    assert (await store.quota_status(1, 1, default_limit=5)).used == 2
+    delivered = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
+    blocked = await store.write(admission.admit, REQUEST, member_id=2, guild_id=1, channel_id=1)
+    await store.write(jobs.claim_batch, 4)
+    await store.write(jobs.record_delivery, delivered.id, 5, 6, withheld=0)
+    await store.write(jobs.record_delivery, blocked.id, 5, 7, withheld=2)  # all withheld: refund
+    assert await store.write(jobs.recover_interrupted, max_attempts=3) == (0, [])
+    assert (await store.read(jobs.get, delivered.id)).job.status == "done"
+    assert (await store.read(quotas.status, 1, 2, default_limit=5)).used == 0
+    assert (await store.read(quotas.status, 1, 1, default_limit=5)).used == 2

@@ -14,7 +14,6 @@ talks to, so the bot can be tested end to end without Discord.
 """
 
 from .driver import FakeDiscord
-from .gateway import GatewayClose, Intent
 from .interactions import InteractionHandle
 from .models import (
     FakeAttachment,
@@ -22,13 +21,7 @@ from .models import (
     FakeGuild,
     FakeMember,
     FakeMessage,
-    FakeRole,
-    FakeUser,
     InteractionCallback,
-    MessageFlag,
-    Perm,
-    RecordedRequest,
-    Rejection,
 )
 
 __all__ = [
@@ -38,14 +31,6 @@ __all__ = [
     "FakeGuild",
     "FakeMember",
     "FakeMessage",
-    "FakeRole",
-    "FakeUser",
-    "GatewayClose",
-    "Intent",
     "InteractionCallback",
     "InteractionHandle",
-    "MessageFlag",
-    "Perm",
-    "RecordedRequest",
-    "Rejection",
 ]

@@ -65,7 +65,7 @@ async def _read_multipart(request: web.Request) -> RequestBody:
     body = RequestBody()
     reader = await request.multipart()
     while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):  # nested multipart: Discord ignores it
+        if not isinstance(part, BodyPartReader):  # nested multipart: discord.py sends none
             continue
         name = part.name or ""
         data = await part.read(decode=True)
@@ -82,9 +82,5 @@ async def _read_multipart(request: web.Request) -> RequestBody:
             content_type = part.headers.get("Content-Type")
             body.files.append(
                 UploadedFile(index, part.filename or f"file{index}", bytes(data), content_type)
-            )
-        elif name.startswith("file"):  # legacy `file`, `file1`… fields
-            body.files.append(
-                UploadedFile(len(body.files), part.filename or name, bytes(data), None)
             )
     return body

@@ -17,18 +17,15 @@ from .interactions import InteractionHandle
 from .models import FakeMessage, InteractionCallback, MessageFlag
 from .rest import body_of, json_response, no_content, truthy, unknown
 from .state import FakeState
-from .validation import Refusal, check_message
+from .validation import Refusal, check_message, field_error, invalid_form
 
-PING, APPLICATION_COMMAND, MESSAGE_COMPONENT, AUTOCOMPLETE, MODAL_SUBMIT = 1, 2, 3, 4, 5
-PONG, MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE = 1, 4, 5, 6, 7
-AUTOCOMPLETE_RESULT, MODAL = 8, 9
+APPLICATION_COMMAND, MESSAGE_COMPONENT = 2, 3
+MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE = 4, 5, 6, 7
 
+# The callbacks this fake implements (modals and autocomplete are refused as invalid).
 ALLOWED_CALLBACKS = {
-    PING: {PONG},
-    APPLICATION_COMMAND: {MESSAGE, DEFERRED_MESSAGE, MODAL},
-    MESSAGE_COMPONENT: {MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE, MODAL},
-    AUTOCOMPLETE: {AUTOCOMPLETE_RESULT},
-    MODAL_SUBMIT: {MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE},
+    APPLICATION_COMMAND: {MESSAGE, DEFERRED_MESSAGE},
+    MESSAGE_COMPONENT: {MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE},
 }
 
 
@@ -40,15 +37,6 @@ def _unknown_webhook() -> Refusal:
     return Refusal(404, payloads.error(10015, "Unknown Webhook"), bot_error=True)
 
 
-def _form_error(field: str, code: str, message: str) -> Refusal:
-    return Refusal(
-        400,
-        payloads.error(
-            50035, "Invalid Form Body", {field: {"_errors": [{"code": code, "message": message}]}}
-        ),
-    )
-
-
 class InteractionApi:
     def __init__(self, state: FakeState) -> None:
         self.state = state
@@ -58,7 +46,6 @@ class InteractionApi:
         return [
             web.post("/interactions/{interaction_id}/{token}/callback", self.callback),
             web.post("/webhooks/{app_id}/{token}", self.followup),
-            web.get(message, self.get_message),
             web.patch(message, self.edit_message),
             web.delete(message, self.delete_message),
         ]
@@ -82,9 +69,10 @@ class InteractionApi:
         response_type = body.object.get("type")
         data: dict[str, Any] = body.object.get("data") or {}
         if response_type not in ALLOWED_CALLBACKS.get(handle.type, set()):
-            raise _form_error(
-                "type", "INTERACTION_RESPONSE_TYPE_INVALID", "Invalid interaction response type"
+            error = field_error(
+                "INTERACTION_RESPONSE_TYPE_INVALID", "Invalid interaction response type"
             )
+            raise invalid_form({"type": error})
 
         callback = InteractionCallback(type=response_type, data=data, at=arrived)
         message = self._apply_callback(handle, callback, body.files)
@@ -96,7 +84,7 @@ class InteractionApi:
 
     def _apply_callback(
         self, handle: InteractionHandle, callback: InteractionCallback, files: list[UploadedFile]
-    ) -> FakeMessage | None:
+    ) -> FakeMessage:
         state, data = self.state, callback.data
         if callback.type == MESSAGE:
             check_message(data, files, creating=True)
@@ -108,7 +96,6 @@ class InteractionApi:
                 message_type=_message_type(handle),
             )
             handle.original_message_id = message.id
-            callback.files = list(message.attachments)
         elif callback.type == DEFERRED_MESSAGE:
             ephemeral = int(data.get("flags") or 0) & MessageFlag.EPHEMERAL
             message = state.create_bot_message(
@@ -120,47 +107,28 @@ class InteractionApi:
                 extra_flags=MessageFlag.LOADING,
             )
             handle.original_message_id = message.id
-        elif callback.type in (DEFERRED_UPDATE, UPDATE_MESSAGE):
-            if handle.message_id is None:
-                raise _form_error(
-                    "type", "INTERACTION_RESPONSE_TYPE_INVALID", "No message to update"
-                )
-            message = state.messages_by_id[handle.message_id]
+        else:  # DEFERRED_UPDATE or UPDATE_MESSAGE: a component's own message
+            message = state.messages_by_id[handle.message_id or 0]
             if callback.type == UPDATE_MESSAGE:
-                check_message(
-                    data, files, creating=False, existing_attachments=len(message.attachments)
-                )
-                state.edit_message(message, data, files)
-                callback.files = list(message.attachments)
+                state.edit_checked(message, data, files)
             handle.original_message_id = message.id
-        elif callback.type == MODAL:
-            _check_modal(data)
-            message = None
-        elif callback.type == AUTOCOMPLETE_RESULT:
-            if len(data.get("choices") or []) > 25:
-                raise _form_error(
-                    "choices", "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length."
-                )
-            message = None
-        else:
-            message = None
-        callback.message_id = message.id if message else None
+        callback.message_id = message.id
         return message
 
     def _callback_response(
-        self, handle: InteractionHandle, callback: InteractionCallback, message: FakeMessage | None
+        self, handle: InteractionHandle, callback: InteractionCallback, message: FakeMessage
     ) -> dict[str, Any]:
         """The `?with_response=true` body: the interaction and the resource it created."""
-        interaction: dict[str, Any] = {"id": str(handle.id), "type": handle.type}
+        interaction: dict[str, Any] = {
+            "id": str(handle.id),
+            "type": handle.type,
+            "response_message_id": str(message.id),
+            "response_message_loading": message.loading,
+            "response_message_ephemeral": message.ephemeral,
+        }
         resource: dict[str, Any] = {"type": callback.type}
-        if message is not None:
-            interaction.update(
-                response_message_id=str(message.id),
-                response_message_loading=message.loading,
-                response_message_ephemeral=message.ephemeral,
-            )
-            if callback.type != DEFERRED_UPDATE:
-                resource["message"] = payloads.message(self.state, message)
+        if callback.type != DEFERRED_UPDATE:
+            resource["message"] = payloads.message(self.state, message)
         return {"interaction": interaction, "resource": resource}
 
     # ---- /webhooks/{app_id}/{token} ---------------------------------------------------------
@@ -213,17 +181,10 @@ class InteractionApi:
             raise unknown(10008, "Message")
         return handle, message
 
-    async def get_message(self, request: web.Request) -> web.Response:
-        _, message = self._webhook_message(request)
-        return json_response(payloads.message(self.state, message))
-
     async def edit_message(self, request: web.Request) -> web.Response:
         _, message = self._webhook_message(request)
         body = body_of(request)
-        check_message(
-            body.object, body.files, creating=False, existing_attachments=len(message.attachments)
-        )
-        self.state.edit_message(message, body.object, body.files)
+        self.state.edit_checked(message, body.object, body.files)
         return json_response(payloads.message(self.state, message))
 
     async def delete_message(self, request: web.Request) -> web.Response:
@@ -237,14 +198,3 @@ def _message_type(handle: InteractionHandle) -> int:
     if handle.type != APPLICATION_COMMAND:
         return 0
     return 20 if handle.command_type == 1 else 23
-
-
-def _check_modal(data: dict[str, Any]) -> None:
-    if not data.get("custom_id") or len(data["custom_id"]) > 100:
-        raise _form_error("data", "BASE_TYPE_REQUIRED", "custom_id is required (at most 100)")
-    if not 1 <= len(data.get("title") or "") <= 45:
-        raise _form_error("title", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 45 in length.")
-    if not 1 <= len(data.get("components") or []) <= 5:
-        raise _form_error(
-            "components", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 5 in length."
-        )

@@ -1,5 +1,5 @@
-"""The gateway websocket: HELLO, IDENTIFY → READY + GUILD_CREATE, heartbeats, RESUME,
-member chunks, and dispatching events with increasing sequence numbers.
+"""The gateway websocket: HELLO, IDENTIFY → READY + GUILD_CREATE, heartbeats, and
+dispatching events with increasing sequence numbers.
 
 One writer task per connection sends everything in order, which both keeps sequence
 numbers ordered on the wire and lets a zlib-stream share one compressor."""
@@ -12,14 +12,13 @@ import json
 import secrets
 import time
 import zlib
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
 from . import payloads
-from .models import FakeGuild, FakeMessage
+from .models import FakeMessage
 
 if TYPE_CHECKING:
     from .state import FakeState
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
 
 class Intent:
     GUILDS = 1 << 0
-    GUILD_MEMBERS = 1 << 1
     GUILD_MESSAGES = 1 << 9
     DIRECT_MESSAGES = 1 << 12
     MESSAGE_CONTENT = 1 << 15
@@ -37,12 +35,6 @@ class Op:
     DISPATCH = 0
     HEARTBEAT = 1
     IDENTIFY = 2
-    PRESENCE_UPDATE = 3
-    VOICE_STATE_UPDATE = 4
-    RESUME = 6
-    RECONNECT = 7
-    REQUEST_GUILD_MEMBERS = 8
-    INVALID_SESSION = 9
     HELLO = 10
     HEARTBEAT_ACK = 11
 
@@ -62,12 +54,11 @@ class GatewayClose:
 
 @dataclass
 class GatewaySession:
-    """Survives reconnects so that RESUME can replay what the bot missed."""
+    """What an IDENTIFY started: the bot's intents and the sequence of dispatched events."""
 
     id: str
     intents: int
     seq: int = 0
-    backlog: deque[tuple[int, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=1000))
     connection: GatewayConnection | None = None
 
 
@@ -147,7 +138,6 @@ class GatewayHub:
         self.ready = asyncio.Event()
         self.heartbeats: list[float] = []
         self.closes: list[GatewayClose] = []
-        self.presence_updates: list[dict[str, Any]] = []
         self.identifies: list[dict[str, Any]] = []
         self.connects: list[dict[str, str]] = []  # query string of each websocket opened
         self.session: GatewaySession | None = None
@@ -157,20 +147,10 @@ class GatewayHub:
     def url(self) -> str:
         return self.state.base_url.replace("http://", "ws://", 1) + "/gateway"
 
-    @property
-    def intents(self) -> int:
-        return self.session.intents if self.session else 0
-
-    @property
-    def connection(self) -> GatewayConnection | None:
-        return self.session.connection if self.session else None
-
     # ---- websocket handler ------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.connects.append(dict(request.query))
-        version = request.query.get("v", "10")
-        encoding = request.query.get("encoding", "json")
         ws = web.WebSocketResponse(autoclose=True, max_msg_size=0, compress=False)
         await ws.prepare(request)
         compress = request.query.get("compress")
@@ -178,37 +158,20 @@ class GatewayHub:
         conn = GatewayConnection(ws, "zlib-stream" if compress == "zlib-stream" else None)
         self._connections.add(conn)
         try:
-            if version != "10":
-                await conn.close(4012, "Invalid API version")
-            elif encoding != "json":
-                await conn.close(4002, "Decode error")
-            else:
-                conn.enqueue(
-                    self._op(
-                        Op.HELLO,
-                        {
-                            "heartbeat_interval": self.heartbeat_interval_ms,
-                            "_trace": ['["gateway-fake-1",{"micros":0}]'],
-                        },
-                    )
-                )
-                await self._read_loop(conn)
+            hello = {
+                "heartbeat_interval": self.heartbeat_interval_ms,
+                "_trace": ['["gateway-fake-1",{"micros":0}]'],
+            }
+            conn.enqueue(self._op(Op.HELLO, hello))
+            await self._read_loop(conn)
         finally:
             self._connection_ended(conn)
         return ws
 
     async def _read_loop(self, conn: GatewayConnection) -> None:
         async for message in conn.ws:
-            if message.type is not WSMsgType.TEXT:
-                if message.type is WSMsgType.BINARY:
-                    await conn.close(4002, "Decode error")
-                continue
-            try:
-                frame = json.loads(message.data)
-            except ValueError:
-                await conn.close(4002, "Decode error")
-                return
-            await self._on_frame(conn, frame)
+            if message.type is WSMsgType.TEXT:
+                await self._on_frame(conn, json.loads(message.data))
 
     def _connection_ended(self, conn: GatewayConnection) -> None:
         self._connections.discard(conn)
@@ -229,28 +192,12 @@ class GatewayHub:
             self.state.changed.notify()
         elif op == Op.IDENTIFY:
             await self._identify(conn, data or {})
-        elif op == Op.RESUME:
-            await self._resume(conn, data or {})
-        elif conn.session is None:
-            await conn.close(4003, "Not authenticated.")
-        elif op == Op.PRESENCE_UPDATE:
-            self.presence_updates.append(data)
-        elif op == Op.REQUEST_GUILD_MEMBERS:
-            self._send_member_chunk(conn, data or {})
-        elif op == Op.VOICE_STATE_UPDATE:
-            pass
         else:
             await conn.close(4001, "Unknown opcode.")
 
     async def _identify(self, conn: GatewayConnection, data: dict[str, Any]) -> None:
-        if conn.session is not None:
-            await conn.close(4005, "Already authenticated.")
-            return
         if data.get("token") != self.state.token:
             await conn.close(4004, "Authentication failed.")
-            return
-        if not isinstance(data.get("intents"), int):
-            await conn.close(4013, "Invalid intent(s).")
             return
         self.identifies.append(data)
         session = GatewaySession(secrets.token_hex(16), data["intents"])
@@ -276,8 +223,6 @@ class GatewayHub:
             "application": {"id": str(self.state.application_id), "flags": APPLICATION_FLAGS},
             "_trace": ['["gateway-fake-1",{"micros":0}]'],
         }
-        if "shard" in data:
-            ready["shard"] = data["shard"]
         sent = [self._dispatch(session, "READY", ready)]
         if session.intents & Intent.GUILDS:
             for guild in self.state.guilds.values():
@@ -291,51 +236,6 @@ class GatewayHub:
             self.ready.set()
             self.state.changed.notify()
 
-    async def _resume(self, conn: GatewayConnection, data: dict[str, Any]) -> None:
-        session = self.session
-        if (
-            session is None
-            or data.get("session_id") != session.id
-            or data.get("token") != self.state.token
-        ):
-            conn.enqueue(self._op(Op.INVALID_SESSION, False))
-            return
-        if session.connection is not None and session.connection is not conn:
-            await session.connection.close(4000, "Resumed elsewhere")
-        session.connection = conn
-        conn.session = session
-        last_seen = data.get("seq") or 0
-        for seq, frame in list(session.backlog):
-            if seq > last_seen:
-                conn.enqueue(frame)
-        with contextlib.suppress(ConnectionError):
-            await self._dispatch(session, "RESUMED", {"_trace": ['["gateway-fake-1"]']})
-            self.ready.set()
-            self.state.changed.notify()
-
-    def _send_member_chunk(self, conn: GatewayConnection, data: dict[str, Any]) -> None:
-        session = conn.session
-        guild = self.state.guilds.get(int(data.get("guild_id") or 0))
-        if session is None or guild is None:
-            return
-        members = list(guild.members.values())
-        if data.get("user_ids"):
-            wanted = {int(u) for u in data["user_ids"]}
-            members = [m for m in members if m.id in wanted]
-        elif data.get("query"):
-            members = [m for m in members if m.user.username.startswith(data["query"])]
-        if data.get("limit"):
-            members = members[: data["limit"]]
-        chunk: dict[str, Any] = {
-            "guild_id": str(guild.id),
-            "members": [payloads.member(m) for m in members],
-            "chunk_index": 0,
-            "chunk_count": 1,
-        }
-        if data.get("nonce"):
-            chunk["nonce"] = data["nonce"]
-        self._dispatch(session, "GUILD_MEMBERS_CHUNK", chunk)
-
     # ---- dispatch ---------------------------------------------------------------------------
 
     @staticmethod
@@ -345,11 +245,10 @@ class GatewayHub:
     def _dispatch(self, session: GatewaySession, event: str, data: Any) -> asyncio.Future[float]:
         session.seq += 1
         frame = {"op": Op.DISPATCH, "d": data, "s": session.seq, "t": event}
-        session.backlog.append((session.seq, frame))
         if session.connection is not None:
             return session.connection.enqueue(frame)
         missed: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        _fail(missed, ConnectionError("the bot is not connected; kept for RESUME"))
+        _fail(missed, ConnectionError("the bot is not connected"))
         return missed
 
     def dispatch(self, event: str, data: Any) -> asyncio.Future[float]:
@@ -359,16 +258,9 @@ class GatewayHub:
         return self._dispatch(self.session, event, data)
 
     def dispatch_if_connected(self, event: str, data: Any, *, intent: int = 0) -> None:
-        """For world changes (new guild, member, channel) that happen while a bot may be on."""
+        """For world changes (a channel's permissions) that happen while a bot may be on."""
         if self.session is not None and (not intent or self.session.intents & intent):
             self._dispatch(self.session, event, data)
-
-    def guild_created(self, guild: FakeGuild) -> None:
-        self.dispatch_if_connected(
-            "GUILD_CREATE",
-            payloads.guild_create(self.state, guild, joined=True),
-            intent=Intent.GUILDS,
-        )
 
     # ---- message events for what the bot itself posts or a user sends ----------------------
 
@@ -390,7 +282,6 @@ class GatewayHub:
         )
         if not sees_content:  # what Discord does without the privileged intent
             data.update(content="", embeds=[], attachments=[], components=[])
-            data.pop("poll", None)
         return data
 
     def message_created(self, message: FakeMessage) -> asyncio.Future[float] | None:
@@ -411,20 +302,6 @@ class GatewayHub:
         if message.guild_id is not None:
             data["guild_id"] = str(message.guild_id)
         self.dispatch("MESSAGE_DELETE", data)
-
-    # ---- server-initiated disconnects ------------------------------------------------------
-
-    async def disconnect(self, code: int = 4000) -> None:
-        """Drop the bot's websocket as Discord sometimes does (the session stays resumable)."""
-        conn = self.connection
-        if conn is not None:
-            await conn.close(code, "fake Discord dropped the connection")
-
-    async def request_reconnect(self) -> None:
-        """Send op 7 RECONNECT, which asks the bot to reconnect and resume."""
-        conn = self.connection
-        if conn is not None:
-            await conn.enqueue(self._op(Op.RECONNECT, None))
 
     async def close_all(self) -> None:
         for conn in list(self._connections):

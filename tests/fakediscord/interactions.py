@@ -14,7 +14,6 @@ from .models import (
     FakeChannel,
     FakeMember,
     FakeMessage,
-    FakeRole,
     FakeUser,
     InteractionCallback,
 )
@@ -26,7 +25,7 @@ ATTACHMENT_SIZE_LIMIT = 10 * 1024 * 1024
 
 # Option types (Discord's ApplicationCommandOptionType)
 SUB_COMMAND, SUB_COMMAND_GROUP = 1, 2
-STRING, INTEGER, BOOLEAN, USER, CHANNEL, ROLE, NUMBER, ATTACHMENT = 3, 4, 5, 6, 7, 8, 10, 11
+STRING, INTEGER, BOOLEAN, USER, NUMBER, ATTACHMENT = 3, 4, 5, 6, 10, 11
 
 # An attachment option value: (filename, data) or (filename, data, content_type)
 Upload = tuple[str, bytes] | tuple[str, bytes, str]
@@ -41,12 +40,12 @@ class InteractionHandle:
     type: int
     user: FakeUser
     channel_id: int
-    guild_id: int | None
+    guild_id: int
     payload: dict[str, Any]
     state: FakeState = field(repr=False)
     name: str | None = None  # command name
-    command_type: int | None = None  # 1 slash, 2 user, 3 message
-    target_id: int | None = None  # context menus
+    command_type: int | None = None  # 1 slash, 3 message
+    target_id: int | None = None  # message context menu
     message_id: int | None = None  # component interactions: the message clicked
     dispatched_at: float = 0.0
     responses: list[InteractionCallback] = field(default_factory=list)
@@ -62,7 +61,7 @@ class InteractionHandle:
         return [self.state.messages_by_id[i] for i in self.followup_ids]
 
     async def wait_response(self, timeout: float = 10.0) -> InteractionCallback:
-        """The first callback (defer, message, update, modal, autocomplete)."""
+        """The first callback (defer, message or update)."""
         return await self.state.changed.wait_for(
             lambda: self.response, timeout, f"a response to interaction {self.name or self.id}"
         )
@@ -80,15 +79,7 @@ class InteractionHandle:
 
     async def original(self, timeout: float = 10.0) -> FakeMessage:
         """The original response message as it is now (after edits)."""
-
-        def check() -> FakeMessage | None:
-            if self.original_message_id is None:
-                return None
-            return self.state.messages_by_id[self.original_message_id]
-
-        return await self.state.changed.wait_for(
-            check, timeout, f"the original response to interaction {self.name or self.id}"
-        )
+        return await self.wait_original(lambda message: True, timeout)
 
     async def wait_original(
         self, predicate: Callable[[FakeMessage], bool] | None = None, timeout: float = 10.0
@@ -114,17 +105,21 @@ class InteractionBuilder:
         self.state = state
 
     def new_handle(
-        self, itype: int, user: FakeUser, channel: FakeChannel, data: dict[str, Any] | None
+        self, itype: int, member: FakeMember, channel: FakeChannel, data: dict[str, Any]
     ) -> InteractionHandle:
+        """An interaction by `member` in a guild text channel."""
         state = self.state
+        guild = state.guilds[member.guild_id]
+        if channel.guild_id != guild.id:
+            raise LookupError(f"{member.user.username} is not a member of that channel's guild")
         interaction_id = state.new_id()
         token = "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(120)
-        guild = state.guild_of(channel)
-        bot_id = state.bot_user.id
+        permissions = state.permissions_in(channel, member.id)
         payload: dict[str, Any] = {
             "id": str(interaction_id),
             "application_id": str(state.application_id),
             "type": itype,
+            "data": data,
             "token": token,
             "version": 1,
             "locale": "en-US",
@@ -132,38 +127,22 @@ class InteractionBuilder:
             "entitlement_sku_ids": [],
             "attachment_size_limit": ATTACHMENT_SIZE_LIMIT,
             "channel_id": str(channel.id),
-            "channel": payloads.channel(
-                state, channel, permissions=state.permissions_in(channel, user.id)
-            ),
-            "app_permissions": str(state.permissions_in(channel, bot_id)),
+            "channel": payloads.channel(state, channel, permissions=permissions),
+            "app_permissions": str(state.permissions_in(channel, state.bot_user.id)),
+            "guild_id": str(guild.id),
+            "guild": {"id": str(guild.id), "locale": "en-US", "features": []},
+            "guild_locale": "en-US",
+            "member": payloads.member(member, permissions=permissions),
+            "authorizing_integration_owners": {"0": str(guild.id)},
+            "context": 0,
         }
-        if data is not None:
-            payload["data"] = data
-        if guild is not None:
-            member = guild.members.get(user.id)
-            if member is None:
-                raise LookupError(f"{user.username} is not a member of {guild.name}")
-            payload.update(
-                guild_id=str(guild.id),
-                guild={"id": str(guild.id), "locale": "en-US", "features": []},
-                guild_locale="en-US",
-                member=payloads.member(member, permissions=state.permissions_in(channel, user.id)),
-                authorizing_integration_owners={"0": str(guild.id)},
-                context=0,
-            )
-        else:
-            payload.update(
-                user=payloads.user(user),
-                authorizing_integration_owners={"0": str(user.id)},
-                context=1,
-            )
         handle = InteractionHandle(
             id=interaction_id,
             token=token,
             type=itype,
-            user=user,
+            user=member.user,
             channel_id=channel.id,
-            guild_id=guild.id if guild else None,
+            guild_id=guild.id,
             payload=payload,
             state=state,
         )
@@ -172,29 +151,10 @@ class InteractionBuilder:
 
     # ---- application commands ---------------------------------------------------------------
 
-    def command_data(
-        self,
-        channel: FakeChannel,
-        name: str,
-        command_type: int,
-        *,
-        guild_command: bool,
-    ) -> dict[str, Any]:
-        guild_id = channel.guild_id if guild_command else None
-        data: dict[str, Any] = {
-            "id": str(self._command_id(guild_id, name, command_type)),
-            "name": name,
-            "type": command_type,
-        }
-        if guild_id is not None:
-            data["guild_id"] = str(guild_id)
-        return data
-
-    def _command_id(self, guild_id: int | None, name: str, command_type: int) -> int:
-        for command in self.state.registered_commands.get(guild_id, []):
-            if command["name"] == name and command.get("type", 1) == command_type:
-                return int(command["id"])
-        return self.state.command_id(guild_id, name, command_type)
+    def command_data(self, name: str, command_type: int) -> dict[str, Any]:
+        """A global command's data (options and targets are added by the caller)."""
+        command_id = self.state.command_id(name, command_type)
+        return {"id": str(command_id), "name": name, "type": command_type}
 
     def options(
         self,
@@ -203,8 +163,6 @@ class InteractionBuilder:
         attachments: Mapping[str, Upload],
         subcommands: Sequence[str],
         resolved: dict[str, dict[str, Any]],
-        *,
-        focused: str | None = None,
     ) -> list[dict[str, Any]]:
         """Typed options, nested under subcommand (group) options when given."""
         options = [self._option(channel, name, value, resolved) for name, value in values.items()]
@@ -217,11 +175,6 @@ class InteractionBuilder:
                 ephemeral=True,
             )
             options.append(self._option(channel, name, attachment, resolved))
-        if focused is not None:
-            for option in options:
-                if option["name"] == focused:
-                    option["focused"] = True
-                    option["value"] = str(option["value"])
         for depth, sub in enumerate(reversed(subcommands)):
             kind = SUB_COMMAND if depth == 0 else SUB_COMMAND_GROUP
             options = [{"name": sub, "type": kind, "options": options}]
@@ -234,8 +187,6 @@ class InteractionBuilder:
         value: Any,
         resolved: dict[str, dict[str, Any]],
     ) -> dict[str, Any]:
-        state = self.state
-        guild = state.guild_of(channel)
         if isinstance(value, bool):
             return {"name": name, "type": BOOLEAN, "value": value}
         if isinstance(value, int):
@@ -244,89 +195,30 @@ class InteractionBuilder:
             return {"name": name, "type": NUMBER, "value": value}
         if isinstance(value, str):
             return {"name": name, "type": STRING, "value": value}
-        if isinstance(value, FakeMember | FakeUser):
-            user = value.user if isinstance(value, FakeMember) else value
-            self.resolve_user(channel, user, resolved)
-            return {"name": name, "type": USER, "value": str(user.id)}
-        if isinstance(value, FakeRole):
-            resolved.setdefault("roles", {})[str(value.id)] = payloads.role(value)
-            return {"name": name, "type": ROLE, "value": str(value.id)}
-        if isinstance(value, FakeChannel):
-            entry = {
-                "id": str(value.id),
-                "name": value.name,
-                "type": value.type,
-                "permissions": str(state.permissions_in(value, state.bot_user.id)),
-                "flags": 0,
-            }
-            if guild is not None:
-                entry["guild_id"] = str(guild.id)
-            resolved.setdefault("channels", {})[str(value.id)] = entry
-            return {"name": name, "type": CHANNEL, "value": str(value.id)}
+        if isinstance(value, FakeMember):
+            # The user, plus their member (without `user`, with channel permissions).
+            key = str(value.id)
+            resolved.setdefault("users", {})[key] = payloads.user(value.user)
+            resolved.setdefault("members", {})[key] = payloads.member(
+                value, with_user=False, permissions=self.state.permissions_in(channel, value.id)
+            )
+            return {"name": name, "type": USER, "value": key}
         if isinstance(value, FakeAttachment):
             resolved.setdefault("attachments", {})[str(value.id)] = payloads.attachment(value)
             return {"name": name, "type": ATTACHMENT, "value": str(value.id)}
         raise TypeError(f"fake Discord cannot send an option of type {type(value).__name__}")
 
-    def resolve_user(
-        self, channel: FakeChannel, user: FakeUser, resolved: dict[str, dict[str, Any]]
-    ) -> None:
-        """Resolved users, plus their member (without `user`, with channel permissions)."""
-        resolved.setdefault("users", {})[str(user.id)] = payloads.user(user)
-        guild = self.state.guild_of(channel)
-        member = guild.members.get(user.id) if guild else None
-        if member is not None:
-            resolved.setdefault("members", {})[str(user.id)] = payloads.member(
-                member,
-                with_user=False,
-                permissions=self.state.permissions_in(channel, user.id),
-            )
+    # ---- components -------------------------------------------------------------------------
 
-    # ---- components and modals --------------------------------------------------------------
-
-    def component_data(
-        self, message: FakeMessage, custom_id: str, values: Sequence[str] | None
-    ) -> dict[str, Any]:
+    @staticmethod
+    def component_data(message: FakeMessage, custom_id: str) -> dict[str, Any]:
+        """A button click on `message` (the button must exist and be enabled)."""
         component = message.find_component(custom_id)
         if component is None:
             raise LookupError(f"message {message.id} has no component with custom_id {custom_id!r}")
         if component.get("disabled"):
             raise LookupError(f"component {custom_id!r} is disabled; a user cannot use it")
-        data: dict[str, Any] = {
-            "custom_id": custom_id,
-            "component_type": component["type"],
-        }
+        data: dict[str, Any] = {"custom_id": custom_id, "component_type": component["type"]}
         if "id" in component:
             data["id"] = component["id"]
-        if component["type"] != 2:
-            data["values"] = list(values or [])
         return data
-
-    @staticmethod
-    def modal_data(modal: dict[str, Any], values: Mapping[str, str]) -> dict[str, Any]:
-        """The submitted modal: its layout with each text input's value filled in."""
-        missing = set(values)
-
-        def fill(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            result = []
-            for item in items:
-                if item.get("type") == 1:
-                    result.append({"type": 1, "components": fill(item.get("components", []))})
-                elif item.get("type") == 18 and isinstance(item.get("component"), dict):
-                    inner = fill([item["component"]])
-                    result.append({"type": 18, "id": item.get("id", 0), "component": inner[0]})
-                elif "custom_id" in item:
-                    custom_id = item["custom_id"]
-                    missing.discard(custom_id)
-                    entry: dict[str, Any] = {"type": item["type"], "custom_id": custom_id}
-                    if item["type"] == 4:
-                        entry["value"] = values.get(custom_id, item.get("value") or "")
-                    else:
-                        entry["values"] = list(values.get(custom_id, []))
-                    result.append(entry)
-            return result
-
-        components = fill(modal.get("components", []))
-        if missing:
-            raise LookupError(f"the modal has no inputs named {sorted(missing)}")
-        return {"custom_id": modal["custom_id"], "components": components}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import itertools
 import re
 import time
 from dataclasses import dataclass, field
@@ -62,7 +61,6 @@ class MessageFlag:
     EPHEMERAL = 1 << 6
     LOADING = 1 << 7
     SUPPRESS_NOTIFICATIONS = 1 << 12
-    IS_COMPONENTS_V2 = 1 << 15
 
 
 class Snowflakes:
@@ -94,7 +92,6 @@ class FakeUser:
     global_name: str | None = None
     bot: bool = False
     discriminator: str = "0"
-    avatar: str | None = None
 
     @property
     def mention(self) -> str:
@@ -108,9 +105,6 @@ class FakeRole:
     permissions: int
     position: int = 0
     managed: bool = False
-    hoist: bool = False
-    mentionable: bool = False
-    color: int = 0
     bot_id: int | None = None
 
 
@@ -131,8 +125,6 @@ class FakeChannel:
     type: int = 0  # 0 guild text, 1 DM
     guild_id: int | None = None
     position: int = 0
-    topic: str | None = None
-    nsfw: bool = False
     overwrites: list[Overwrite] = field(default_factory=list)
     recipient_id: int | None = None  # DMs only
     last_message_id: int | None = None
@@ -141,26 +133,17 @@ class FakeChannel:
     def is_dm(self) -> bool:
         return self.type == 1
 
-    @property
-    def mention(self) -> str:
-        return f"<#{self.id}>"
-
 
 @dataclass
 class FakeMember:
     user: FakeUser
     guild_id: int
     role_ids: list[int] = field(default_factory=list)
-    nick: str | None = None
     joined_at: dt.datetime = field(default_factory=now)
 
     @property
     def id(self) -> int:
         return self.user.id
-
-    @property
-    def name(self) -> str:
-        return self.user.username
 
     @property
     def mention(self) -> str:
@@ -177,7 +160,6 @@ class FakeGuild:
     members: dict[int, FakeMember] = field(default_factory=dict)
     default_channel_id: int = 0
     moderator_role_id: int = 0
-    bot_role_id: int = 0
     created_at: dt.datetime = field(default_factory=now)
 
     @property
@@ -188,14 +170,6 @@ class FakeGuild:
     @property
     def everyone_role(self) -> FakeRole:
         return self.roles[self.id]
-
-    @property
-    def moderator_role(self) -> FakeRole:
-        return self.roles[self.moderator_role_id]
-
-    @property
-    def owner(self) -> FakeMember:
-        return self.members[self.owner_id]
 
 
 @dataclass
@@ -210,7 +184,6 @@ class FakeAttachment:
     proxy_url: str
     width: int | None = None
     height: int | None = None
-    description: str | None = None
     ephemeral: bool = False
 
     @property
@@ -236,14 +209,12 @@ class FakeMessage:
     interaction_id: int | None = None
     nonce: str | None = None
     type: int = 0
-    tts: bool = False
     mention_ids: list[int] = field(default_factory=list)
     webhook_id: int | None = None
     created_at: dt.datetime = field(default_factory=now)
     edited_at: dt.datetime | None = None
     deleted: bool = False
     at: float = field(default_factory=time.monotonic)
-    reactions: list[str] = field(default_factory=list)  # emoji the bot reacted with
     edits: list[FakeMessage] = field(default_factory=list)
 
     @property
@@ -263,27 +234,13 @@ class FakeMessage:
             components=list(self.components),
             attachments=list(self.attachments),
             mention_ids=list(self.mention_ids),
-            reactions=list(self.reactions),
             edits=[],
         )
 
     def find_component(self, custom_id: str) -> dict[str, Any] | None:
-        """The component (at any depth, v1 rows or v2 containers) with this custom_id."""
-        return _find_component(self.components, custom_id)
-
-
-def _find_component(components: list[dict[str, Any]], custom_id: str) -> dict[str, Any] | None:
-    for component in components:
-        if component.get("custom_id") == custom_id:
-            return component
-        children = list(component.get("components", []))
-        for key in ("accessory", "component"):
-            if isinstance(component.get(key), dict):
-                children.append(component[key])
-        found = _find_component(children, custom_id)
-        if found is not None:
-            return found
-    return None
+        """The component in this message's action rows with this custom_id."""
+        items = (item for row in self.components for item in row.get("components", []))
+        return next((item for item in items if item.get("custom_id") == custom_id), None)
 
 
 @dataclass
@@ -293,7 +250,6 @@ class InteractionCallback:
     type: int
     data: dict[str, Any]
     at: float
-    files: list[FakeAttachment] = field(default_factory=list)
     message_id: int | None = None
 
     @property
@@ -309,20 +265,8 @@ class InteractionCallback:
         return self.data.get("content")
 
     @property
-    def embeds(self) -> list[dict[str, Any]]:
-        return list(self.data.get("embeds") or [])
-
-    @property
     def components(self) -> list[dict[str, Any]]:
         return list(self.data.get("components") or [])
-
-    @property
-    def choices(self) -> list[dict[str, Any]]:
-        """Autocomplete suggestions (type 8)."""
-        return list(self.data.get("choices") or [])
-
-
-_request_counter = itertools.count(1)
 
 
 @dataclass
@@ -333,9 +277,7 @@ class RecordedRequest:
     path: str  # relative to the API base, e.g. /channels/123/messages
     body: Any
     at: float
-    query: dict[str, str] = field(default_factory=dict)
     status: int = 0
-    seq: int = field(default_factory=lambda: next(_request_counter))
 
 
 @dataclass
@@ -346,4 +288,3 @@ class Rejection:
     path: str
     status: int
     error: dict[str, Any]
-    at: float = field(default_factory=time.monotonic)

@@ -34,7 +34,7 @@ def user(u: FakeUser) -> dict[str, Any]:
         "username": u.username,
         "discriminator": u.discriminator,
         "global_name": u.global_name,
-        "avatar": u.avatar,
+        "avatar": None,
         "avatar_decoration_data": None,
         "banner": None,
         "accent_color": None,
@@ -58,7 +58,7 @@ def member(
 ) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "roles": [str(r) for r in m.role_ids],
-        "nick": m.nick,
+        "nick": None,
         "avatar": None,
         "banner": None,
         "joined_at": iso(m.joined_at),
@@ -81,15 +81,15 @@ def role(r: FakeRole) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "id": str(r.id),
         "name": r.name,
-        "color": r.color,
-        "colors": {"primary_color": r.color, "secondary_color": None, "tertiary_color": None},
-        "hoist": r.hoist,
+        "color": 0,
+        "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
+        "hoist": False,
         "icon": None,
         "unicode_emoji": None,
         "position": r.position,
         "permissions": str(r.permissions),
         "managed": r.managed,
-        "mentionable": r.mentionable,
+        "mentionable": False,
         "flags": 0,
     }
     if r.bot_id is not None:
@@ -120,8 +120,8 @@ def channel(
             for o in ch.overwrites
         ],
         "parent_id": None,
-        "topic": ch.topic,
-        "nsfw": ch.nsfw,
+        "topic": None,
+        "nsfw": False,
         "rate_limit_per_user": 0,
         "last_message_id": last,
         "flags": 0,
@@ -133,8 +133,10 @@ def channel(
     return payload
 
 
-def guild(g: FakeGuild) -> dict[str, Any]:
-    """The guild object of `GET /guilds/{id}` (GUILD_CREATE adds the gateway-only keys)."""
+def guild_create(state: FakeState, g: FakeGuild) -> dict[str, Any]:
+    """The full GUILD_CREATE body; member_count equals the members sent, so discord.py
+    considers the guild chunked and does not ask for members."""
+    bot_member = g.members.get(state.bot_user.id)
     return {
         "id": str(g.id),
         "name": g.name,
@@ -170,17 +172,6 @@ def guild(g: FakeGuild) -> dict[str, Any]:
         "roles": [role(r) for r in g.roles.values()],
         "emojis": [],
         "stickers": [],
-    }
-
-
-def guild_create(state: FakeState, g: FakeGuild, *, joined: bool = False) -> dict[str, Any]:
-    """The full GUILD_CREATE body; member_count equals the members sent, so discord.py
-    considers the guild chunked and does not ask for members. A guild the bot `joined`
-    after READY has no `unavailable` key, which is how discord.py tells on_guild_join from
-    on_guild_available."""
-    bot_member = g.members.get(state.bot_user.id)
-    body = {
-        **guild(g),
         "joined_at": iso(bot_member.joined_at if bot_member else g.created_at),
         "large": False,
         "lazy": True,
@@ -196,9 +187,6 @@ def guild_create(state: FakeState, g: FakeGuild, *, joined: bool = False) -> dic
         "soundboard_sounds": [],
         "embedded_activities": [],
     }
-    if joined:
-        del body["unavailable"]
-    return body
 
 
 def attachment(a: FakeAttachment) -> dict[str, Any]:
@@ -214,8 +202,6 @@ def attachment(a: FakeAttachment) -> dict[str, Any]:
     if a.width is not None and a.height is not None:
         payload["width"] = a.width
         payload["height"] = a.height
-    if a.description is not None:
-        payload["description"] = a.description
     if a.ephemeral:
         payload["ephemeral"] = True
     return payload
@@ -234,7 +220,7 @@ def message(
         "content": msg.content,
         "timestamp": iso(msg.created_at),
         "edited_timestamp": iso(msg.edited_at),
-        "tts": msg.tts,
+        "tts": False,
         "mention_everyone": False,
         "mentions": [user(state.users[uid]) for uid in msg.mention_ids if uid in state.users],
         "mention_roles": [],
@@ -303,11 +289,9 @@ def _interaction_metadata(state: FakeState, msg: FakeMessage) -> dict[str, Any]:
         "name": handle.name,
         "user": user(handle.user),
     }
-    if handle.type in (2, 4):
+    if handle.type == 2:
         metadata["name"] = handle.name
         metadata["command_type"] = handle.command_type
-        if handle.target_id is not None and handle.command_type == 3:
+        if handle.target_id is not None:
             metadata["target_message_id"] = str(handle.target_id)
-        elif handle.target_id is not None and handle.target_id in state.users:
-            metadata["target_user"] = user(state.users[handle.target_id])
     return {"interaction_metadata": metadata, "interaction": legacy}

@@ -38,7 +38,6 @@ def build_app(state: FakeState, hub: GatewayHub) -> web.Application:
         app.router.add_route(route.method, API_PREFIX + route.path, route.handler)
     app.router.add_get("/gateway", hub.handle)
     app.router.add_get("/attachments/{channel_id}/{attachment_id}/{filename}", _cdn(state))
-    app.router.add_get("/proxy/attachments/{channel_id}/{attachment_id}/{filename}", _cdn(state))
     app.router.add_route("*", "/{tail:.*}", _unknown_route(state))
     return app
 
@@ -51,7 +50,7 @@ def _api_middleware(
         if not request.path.startswith(API_PREFIX + "/"):
             return await handler(request)
         path = request.path[len(API_PREFIX) :]
-        record = RecordedRequest(request.method, path, None, time.monotonic(), dict(request.query))
+        record = RecordedRequest(request.method, path, None, time.monotonic())
         state.requests.append(record)
         request[RECORD] = record
         try:
@@ -102,9 +101,7 @@ def _unknown_route(state: FakeState) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         record = request.get(RECORD)
         if record is None:  # outside the API prefix, so the middleware did not log it
-            record = RecordedRequest(
-                request.method, request.path, None, time.monotonic(), dict(request.query)
-            )
+            record = RecordedRequest(request.method, request.path, None, time.monotonic())
             state.requests.append(record)
         state.problems.unknown_routes.append(record)
         return json_response(payloads.error(0, "404: Not Found"), status=404)
@@ -116,9 +113,12 @@ def _cdn(state: FakeState) -> Handler:
     """Serve uploaded attachments back, as cdn.discordapp.com would."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        record = RecordedRequest(request.method, request.path, None, time.monotonic(), 404)
+        state.requests.append(record)  # so a test can tell whether the bot downloaded a file
         attachment = state.attachments.get(int(request.match_info["attachment_id"]))
         if attachment is None or unquote(request.match_info["filename"]) != attachment.filename:
             return web.Response(status=404, text="Not Found")
+        record.status = 200
         return web.Response(
             body=attachment.data, content_type=attachment.content_type or "application/octet-stream"
         )

@@ -9,12 +9,11 @@ import mimetypes
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-from . import payloads
 from .bodies import UploadedFile
 from .models import (
     USER_MENTION,
@@ -33,7 +32,7 @@ from .models import (
     Snowflakes,
     now,
 )
-from .validation import Refusal
+from .validation import check_message, field_error, invalid_form
 
 if TYPE_CHECKING:
     from .gateway import GatewayHub
@@ -48,10 +47,7 @@ except ImportError:  # pragma: no cover - Pillow is a project dependency
 
 # Flags a bot may set when sending; anything else Discord ignores.
 SENDABLE_FLAGS = (
-    MessageFlag.SUPPRESS_EMBEDS
-    | MessageFlag.EPHEMERAL
-    | MessageFlag.SUPPRESS_NOTIFICATIONS
-    | MessageFlag.IS_COMPONENTS_V2
+    MessageFlag.SUPPRESS_EMBEDS | MessageFlag.EPHEMERAL | MessageFlag.SUPPRESS_NOTIFICATIONS
 )
 
 
@@ -140,11 +136,8 @@ class FakeState:
         self.bot_messages: list[FakeMessage] = []
         self.attachments: dict[int, FakeAttachment] = {}
         self.interactions: dict[int, InteractionHandle] = {}
-        self.registered_commands: dict[int | None, list[dict[str, Any]]] = {}
-        self.command_ids: dict[tuple[int | None, str, int], int] = {}
-        self.dm_blocked: set[int] = set()
+        self.command_ids: dict[tuple[str, int], int] = {}
         self.requests: list[RecordedRequest] = []
-        self.typing: list[tuple[int, float]] = []
         self.nonces: dict[tuple[int, str], int] = {}
 
     # ---- world building -------------------------------------------------------------------
@@ -152,8 +145,8 @@ class FakeState:
     def new_id(self) -> int:
         return self.snowflakes.next()
 
-    def add_user(self, username: str, *, bot: bool = False) -> FakeUser:
-        user = FakeUser(self.new_id(), username, username.capitalize(), bot=bot)
+    def add_user(self, username: str) -> FakeUser:
+        user = FakeUser(self.new_id(), username, username.capitalize())
         self.users[user.id] = user
         return user
 
@@ -162,9 +155,7 @@ class FakeState:
         owner = self.add_user(f"{name.lower().replace(' ', '')}-owner")
         guild = FakeGuild(guild_id, name, owner_id=owner.id)
         guild.roles[guild_id] = FakeRole(guild_id, "@everyone", Perm.EVERYONE, position=0)
-        moderator = FakeRole(
-            self.new_id(), "Moderator", Perm.EVERYONE | Perm.MODERATOR, 1, hoist=True
-        )
+        moderator = FakeRole(self.new_id(), "Moderator", Perm.EVERYONE | Perm.MODERATOR, 1)
         bot_role = FakeRole(
             self.new_id(),
             self.bot_user.username,
@@ -176,35 +167,21 @@ class FakeState:
         guild.roles[moderator.id] = moderator
         guild.roles[bot_role.id] = bot_role
         guild.moderator_role_id = moderator.id
-        guild.bot_role_id = bot_role.id
         self.guilds[guild_id] = guild
         guild.members[owner.id] = FakeMember(owner, guild_id)
         guild.members[self.bot_user.id] = FakeMember(self.bot_user, guild_id, [bot_role.id])
         guild.default_channel_id = self.add_channel(guild, "general").id
         return guild
 
-    def add_member(
-        self,
-        guild: FakeGuild,
-        user: FakeUser | str,
-        *,
-        moderator: bool = False,
-        roles: Iterable[FakeRole] = (),
-        nick: str | None = None,
-    ) -> FakeMember:
-        if isinstance(user, str):
-            user = self.add_user(user)
-        role_ids = [r.id for r in roles]
-        if moderator:
-            role_ids.append(guild.moderator_role_id)
-        member = FakeMember(user, guild.id, role_ids, nick=nick)
+    def add_member(self, guild: FakeGuild, username: str, *, moderator: bool = False) -> FakeMember:
+        user = self.add_user(username)
+        role_ids = [guild.moderator_role_id] if moderator else []
+        member = FakeMember(user, guild.id, role_ids)
         guild.members[user.id] = member
         return member
 
-    def add_channel(self, guild: FakeGuild, name: str, *, topic: str | None = None) -> FakeChannel:
-        channel = FakeChannel(
-            self.new_id(), name, 0, guild.id, position=len(guild.channels), topic=topic
-        )
+    def add_channel(self, guild: FakeGuild, name: str) -> FakeChannel:
+        channel = FakeChannel(self.new_id(), name, 0, guild.id, position=len(guild.channels))
         guild.channels[channel.id] = channel
         self.channels[channel.id] = channel
         return channel
@@ -220,9 +197,9 @@ class FakeState:
     def guild_of(self, channel: FakeChannel) -> FakeGuild | None:
         return None if channel.guild_id is None else self.guilds[channel.guild_id]
 
-    def command_id(self, guild_id: int | None, name: str, command_type: int) -> int:
+    def command_id(self, name: str, command_type: int) -> int:
         """A stable id per command, as Discord keeps one across bulk overwrites."""
-        key = (guild_id, name, command_type)
+        key = (name, command_type)
         if key not in self.command_ids:
             self.command_ids[key] = self.new_id()
         return self.command_ids[key]
@@ -282,7 +259,6 @@ class FakeState:
         data: bytes,
         *,
         content_type: str | None = None,
-        description: str | None = None,
         ephemeral: bool = False,
     ) -> FakeAttachment:
         """Keep an upload and give it a CDN-like URL (signed query string included) that
@@ -304,7 +280,6 @@ class FakeState:
             proxy_url=f"{self.base_url}/proxy{path}{query}",
             width=width,
             height=height,
-            description=description,
             ephemeral=ephemeral,
         )
         self.attachments[attachment_id] = attachment
@@ -343,30 +318,12 @@ class FakeState:
                         entry.get("filename") or upload.filename,
                         upload.data,
                         content_type=upload.content_type,
-                        description=entry.get("description"),
                         ephemeral=ephemeral,
                     )
                 )
             else:
-                raise Refusal(
-                    400,
-                    payloads.error(
-                        50035,
-                        "Invalid Form Body",
-                        {
-                            "attachments": {
-                                str(position): {
-                                    "_errors": [
-                                        {
-                                            "code": "ATTACHMENT_NOT_FOUND",
-                                            "message": "Attachment data not found",
-                                        }
-                                    ]
-                                }
-                            }
-                        },
-                    ),
-                )
+                error = field_error("ATTACHMENT_NOT_FOUND", "Attachment data not found")
+                raise invalid_form({"attachments": {str(position): error}})
         return result
 
     # ---- messages ---------------------------------------------------------------------------
@@ -404,7 +361,6 @@ class FakeState:
             embeds=_normalise_embeds(data.get("embeds")),
             components=_number_components(data.get("components")),
             flags=flags,
-            tts=bool(data.get("tts")),
             type=message_type,
             interaction_id=interaction_id,
             webhook_id=self.application_id if interaction_id is not None else None,
@@ -420,6 +376,13 @@ class FakeState:
         if self.hub is not None:
             self.hub.message_created(message)
         return message
+
+    def edit_checked(
+        self, message: FakeMessage, data: dict[str, Any], files: list[UploadedFile]
+    ) -> FakeMessage:
+        """An edit the bot asked for: refused as Discord would refuse it, else applied."""
+        check_message(data, files, creating=False, existing_attachments=len(message.attachments))
+        return self.edit_message(message, data, files)
 
     def edit_message(
         self, message: FakeMessage, data: dict[str, Any], files: list[UploadedFile]
@@ -439,7 +402,7 @@ class FakeState:
                 message.channel_id, data, files, message.attachments, message.ephemeral
             )
         if "flags" in data and data["flags"] is not None:
-            changeable = MessageFlag.SUPPRESS_EMBEDS | MessageFlag.IS_COMPONENTS_V2
+            changeable = MessageFlag.SUPPRESS_EMBEDS
             message.flags = (message.flags & ~changeable) | (int(data["flags"]) & changeable)
         message.flags &= ~MessageFlag.LOADING
         if "content" in data:
@@ -465,23 +428,8 @@ class FakeState:
         target = self.messages_by_id.get(target_id)
         if target is None or target.deleted:
             if reference.get("fail_if_not_exists", True):
-                raise Refusal(
-                    400,
-                    payloads.error(
-                        50035,
-                        "Invalid Form Body",
-                        {
-                            "message_reference": {
-                                "_errors": [
-                                    {
-                                        "code": "MESSAGE_REFERENCE_UNKNOWN_MESSAGE",
-                                        "message": "Unknown message",
-                                    }
-                                ]
-                            }
-                        },
-                    ),
-                )
+                error = field_error("MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "Unknown message")
+                raise invalid_form({"message_reference": error})
             return
         message.reference = target.id
         message.reference_channel_id = target.channel_id
@@ -545,9 +493,6 @@ def _number_components(components: list[dict[str, Any]] | None) -> list[dict[str
             item.setdefault("id", next(counter))
             if "components" in item:
                 item["components"] = walk(item["components"])
-            for key in ("accessory", "component"):
-                if isinstance(item.get(key), dict):
-                    item[key] = walk([item[key]])[0]
             result.append(item)
         return result
 

@@ -7,7 +7,6 @@ from typing import Any
 
 from . import payloads
 from .bodies import UploadedFile
-from .models import MessageFlag
 
 MAX_CONTENT = 2000
 MAX_EMBEDS = 10
@@ -37,16 +36,18 @@ class Refusal(Exception):
         self.bot_error = status in (400, 413) if bot_error is None else bot_error
 
 
-def _too_long(limit: int) -> dict[str, Any]:
-    return {
-        "_errors": [
-            {"code": "BASE_TYPE_MAX_LENGTH", "message": f"Must be {limit} or fewer in length."}
-        ]
-    }
+def field_error(code: str, message: str) -> dict[str, Any]:
+    """One field's entry in an "Invalid Form Body" error tree."""
+    return {"_errors": [{"code": code, "message": message}]}
 
 
-def _invalid_form(errors: dict[str, Any]) -> Refusal:
+def invalid_form(errors: dict[str, Any]) -> Refusal:
+    """Discord's 400 / 50035 with the tree of what is wrong, e.g. {"content": field_error(…)}."""
     return Refusal(400, payloads.error(50035, "Invalid Form Body", errors))
+
+
+def _too_long(limit: int) -> dict[str, Any]:
+    return field_error("BASE_TYPE_MAX_LENGTH", f"Must be {limit} or fewer in length.")
 
 
 def check_message(
@@ -82,7 +83,7 @@ def check_message(
         errors["components"] = component_errors
 
     if errors:
-        raise _invalid_form(errors)
+        raise invalid_form(errors)
 
     if sum(len(f.data) for f in files) > MAX_UPLOAD_BYTES:
         raise Refusal(413, payloads.error(40005, "Request entity too large"))
@@ -99,14 +100,7 @@ def _attachment_count(data: dict[str, Any], files: list[UploadedFile], existing:
 
 
 def _is_empty(data: dict[str, Any], files: list[UploadedFile]) -> bool:
-    return not (
-        data.get("content")
-        or data.get("embeds")
-        or files
-        or data.get("components")
-        or data.get("sticker_ids")
-        or data.get("poll")
-    )
+    return not (data.get("content") or data.get("embeds") or files or data.get("components"))
 
 
 def _check_embeds(embeds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -146,14 +140,13 @@ def _check_embeds(embeds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _check_components(data: dict[str, Any]) -> dict[str, Any]:
     rows = data.get("components") or []
-    v2 = bool(int(data.get("flags") or 0) & MessageFlag.IS_COMPONENTS_V2)
-    if not v2 and len(rows) > MAX_ROWS:
+    if len(rows) > MAX_ROWS:
         return _too_long(MAX_ROWS)
     errors: dict[str, Any] = {}
     seen: set[str] = set()
     for row_index, row in enumerate(rows):
         children = row.get("components") or []
-        if row.get("type") == 1 and len(children) > MAX_ROW_ITEMS:
+        if len(children) > MAX_ROW_ITEMS:
             errors[str(row_index)] = {"components": _too_long(MAX_ROW_ITEMS)}
             continue
         for item_index, item in enumerate(children):
@@ -172,23 +165,11 @@ def _check_item(item: dict[str, Any], seen: set[str]) -> dict[str, Any]:
         if len(custom_id) > MAX_CUSTOM_ID:
             problem["custom_id"] = _too_long(MAX_CUSTOM_ID)
         elif custom_id in seen:
-            problem["custom_id"] = {
-                "_errors": [
-                    {
-                        "code": "COMPONENT_CUSTOM_ID_DUPLICATED",
-                        "message": "Component custom id cannot be duplicated",
-                    }
-                ]
-            }
+            problem["custom_id"] = field_error(
+                "COMPONENT_CUSTOM_ID_DUPLICATED", "Component custom id cannot be duplicated"
+            )
         seen.add(custom_id)
     label = item.get("label")
-    if item.get("type") == 2 and label is not None and len(label) > MAX_LABEL:
+    if label is not None and len(label) > MAX_LABEL:
         problem["label"] = _too_long(MAX_LABEL)
-    style = item.get("style")
-    if item.get("type") == 2 and (
-        (style == 5 and not item.get("url")) or (style in (1, 2, 3, 4) and custom_id is None)
-    ):
-        problem.setdefault("_errors", []).append(
-            {"code": "BUTTON_COMPONENT_INVALID", "message": "Invalid button"}
-        )
     return problem

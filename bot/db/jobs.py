@@ -1,0 +1,373 @@
+"""The queue: a job's life from queued to done, failed or cancelled, and the batches it ran in.
+
+The jobs table is the queue; the executor only ever claims from it. Every function takes an
+open transaction (see `bot.db.connection`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, replace
+from enum import Enum
+
+from bot.batching import form_batch
+from bot.db import quotas
+from bot.db.connection import Tx
+from bot.requests import GenerationRequest, Job, JobStatus
+
+JOB_COLUMNS = (
+    "id, member_id, guild_id, channel_id, prompt, negative_prompt, seed, count, steps, guidance,"
+    " width, height, scheduler, model, mode, strength, status, queued_at, attempts, batch_id,"
+    " init_image_hash, parent_job_id, parent_image_index"
+)
+RECORD_COLUMNS = (
+    f"{JOB_COLUMNS}, started_at, finished_at, batch_size, withheld, error, result_channel_id,"
+    " result_message_id, interaction_id"
+)
+
+
+class CancelOutcome(Enum):
+    """What a cancel request did: a queued job is cancelled and refunded at once, a running one
+    stops when its batch ends, anything else is past cancelling."""
+
+    CANCELLED = "cancelled"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Everything the store knows about a job, for history, delivery and tests."""
+
+    job: Job
+    started_at: float | None
+    finished_at: float | None
+    batch_size: int | None
+    withheld: int
+    error: str | None
+    result_channel_id: int | None
+    result_message_id: int | None
+    interaction_id: int | None
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    request = GenerationRequest(
+        prompt=row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        seed=row["seed"],
+        count=row["count"],
+        steps=row["steps"],
+        guidance=row["guidance"],
+        width=row["width"],
+        height=row["height"],
+        scheduler=row["scheduler"],
+        model=row["model"],
+        mode=row["mode"],
+        strength=row["strength"],
+        init_image_hash=row["init_image_hash"],
+    )
+    return Job(
+        id=row["id"],
+        member_id=row["member_id"],
+        guild_id=row["guild_id"],
+        channel_id=row["channel_id"],
+        request=request,
+        status=JobStatus(row["status"]),
+        queued_at=row["queued_at"],
+        attempts=row["attempts"],
+        batch_id=row["batch_id"],
+        parent_job_id=row["parent_job_id"],
+        parent_image_index=row["parent_image_index"],
+    )
+
+
+def _record_from_row(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        job=job_from_row(row),
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        batch_size=row["batch_size"],
+        withheld=row["withheld"],
+        error=row["error"],
+        result_channel_id=row["result_channel_id"],
+        result_message_id=row["result_message_id"],
+        interaction_id=row["interaction_id"],
+    )
+
+
+def _jobs_by_id(rows: list[sqlite3.Row]) -> list[Job]:
+    return sorted(map(job_from_row, rows), key=lambda job: job.id)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+async def get(tx: Tx, job_id: int) -> JobRecord | None:
+    row = await tx.one(f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+    return None if row is None else _record_from_row(row)
+
+
+async def for_message(tx: Tx, message_id: int) -> JobRecord | None:
+    """The job whose result was posted as `message_id` (for buttons, replies, Vary)."""
+    row = await tx.one(
+        f"SELECT {RECORD_COLUMNS} FROM jobs WHERE result_message_id = ?", (message_id,)
+    )
+    return None if row is None else _record_from_row(row)
+
+
+async def of_member(tx: Tx, member_id: int, limit: int) -> list[JobRecord]:
+    """A member's newest jobs first."""
+    rows = await tx.all(
+        f"""SELECT {RECORD_COLUMNS} FROM jobs WHERE member_id = ?
+            ORDER BY queued_at DESC, id DESC LIMIT ?""",
+        (member_id, limit),
+    )
+    return [_record_from_row(row) for row in rows]
+
+
+async def pending(tx: Tx) -> list[Job]:
+    """Queued jobs, oldest first."""
+    rows = await tx.all(
+        f"SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY queued_at, id"
+    )
+    return [job_from_row(row) for row in rows]
+
+
+async def active(tx: Tx, guild_id: int | None = None) -> list[Job]:
+    """Running then queued jobs, in the order they will finish; all servers when None."""
+    rows = await tx.all(
+        f"""SELECT {JOB_COLUMNS} FROM jobs
+            WHERE status IN ('running', 'queued') AND (? IS NULL OR COALESCE(guild_id, 0) = ?)
+            ORDER BY status = 'queued', queued_at, id""",
+        (guild_id, guild_id),
+    )
+    return [job_from_row(row) for row in rows]
+
+
+async def position(tx: Tx, job_id: int) -> int:
+    """1 for the next job to run; 0 when the job is already running or finished."""
+    return await tx.value(
+        """SELECT COUNT(*) FROM jobs AS other, jobs AS mine
+           WHERE mine.id = ? AND mine.status = 'queued' AND other.status = 'queued'
+             AND (other.queued_at, other.id) <= (mine.queued_at, mine.id)""",
+        (job_id,),
+    )
+
+
+async def count(tx: Tx) -> int:
+    return await tx.value("SELECT COUNT(*) FROM jobs")
+
+
+async def init_image(tx: Tx, digest: str) -> bytes | None:
+    return await tx.value("SELECT png FROM init_images WHERE hash = ?", (digest,))
+
+
+async def cancel_requested(tx: Tx, job_ids: list[int]) -> set[int]:
+    marks = ", ".join("?" * len(job_ids))
+    rows = await tx.all(
+        f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", job_ids
+    )
+    return {row["id"] for row in rows}
+
+
+# --- the lifecycle -------------------------------------------------------------------------
+
+
+async def insert(
+    tx: Tx,
+    request: GenerationRequest,
+    *,
+    member_id: int,
+    guild_id: int | None,
+    channel_id: int | None,
+    interaction_id: int | None = None,
+    parent: tuple[int, int] | None = None,
+    init_png: bytes | None = None,
+) -> Job:
+    """Write a queued job (and its init image, so it can run again after a restart)."""
+    if init_png is not None:
+        await tx.run(
+            "INSERT OR IGNORE INTO init_images (hash, png, stored_at) VALUES (?, ?, ?)",
+            (request.init_image_hash, init_png, tx.now),
+        )
+    parent_job_id, parent_index = parent or (None, None)
+    cursor = await tx.run(
+        """INSERT INTO jobs (member_id, guild_id, channel_id, interaction_id, prompt,
+               negative_prompt, seed, count, steps, guidance, width, height, scheduler,
+               model, mode, strength, queued_at, init_image_hash, parent_job_id,
+               parent_image_index)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            member_id,
+            guild_id,
+            channel_id,
+            interaction_id,
+            request.prompt,
+            request.negative_prompt,
+            request.seed,
+            request.count,
+            request.steps,
+            request.guidance,
+            request.width,
+            request.height,
+            request.scheduler,
+            request.model,
+            request.mode,
+            request.strength,
+            tx.now,
+            request.init_image_hash,
+            parent_job_id,
+            parent_index,
+        ),
+    )
+    return Job(
+        cursor.lastrowid,
+        member_id,
+        guild_id,
+        channel_id,
+        request,
+        JobStatus.QUEUED,
+        tx.now,
+        parent_job_id=parent_job_id,
+        parent_image_index=parent_index,
+    )
+
+
+async def claim_batch(tx: Tx, max_images: int) -> tuple[int, list[Job]] | None:
+    """Mark the next batch running and return (batch id, jobs)."""
+    batch = form_batch(await pending(tx), max_images)
+    if not batch:
+        return None
+    images = sum(job.request.count for job in batch)
+    cursor = await tx.run(
+        "INSERT INTO batches (model, images, started_at) VALUES (?, ?, ?)",
+        (batch[0].request.model, images, tx.now),
+    )
+    batch_id = cursor.lastrowid
+    await tx.run_many(
+        """UPDATE jobs SET status = 'running', started_at = ?, batch_id = ?, batch_size = ?,
+               attempts = attempts + 1
+           WHERE id = ?""",
+        [(tx.now, batch_id, images, job.id) for job in batch],
+    )
+    return batch_id, [
+        replace(job, status=JobStatus.RUNNING, attempts=job.attempts + 1, batch_id=batch_id)
+        for job in batch
+    ]
+
+
+async def finish_batch(tx: Tx, batch_id: int) -> None:
+    await tx.run("UPDATE batches SET finished_at = ? WHERE id = ?", (tx.now, batch_id))
+
+
+async def mark_done(tx: Tx, job_id: int, withheld: int = 0) -> None:
+    """A job whose every image was withheld by the safety checker is refunded."""
+    images = await tx.value(
+        """UPDATE jobs SET status = 'done', finished_at = ?, withheld = ?, error = NULL
+           WHERE id = ? RETURNING count""",
+        (tx.now, withheld, job_id),
+    )
+    if images is not None and withheld >= images:
+        await quotas.refund(tx, job_id)
+
+
+async def mark_failed(tx: Tx, job_id: int, error: str) -> None:
+    await tx.run(
+        "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+        (tx.now, error, job_id),
+    )
+    await quotas.refund(tx, job_id)
+
+
+async def mark_cancelled(tx: Tx, job_id: int) -> None:
+    """A running job whose member cancelled it: its images are dropped and it is refunded."""
+    await tx.run(
+        "UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ?", (tx.now, job_id)
+    )
+    await quotas.refund(tx, job_id)
+
+
+async def record_delivery(
+    tx: Tx, job_id: int, channel_id: int, message_id: int, withheld: int = 0
+) -> None:
+    """Where a job's result was posted; recorded as soon as it is posted, so a job found
+    running after a crash but already delivered is not run and posted again."""
+    await tx.run(
+        """UPDATE jobs SET result_channel_id = ?, result_message_id = ?, withheld = ?
+           WHERE id = ?""",
+        (channel_id, message_id, withheld, job_id),
+    )
+
+
+async def recover_interrupted(tx: Tx, max_attempts: int) -> tuple[int, list[Job]]:
+    """After a crash: jobs left running whose result was already posted are done; the others
+    go back to the queue in their original order, except those already claimed max_attempts
+    times, which fail with a refund (a job that keeps killing the process must not take the
+    bot down forever). Returns (requeued, failed)."""
+    delivered = await tx.all(
+        """UPDATE jobs SET status = 'done', finished_at = ?
+           WHERE status = 'running' AND result_message_id IS NOT NULL
+           RETURNING id, count, withheld""",
+        (tx.now,),
+    )
+    for row in delivered:
+        if row["withheld"] >= row["count"]:
+            await quotas.refund(tx, row["id"])
+    failed = _jobs_by_id(
+        await tx.all(
+            f"""UPDATE jobs SET status = 'failed', finished_at = ?, error = ?
+                WHERE status = 'running' AND attempts >= ? RETURNING {JOB_COLUMNS}""",
+            (tx.now, f"the bot stopped during this job {max_attempts} times", max_attempts),
+        )
+    )
+    for job in failed:
+        await quotas.refund(tx, job.id)
+    cursor = await tx.run(
+        "UPDATE jobs SET status = 'queued', started_at = NULL WHERE status = 'running'"
+    )
+    return cursor.rowcount, failed
+
+
+async def return_to_queue(tx: Tx, job_ids: list[int]) -> None:
+    """Put jobs that a shutdown interrupted back in the queue; the attempt does not count,
+    since the job did nothing wrong."""
+    await tx.run_many(
+        """UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(attempts - 1, 0)
+           WHERE id = ? AND status = 'running'""",
+        [(job_id,) for job_id in job_ids],
+    )
+
+
+# --- cancelling ----------------------------------------------------------------------------
+
+
+async def request_cancel(tx: Tx, job_id: int) -> CancelOutcome:
+    """Cancel and refund a queued job at once; flag a running one, whose images are dropped
+    when its batch ends."""
+    cursor = await tx.run(
+        "UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued'",
+        (tx.now, job_id),
+    )
+    if cursor.rowcount:
+        await quotas.refund(tx, job_id)
+        return CancelOutcome.CANCELLED
+    cursor = await tx.run(
+        "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (job_id,)
+    )
+    return CancelOutcome.STOPPING if cursor.rowcount else CancelOutcome.FINISHED
+
+
+async def cancel_queued(tx: Tx, guild_id: int, member_id: int | None = None) -> list[Job]:
+    """Cancel and refund queued jobs in a server, of one member or of everyone."""
+    cancelled = _jobs_by_id(
+        await tx.all(
+            f"""UPDATE jobs SET status = 'cancelled', finished_at = ?
+                WHERE status = 'queued' AND COALESCE(guild_id, 0) = ?
+                  AND (? IS NULL OR member_id = ?)
+                RETURNING {JOB_COLUMNS}""",
+            (tx.now, guild_id, member_id, member_id),
+        )
+    )
+    for job in cancelled:
+        await quotas.refund(tx, job.id)
+    return cancelled

@@ -1,0 +1,288 @@
+"""The runner: the loaded pipelines of one device and one diffusers call per batch.
+
+Latents are decoded here, not inside diffusers, so a NaN image can be retried in float32 and
+previews can be drawn from the latents while a call runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+from bot.pipelines.devices import (
+    CudaMemory,
+    MemoryFit,
+    MemoryMeter,
+    padded_batch_size,
+    resolve_device,
+)
+from bot.pipelines.loading import PipelineOptions, load_pipeline
+from bot.pipelines.schedulers import with_scheduler
+from bot.requests import BatchKey, ImageSpec
+from bot.results import BLANK_IMAGE_ERROR, GeneratedImage, Interrupted, StepProgress
+
+log = logging.getLogger(__name__)
+
+MODES = ("text", "image")
+
+
+def _not_finite(images: torch.Tensor) -> torch.Tensor:
+    """One flag per image: any NaN or Inf pixel (what an fp16 VAE overflow leaves)."""
+    return ~torch.isfinite(images).flatten(1).all(dim=1)
+
+
+def decode_latents(
+    vae: AutoencoderKL, latents: torch.Tensor, slice_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode latents to [-1, 1] images, `slice_size` at a time, with a bad-output flag per
+    image; NaN/Inf images are decoded once more with the VAE in float32, the usual cure for
+    fp16 overflow."""
+    scale = vae.config.scaling_factor
+
+    def decode(chosen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        parts = (chosen.to(dtype) / scale).split(slice_size)
+        return torch.cat([vae.decode(part, return_dict=False)[0] for part in parts])
+
+    with torch.no_grad():
+        images = decode(latents, vae.dtype)
+        bad = _not_finite(images)
+        if bad.any():
+            dtype = vae.dtype
+            vae.to(torch.float32)
+            try:
+                images[bad] = decode(latents[bad], torch.float32).to(images.dtype)
+            finally:
+                vae.to(dtype)
+            bad = _not_finite(images)
+    # Blank images decode to black, not to whatever NaN casts to.
+    images[bad] = -1.0
+    return images, bad
+
+
+# A fixed linear map from SD 1.x's four latent channels to RGB: a blurry but recognisable
+# preview at no cost, since the VAE is not run.
+_LATENT_RGB = torch.tensor(
+    [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ]
+)
+
+
+def latent_previews(latents: torch.Tensor) -> list[PIL.Image.Image]:
+    """One small RGB picture per image in the batch, straight from the latents."""
+    rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float().cpu(), _LATENT_RGB)
+    rgb = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    return [
+        PIL.Image.fromarray(array).resize((array.shape[1] * 4, array.shape[0] * 4)) for array in rgb
+    ]
+
+
+class PipelineRunner:
+    """Owns the loaded pipelines, one per model id, loaded lazily and kept for the process.
+
+    Not thread-safe and needs no lock: a single worker thread per device calls `load` and
+    `generate`. `token_count` uses its own tokenizer copy, so another thread may call it for a
+    model that is already loaded.
+    """
+
+    def __init__(self, options: PipelineOptions) -> None:
+        self.options = options
+        self.device, self.dtype = resolve_device(options.device, options.dtype)
+        self._pipelines: dict[str, StableDiffusionPipeline] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._memory_fits: dict[str, MemoryFit] = {}
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Stop the running call at its next step (shutdown, or every job cancelled), and any
+        call started before `resume()`: they raise Interrupted. Safe from any thread."""
+        self._interrupted.set()
+
+    def resume(self) -> None:
+        """Let calls run again after `interrupt()`; the executor calls this per batch."""
+        self._interrupted.clear()
+
+    def load(self, model: str) -> StableDiffusionPipeline:
+        """Load `model` now (at start-up) so missing weights fail early and nobody waits."""
+        pipe = self._pipelines.get(model)
+        if pipe is None:
+            pipe = load_pipeline(model, self.options)
+            # The pipeline reconfigures its tokenizer on every call; counting uses a copy.
+            self._tokenizers[model] = copy.deepcopy(pipe.tokenizer)
+            self._pipelines[model] = pipe
+            if self.device.type == "cuda":
+                self.measure_memory(model, CudaMemory(self.device))
+        return pipe
+
+    def batch_limit(self, key: BatchKey) -> int | None:
+        """How many images of this key fit in GPU memory at once, from the start-up probe;
+        None where nothing was measured (CPU, MPS), and the configured cap alone applies."""
+        fit = self._memory_fits.get(key.model)
+        return None if fit is None else fit.images_that_fit(key.width * key.height)
+
+    def measure_memory(self, model: str, meter: MemoryMeter) -> MemoryFit | None:
+        """Run one-step calls of one and two images at the largest size and read the peak
+        device memory of each: their difference is what an image costs, the rest is what a
+        call costs. Also warms the kernels up, so the first member does not pay for it.
+        `batch_limit` answers from what this finds."""
+        side = self.options.largest_side
+        key = BatchKey(model, "text", side, side, steps=1, scheduler="Euler", guidance=7.5)
+        peaks: list[int] = []
+        for images in (1, 2):
+            before = meter.start()
+            try:
+                self.generate(key, [ImageSpec("probe", "", seed) for seed in range(images)])
+            except torch.cuda.OutOfMemoryError:
+                break
+            peaks.append(meter.peak() - before)
+        free = meter.free()
+        if not peaks:
+            log.warning(
+                "one %d×%d image does not fit in the %.1f GiB of GPU memory left after loading "
+                "%s; lower MAX_SIZE",
+                side,
+                side,
+                free / 2**30,
+                model,
+            )
+            return None
+        per_image = peaks[1] - peaks[0] if len(peaks) == 2 else peaks[0]
+        fit = MemoryFit(
+            fixed_bytes=max(0, peaks[0] - per_image),
+            per_image_bytes=max(1, per_image),
+            probe_pixels=side * side,
+            free_bytes=free,
+        )
+        self._memory_fits[model] = fit
+        log.info(
+            "GPU memory for %s: %.1f GiB free; a call takes %.2f GiB plus %.2f GiB per %d×%d "
+            "image, so at most %d image(s) at %d×%d and %d at 512×512",
+            model,
+            free / 2**30,
+            fit.fixed_bytes / 2**30,
+            fit.per_image_bytes / 2**30,
+            side,
+            side,
+            fit.images_that_fit(side * side),
+            side,
+            side,
+            fit.images_that_fit(512 * 512),
+        )
+        return fit
+
+    def release_memory(self) -> None:
+        """Hand cached blocks back to the device after an out-of-memory error, so the
+        smaller retry starts from a clean allocator."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
+
+    def token_count(self, model: str, prompt: str) -> int:
+        """CLIP tokens `prompt` takes without start/end tokens; past MAX_PROMPT_TOKENS is cut."""
+        if model not in self._tokenizers:
+            self.load(model)
+        tokenizer = self._tokenizers[model]
+        return len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def generate(
+        self,
+        key: BatchKey,
+        specs: list[ImageSpec],
+        *,
+        progress: StepProgress | None = None,
+        preview_every: int = 0,
+    ) -> list[GeneratedImage]:
+        """Run ONE diffusers call for the batch with a generator per image, so each image depends
+        only on its own spec and the key. `progress(done, total, previews)` is called after each
+        step, with a rough preview per image every `preview_every` steps (else None).
+        Mode "image" starts from each spec's `init_image` and denoises `key.denoising_steps`
+        steps. Latents are decoded here, so a NaN image can be retried in float32. A compiled
+        UNet runs the call padded to its batch bucket (`padded_batch_size`)."""
+        if key.mode not in MODES:
+            raise ValueError(f"unknown mode {key.mode!r}; expected one of: {', '.join(MODES)}.")
+        if not specs:
+            return []
+        base = self.load(key.model)
+        wanted = len(specs)
+        if self.options.compile_unet:
+            # Copies of the last image fill the bucket; their results are dropped below.
+            largest = self.options.max_batch_size
+            cap = min(largest, self.batch_limit(key) or largest)
+            padding = padded_batch_size(wanted, cap) - wanted
+            specs = specs + [specs[-1]] * padding
+        extra: dict[str, Any] = {}
+        if key.mode == "image":
+            extra = self._image_arguments(key, specs)
+            pipe = with_scheduler(base, key.scheduler, StableDiffusionImg2ImgPipeline)
+        else:
+            extra = {"width": key.width, "height": key.height}
+            pipe = with_scheduler(base, key.scheduler)
+        # MPS generators are not reliable across torch versions; diffusers accepts CPU ones.
+        gen_device = torch.device("cpu") if self.device.type == "mps" else self.device
+
+        def on_step(call: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if self._interrupted.is_set():
+                call._interrupt = True  # diffusers skips the remaining steps
+            elif progress is not None:
+                done = step + 1
+                due = preview_every and done % preview_every == 0 and done < call.num_timesteps
+                previews = latent_previews(kwargs["latents"][:wanted]) if due else None
+                progress(done, call.num_timesteps, previews)
+            return kwargs
+
+        extra["callback_on_step_end"] = on_step
+        latents = pipe(
+            prompt=[spec.prompt for spec in specs],
+            negative_prompt=[spec.negative_prompt for spec in specs],
+            generator=[torch.Generator(gen_device).manual_seed(spec.seed) for spec in specs],
+            num_inference_steps=key.steps,
+            guidance_scale=key.guidance,
+            output_type="latent",
+            **extra,
+        ).images[:wanted]
+        if self._interrupted.is_set():
+            raise Interrupted("the call was interrupted")
+        images, bad = decode_latents(pipe.vae, latents, self.options.vae_decode_batch)
+        images, flags = pipe.run_safety_checker(images, self.device, pipe.text_encoder.dtype)
+        flags = flags or [False] * wanted
+        pictures = pipe.image_processor.postprocess(
+            images, output_type="pil", do_denormalize=[not flag for flag in flags]
+        )
+        return [
+            GeneratedImage(
+                image=picture, withheld=bool(flag), error=BLANK_IMAGE_ERROR if blank else None
+            )
+            for picture, flag, blank in zip(pictures, flags, bad.tolist(), strict=True)
+        ]
+
+    @staticmethod
+    def _image_arguments(key: BatchKey, specs: list[ImageSpec]) -> dict[str, Any]:
+        """The img2img call's own arguments, checked here so a bad batch fails with a reason
+        instead of deep inside diffusers."""
+        if key.strength is None or not 0 < key.strength <= 1:
+            raise ValueError(f"mode 'image' needs a strength in (0, 1], got {key.strength!r}.")
+        if key.denoising_steps < 1:
+            raise ValueError(
+                f"{key.steps} steps at strength {key.strength:g} leave no step to run; "
+                "raise the steps or the strength."
+            )
+        size = (key.width, key.height)
+        for spec in specs:
+            image = spec.init_image
+            if not isinstance(image, PIL.Image.Image) or image.size != size:
+                got = getattr(image, "size", None)
+                raise ValueError(f"mode 'image' needs an init image of {size}, got {got}.")
+        return {
+            "image": [spec.init_image.convert("RGB") for spec in specs],
+            "strength": key.strength,
+        }

@@ -1,0 +1,306 @@
+"""How a Discord request enters the queue, and the status message that follows it there.
+
+`AdmissionDesk` is the one way in for /imagine, Confirm, the buttons, the context menu and
+replies: read an attached image, fill the member's defaults, validate, admit, and answer with
+the status message. `StatusBoard` keeps those messages current: queue position and ETA while
+waiting, a step bar (and a small preview) while generating. Edits are coalesced and throttled:
+the newest text wins, and Discord never sees more edits than its limits allow."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import discord
+
+from bot.images import ImageRejected
+from bot.quota import AdmissionRefused
+from bot.requests import GenerationRequest, InvalidRequest, Job, RawOptions
+from bot.service import ImagineService, PreparedImage
+from bot.throttle import EditThrottle
+from cogs.buttons import cancel_view
+from cogs.common import refusal_text, refuse, role_ids
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 0.5
+BAR_WIDTH = 12
+
+Origin = discord.Interaction | discord.Message
+
+
+def member_of(origin: Origin) -> discord.User | discord.Member:
+    return origin.user if isinstance(origin, discord.Interaction) else origin.author
+
+
+def step_bar(done: int, total: int) -> str:
+    filled = round(BAR_WIDTH * done / max(total, 1))
+    return f"`{'█' * filled}{'░' * (BAR_WIDTH - filled)}` step {done}/{total}"
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "ETA unknown until the first batch has run"
+    if seconds < 60:
+        return f"about {max(1, round(seconds))} s"
+    return f"about {round(seconds / 60)} min"
+
+
+def position_text(position: int, wait: float | None) -> str:
+    where = "next in line" if position <= 1 else f"position {position} in the queue"
+    return f"{where}, {eta_text(wait)}"
+
+
+@dataclass
+class Status:
+    """One job's status message. It is the response to `interaction` (a command or button),
+    or, for a request made by replying to a message, `message`, the bot's reply to `origin`."""
+
+    job_id: int
+    member_id: int
+    interaction: discord.Interaction | None
+    arrived: float  # time.monotonic() when the request arrived: a token lives 15 minutes
+    headline: str
+    detail: str = ""
+    notes: list[str] = field(default_factory=list)
+    private: bool = False
+    preview: bytes | None = None
+    dirty: bool = False
+    shown: str = ""
+    message: discord.Message | None = None
+    origin: discord.Message | None = None
+    gone: bool = False  # someone deleted the status message: stop editing it
+
+    async def edit(self, **fields: Any) -> None:
+        if self.interaction is not None:
+            await self.interaction.edit_original_response(**fields)
+        elif self.message is not None:
+            await self.message.edit(**fields)
+
+    async def delete(self) -> None:
+        if self.interaction is not None:
+            await self.interaction.delete_original_response()
+        elif self.message is not None:
+            await self.message.delete()
+
+    def render(self) -> str:
+        headline = f"{self.headline}: {self.detail}" if self.detail else self.headline
+        return "\n".join([headline, *self.notes])
+
+
+class StatusBoard:
+    """Tracks the status message of every job admitted in this process. Interactions (and
+    their tokens, which are secrets) live in memory only."""
+
+    def __init__(self, service: ImagineService, throttle: EditThrottle | None = None) -> None:
+        self.service = service
+        self.throttle = throttle or EditThrottle()
+        self.statuses: dict[int, Status] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._flush_forever(), name="status-board")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def track(self, status: Status) -> None:
+        status.shown = status.render()
+        self.statuses[status.job_id] = status
+
+    def forget(self, job_id: int) -> Status | None:
+        self.throttle.forget(job_id)
+        return self.statuses.pop(job_id, None)
+
+    def set_detail(self, job_id: int, detail: str, preview: bytes | None = None) -> None:
+        status = self.statuses.get(job_id)
+        if status is None:
+            return
+        status.detail = detail
+        if preview is not None:
+            status.preview = preview
+        status.dirty = status.render() != status.shown or preview is not None
+
+    async def refresh_queue(self) -> None:
+        """Recompute positions and ETAs of the queued jobs this process is showing."""
+        if not self.statuses:
+            return
+        queued, waits = await self.service.queue_waits()
+        for position, job in enumerate(queued, start=1):
+            if job.id in self.statuses:
+                self.set_detail(job.id, position_text(position, waits.get(job.id)))
+
+    def on_progress(
+        self, job_ids: list[int], done: int, total: int, previews: dict[int, bytes] | None
+    ) -> None:
+        for job_id in job_ids:
+            preview = previews.get(job_id) if previews else None
+            self.set_detail(job_id, f"generating {step_bar(done, total)}", preview)
+
+    async def flush(self) -> int:
+        """Send the edits that are due and allowed; returns how many were sent."""
+        sent = 0
+        for status in list(self.statuses.values()):
+            if status.gone or not status.dirty or not self.throttle.allow(status.job_id):
+                continue
+            status.dirty = False
+            text = status.render()
+            files = []
+            if status.preview is not None:
+                files = [discord.File(io.BytesIO(status.preview), "preview.png")]
+            try:
+                await status.edit(content=text, attachments=files)
+                status.shown = text
+                sent += 1
+            except discord.NotFound:  # deleted: stop editing it, still deliver the result
+                status.gone = True
+            except discord.HTTPException as error:
+                log.info("status edit for job %s failed: %s", status.job_id, error)
+        return sent
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("status flush failed")
+
+    async def finish(self, job_id: int, text: str | None) -> None:
+        """The result is posted: replace the status with `text`, or delete it (None)."""
+        status = self.forget(job_id)
+        if status is None or status.gone:
+            return
+        try:
+            if text is None:
+                await status.delete()
+            else:
+                await status.edit(content=text, attachments=[], view=None)
+        except discord.HTTPException as error:
+            log.info("final status edit for job %s failed: %s", job_id, error)
+
+
+class AdmissionDesk:
+    """Every Discord request passes here, so quotas, refusals and the status message are the
+    same whether it came from /imagine, a button, the context menu or a reply."""
+
+    def __init__(self, service: ImagineService, board: StatusBoard) -> None:
+        self.service = service
+        self.board = board
+
+    def strength(self, kind: str) -> float:
+        """How far a "subtle" or "strong" variation moves from its image."""
+        settings = self.service.settings
+        return settings.vary_subtle if kind == "subtle" else settings.vary_strong
+
+    async def read_image(
+        self, origin: Origin, attachment: discord.Attachment
+    ) -> PreparedImage | None:
+        """Download (after checking the announced size) and prepare an image, or tell the
+        member why not and return None."""
+        limit = self.service.settings.max_upload_bytes
+        if attachment.size > limit:
+            await refuse(
+                origin,
+                f"The image is {attachment.size / 2**20:.1f} MiB; the limit is "
+                f"{limit / 2**20:g} MiB. Nothing was queued.",
+            )
+            return None
+        try:
+            return await self.service.prepare_init_image(await attachment.read())
+        except ImageRejected as problem:
+            await refuse(origin, f"{problem} Nothing was queued.")
+        except discord.HTTPException:
+            await refuse(origin, "I could not download that image; please try again.")
+        return None
+
+    async def checked(
+        self, origin: Origin, raw: RawOptions, image: PreparedImage | None = None
+    ) -> tuple[GenerationRequest, bool] | None:
+        """The request with the member's /settings filled in and validated, and whether they
+        want results privately (only an interaction can answer privately); or None after
+        telling them what is wrong."""
+        raw, defaults = await self.service.with_member_defaults(raw, member_of(origin).id)
+        try:
+            request = self.service.validate(raw, image)
+        except InvalidRequest as problem:
+            await refuse(origin, refusal_text(problem))
+            return None
+        return request, defaults.private and isinstance(origin, discord.Interaction)
+
+    async def queue(
+        self,
+        origin: Origin,
+        raw: RawOptions,
+        image: PreparedImage | None = None,
+        *,
+        parent: tuple[int, int] | None = None,
+    ) -> Job | None:
+        """Check the options, then admit them (see `checked` and `admit`)."""
+        checked = await self.checked(origin, raw, image)
+        if checked is None:
+            return None
+        request, private = checked
+        return await self.admit(origin, request, private=private, parent=parent, init_image=image)
+
+    async def admit(
+        self,
+        origin: Origin,
+        request: GenerationRequest,
+        *,
+        private: bool = False,
+        arrived: float | None = None,
+        parent: tuple[int, int] | None = None,
+        init_image: PreparedImage | None = None,
+    ) -> Job | None:
+        """Admit a checked request (one short SQLite transaction, well inside Discord's 3
+        seconds), then answer with the status message, as the interaction's response or as a
+        reply to the member's message. Answering after admission lets a refusal stay private."""
+        interaction = origin if isinstance(origin, discord.Interaction) else None
+        member = member_of(origin)
+        try:
+            admission = await self.service.submit(
+                request,
+                member_id=member.id,
+                guild_id=origin.guild.id if origin.guild else None,
+                channel_id=origin.channel.id,
+                interaction_id=interaction.id if interaction else None,
+                exempt=self.service.is_exempt(role_ids(member)),
+                parent=parent,
+                init_image=init_image,
+            )
+        except AdmissionRefused as problem:
+            await refuse(origin, refusal_text(problem))
+            return None
+        job = admission.job
+        status = Status(
+            job.id,
+            job.member_id,
+            interaction,
+            time.monotonic() if arrived is None else arrived,
+            headline=f"Queued as job #{job.id}",
+            detail=position_text(admission.position, None),
+            notes=admission.notes,
+            private=private,
+            origin=None if interaction else origin,
+        )
+        self.board.track(status)
+        await self.board.refresh_queue()
+        if interaction is not None:
+            await interaction.response.send_message(
+                status.render(), view=cancel_view(job.id), ephemeral=private
+            )
+        else:
+            status.message = await origin.reply(
+                status.render(), view=cancel_view(job.id), mention_author=False
+            )
+        status.shown, status.dirty = status.render(), False
+        return job

@@ -1,0 +1,271 @@
+"""Every persistent button (a DynamicItem: its custom_id carries what it acts on, so it works
+after a restart), the views built from them, and the dry run's Confirm view.
+
+discord.py only logs an exception raised in a button's callback; here each one goes to the
+same funnel as a slash command's (`answer_failure`), so the member always gets an answer."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Self
+
+import discord
+
+from bot.db import jobs, members
+from bot.requests import GenerationRequest, InvalidRequest
+from bot.service import PreparedImage
+from cogs.common import answer_failure, refusal_text, refuse
+from cogs.sources import image_attachment, raw_from_request
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+
+
+class Persistent:
+    """Mixed into our DynamicItems: the custom_id's named groups rebuild the button (digits as
+    ints), `run` does the work, and a failure in it reaches the error funnel."""
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str]
+    ) -> Self:
+        fields = match.groupdict()
+        return cls(**{name: int(v) if v.isdigit() else v for name, v in fields.items()})
+
+    # Each button's own work, defined by the button class.
+    run: Callable[[discord.Interaction[ImagineBot]], Awaitable[None]]
+
+    async def callback(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        try:
+            await self.run(interaction)
+        except Exception as error:
+            await answer_failure(interaction, error)
+
+
+class CancelButton(
+    Persistent, discord.ui.DynamicItem[discord.ui.Button], template=r"cancel:(?P<job_id>\d+)"
+):
+    """Cancel on a status message, for the member who asked or a moderator."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Cancel", style=discord.ButtonStyle.secondary, custom_id=f"cancel:{job_id}"
+            )
+        )
+        self.job_id = job_id
+
+    async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        bot = interaction.client
+        record = await bot.store.read(jobs.get, self.job_id)
+        if record is None:
+            await interaction.response.send_message("That job no longer exists.", ephemeral=True)
+            return
+        owner = record.job.member_id == interaction.user.id
+        moderator = interaction.guild_id is not None and interaction.permissions.manage_guild
+        if not (owner or moderator):
+            await interaction.response.send_message(
+                "Only the member who asked (or a moderator) can cancel this job.", ephemeral=True
+            )
+            return
+        outcome = await bot.service.cancel(self.job_id)
+        if outcome is jobs.CancelOutcome.CANCELLED:
+            bot.status_board.forget(self.job_id)
+            await interaction.response.edit_message(
+                content=f"Job #{self.job_id} was cancelled; its images were refunded.",
+                view=None,
+                attachments=[],
+            )
+        elif outcome is jobs.CancelOutcome.STOPPING:
+            await interaction.response.send_message(
+                f"Job #{self.job_id} is running; its images will be dropped and refunded.",
+                ephemeral=True,
+            )
+        else:
+            await interaction.response.send_message(
+                f"Job #{self.job_id} has already finished.", ephemeral=True
+            )
+
+
+class VaryButton(
+    Persistent,
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"vary:(?P<job_id>\d+):(?P<index>\d+):(?P<kind>subtle|strong)",
+):
+    """Vary one image of a result, starting from the image attached to the message."""
+
+    def __init__(self, job_id: int, index: int, kind: str) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=f"{'Subtle' if kind == 'subtle' else 'Strong'} #{index + 1}",
+                emoji="🪄" if kind == "subtle" else "🌀",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"vary:{job_id}:{index}:{kind}",
+                row=min(index, 3),
+            )
+        )
+        self.job_id, self.index, self.kind = job_id, index, kind
+
+    async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        desk = interaction.client.desk
+        record = await interaction.client.store.read(jobs.get, self.job_id)
+        if record is None or self.index >= record.job.request.count:
+            await refuse(interaction, "That image's job is gone (its owner deleted their data).")
+            return
+        seed = record.job.request.seeds[self.index]
+        attachment = image_attachment(interaction.message, f"seed-{seed}.png")
+        if attachment is None:
+            await refuse(interaction, "That image is no longer attached to the message.")
+            return
+        image = await desk.read_image(interaction, attachment)
+        if image is None:
+            return
+        raw = raw_from_request(record.job.request)
+        raw.strength = desk.strength(self.kind)
+        await desk.queue(interaction, raw, image, parent=(self.job_id, self.index))
+
+
+class RerollButton(
+    Persistent, discord.ui.DynamicItem[discord.ui.Button], template=r"reroll:(?P<job_id>\d+)"
+):
+    """Run a result's request again with a new seed."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Reroll",
+                emoji="🎲",
+                style=discord.ButtonStyle.primary,
+                custom_id=f"reroll:{job_id}",
+                row=4,
+            )
+        )
+        self.job_id = job_id
+
+    async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        bot = interaction.client
+        record = await bot.store.read(jobs.get, self.job_id)
+        if record is None:
+            await refuse(interaction, "That job is gone (its owner deleted their data).")
+            return
+        request = record.job.request
+        raw = raw_from_request(request)
+        raw.count, raw.width, raw.height = request.count, request.width, request.height
+        if request.init_image_hash is not None:
+            png = await bot.store.read(jobs.init_image, request.init_image_hash)
+            if png is None:
+                await refuse(interaction, "The image this job started from is gone.")
+                return
+            image = PreparedImage(png, request.init_image_hash, request.width, request.height)
+            raw.strength = request.strength
+            await bot.desk.queue(interaction, raw, image, parent=(self.job_id, 0))
+            return
+        try:  # as the job asked, without the member's current /settings
+            new = bot.service.validate(raw)
+        except InvalidRequest as problem:
+            await refuse(interaction, refusal_text(problem))
+            return
+        await bot.desk.admit(interaction, new, parent=(self.job_id, 0))
+
+
+class ForgetMeButton(
+    Persistent, discord.ui.DynamicItem[discord.ui.Button], template=r"forget-me:(?P<member_id>\d+)"
+):
+    """The /forget-me confirmation; its custom_id names the member, so nobody else can press
+    it for them."""
+
+    def __init__(self, member_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Delete my prompts",
+                style=discord.ButtonStyle.danger,
+                custom_id=f"forget-me:{member_id}",
+            )
+        )
+        self.member_id = member_id
+
+    async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        if interaction.user.id != self.member_id:
+            await interaction.response.send_message(
+                "This button belongs to someone else.", ephemeral=True
+            )
+            return
+        try:
+            deleted = await interaction.client.service.forget_member(self.member_id)
+        except members.JobStillRunning:
+            text = "One of your jobs is running right now; try again when it has finished."
+        else:
+            text = (
+                f"Done: deleted {deleted} job(s) with their prompts and parameters. "
+                "Your quota counts are kept, without any text."
+            )
+        await interaction.response.edit_message(content=text, view=None)
+
+
+PERSISTENT_BUTTONS = (CancelButton, VaryButton, RerollButton, ForgetMeButton)
+
+
+def persistent_view(*items: discord.ui.Item) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for item in items:
+        view.add_item(item)
+    return view
+
+
+def cancel_view(job_id: int) -> discord.ui.View:
+    return persistent_view(CancelButton(job_id))
+
+
+def forget_me_view(member_id: int) -> discord.ui.View:
+    return persistent_view(ForgetMeButton(member_id))
+
+
+def result_view(job_id: int, indexes: list[int]) -> discord.ui.View | None:
+    """Vary (Subtle) and Vary (Strong) for each delivered image, and one Reroll."""
+    if not indexes:
+        return None
+    varies = [VaryButton(job_id, i, kind) for i in indexes for kind in ("subtle", "strong")]
+    return persistent_view(*varies, RerollButton(job_id))
+
+
+class ConfirmView(discord.ui.View):
+    """The dry run's Confirm button: admits the shown request once, then leaves the panel.
+    It lives in memory (a dry run is a moment's decision): ten minutes, or until a restart."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        panel: discord.Interaction,
+        *,
+        private: bool,
+        image: PreparedImage | None,
+    ) -> None:
+        super().__init__(timeout=600)
+        self.request = request
+        self.panel = panel
+        self.private = private
+        self.image = image
+        self.used = False
+
+    @discord.ui.button(label="Confirm", style=discord.ButtonStyle.primary)
+    async def confirm(
+        self, interaction: discord.Interaction[ImagineBot], button: discord.ui.Button
+    ) -> None:
+        if self.used:  # a double click racing the panel's update
+            await interaction.response.send_message("Already confirmed.", ephemeral=True)
+            return
+        self.used = True
+        self.stop()
+        job = await interaction.client.desk.admit(
+            interaction, self.request, private=self.private, init_image=self.image
+        )
+        text = f"Confirmed as job #{job.id}." if job else "Not queued: see the message above."
+        with contextlib.suppress(discord.HTTPException):
+            await self.panel.edit_original_response(content=text, view=None)
+
+    async def on_error(
+        self, interaction: discord.Interaction[ImagineBot], error: Exception, item: discord.ui.Item
+    ) -> None:
+        await answer_failure(interaction, error)

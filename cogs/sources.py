@@ -1,0 +1,51 @@
+"""What a variation or a reroll starts from: the image attached to a message, and the options
+of the earlier job or of the PNG's own parameters."""
+
+from __future__ import annotations
+
+import discord
+
+from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_attachment(
+    message: discord.Message, name: str | None = None
+) -> discord.Attachment | None:
+    """The attachment called `name`, else the first one that looks like an image (its bytes
+    are checked later: a name or a content type proves nothing)."""
+    for attachment in message.attachments:
+        if name is not None:
+            if attachment.filename == name:
+                return attachment
+            continue
+        content_type = attachment.content_type or ""
+        if content_type.startswith("image/") or attachment.filename.lower().endswith(
+            IMAGE_SUFFIXES
+        ):
+            return attachment
+    return None
+
+
+def raw_from_request(request: GenerationRequest) -> RawOptions:
+    """The options to ask again for what an earlier job asked."""
+    return RawOptions(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=request.steps,
+        guidance=request.guidance,
+        scheduler=request.scheduler,
+    )
+
+
+def raw_from_parameters(parameters: dict) -> RawOptions:
+    """Options read from a PNG's A1111 `parameters`; a sampler we do not have is dropped."""
+    sampler = parameters.get("sampler")
+    return RawOptions(
+        prompt=parameters.get("prompt"),
+        negative_prompt=parameters.get("negative_prompt"),
+        steps=parameters.get("steps"),
+        guidance=parameters.get("cfg_scale"),
+        scheduler=sampler if sampler in SCHEDULERS else None,
+    )
