@@ -57,34 +57,31 @@ class Settings:
         return f"Settings(model_id={self.model_id!r}, device={self.device!r}, token=<hidden>)"
 
 
-def _parse_int(low: int, high: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
+def _parse_number(
+    kind: type[int] | type[float], low: float, high: float
+) -> Callable[[str, str], Any]:
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(name: str, raw: str) -> int | float:
         try:
-            value = int(raw)
+            value = kind(raw)
         except ValueError:
             raise SettingsError(
-                f"{name} must be a whole number from {low} to {high}, got {raw!r}"
+                f"{name} must be {what} from {low} to {high}, got {raw!r}"
             ) from None
         if not low <= value <= high:
             raise SettingsError(f"{name} must be from {low} to {high}, got {value}")
         return value
 
     return parse
+
+
+def _parse_int(low: int, high: int) -> Callable[[str, str], int]:
+    return _parse_number(int, low, high)
 
 
 def _parse_float(low: float, high: float) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise SettingsError(
-                f"{name} must be a number from {low} to {high}, got {raw!r}"
-            ) from None
-        if not low <= value <= high:
-            raise SettingsError(f"{name} must be from {low} to {high}, got {value}")
-        return value
-
-    return parse
+    return _parse_number(float, low, high)
 
 
 def _parse_bool(name: str, raw: str) -> bool:

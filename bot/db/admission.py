@@ -33,15 +33,7 @@ async def admit(
     standing = await quotas.status(tx, guild, member_id, default_limit=default_limit, exempt=exempt)
     if not standing.allows(request.count):
         raise QuotaExceeded(standing, request.count)
-    job = await jobs.insert(
-        tx,
-        request,
-        member_id=member_id,
-        guild_id=guild_id,
-        channel_id=channel_id,
-        interaction_id=interaction_id,
-        parent=parent,
-        init_png=init_png,
-    )
+    source = jobs.JobSource(member_id, guild_id, channel_id, interaction_id, parent)
+    job = await jobs.insert(tx, request, source, init_png)
     await quotas.charge(tx, guild, member_id, job.id, request.count)
     return job

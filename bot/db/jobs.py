@@ -173,16 +173,19 @@ async def cancel_requested(tx: Tx, job_ids: list[int]) -> set[int]:
 # --- the lifecycle -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class JobSource:
+    """Who asked for a job, where to answer, and the image it varies, if any."""
+
+    member_id: int
+    guild_id: int | None
+    channel_id: int | None
+    interaction_id: int | None = None
+    parent: tuple[int, int] | None = None
+
+
 async def insert(
-    tx: Tx,
-    request: GenerationRequest,
-    *,
-    member_id: int,
-    guild_id: int | None,
-    channel_id: int | None,
-    interaction_id: int | None = None,
-    parent: tuple[int, int] | None = None,
-    init_png: bytes | None = None,
+    tx: Tx, request: GenerationRequest, source: JobSource, init_png: bytes | None = None
 ) -> Job:
     """Write a queued job (and its init image, so it can run again after a restart)."""
     if init_png is not None:
@@ -190,7 +193,7 @@ async def insert(
             "INSERT OR IGNORE INTO init_images (hash, png, stored_at) VALUES (?, ?, ?)",
             (request.init_image_hash, init_png, tx.now),
         )
-    parent_job_id, parent_index = parent or (None, None)
+    parent_job_id, parent_index = source.parent or (None, None)
     cursor = await tx.run(
         """INSERT INTO jobs (member_id, guild_id, channel_id, interaction_id, prompt,
                negative_prompt, seed, count, steps, guidance, width, height, scheduler,
@@ -198,10 +201,10 @@ async def insert(
                parent_image_index)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
-            member_id,
-            guild_id,
-            channel_id,
-            interaction_id,
+            source.member_id,
+            source.guild_id,
+            source.channel_id,
+            source.interaction_id,
             request.prompt,
             request.negative_prompt,
             request.seed,
@@ -222,9 +225,9 @@ async def insert(
     )
     return Job(
         cursor.lastrowid,
-        member_id,
-        guild_id,
-        channel_id,
+        source.member_id,
+        source.guild_id,
+        source.channel_id,
         request,
         JobStatus.QUEUED,
         tx.now,
