@@ -14,7 +14,7 @@ from discord.ext import commands
 from bot.service import ImagineService
 from bot.settings import Settings
 from cogs.admission import AdmissionDesk, StatusBoard
-from cogs.buttons import PERSISTENT_BUTTONS
+from cogs.buttons import PERSISTENT_BUTTONS, answer_stray_click
 from cogs.common import answer_failure
 from cogs.delivery import Delivery
 
@@ -55,6 +55,10 @@ class ImagineBot(commands.Bot):
             intents=intents,
             tree_cls=ImagineTree,
             help_command=None,
+            # Nobody is pinged unless a message says so: a member's text echoed back (a prompt,
+            # an option value) cannot reach @everyone, a role or another member. A result
+            # allows its requester's mention on that message alone (cogs/delivery.py).
+            allowed_mentions=discord.AllowedMentions.none(),
         )
         self.settings = settings
         self.service = service
@@ -68,6 +72,7 @@ class ImagineBot(commands.Bot):
         """Listen to the service and load the cogs. The command tree is not synced here:
         `python -m bot sync` does that, because syncing is rate limited and rarely needed."""
         self.add_dynamic_items(*PERSISTENT_BUTTONS)
+        self.add_listener(answer_stray_click, "on_interaction")
         self.service.add_listener(self.delivery.deliver)
         self.service.add_progress_listener(self.status_board.on_progress)
         self.status_board.start()

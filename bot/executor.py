@@ -13,9 +13,9 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 import PIL.Image
@@ -23,6 +23,7 @@ import PIL.Image
 from bot.batching import BatchCaps
 from bot.db import Store, jobs, speeds
 from bot.eta import SpeedKey
+from bot.handoff import RETRY_SECONDS, Deliver, Handoff, JobResult
 from bot.images import png_bytes, read_png
 from bot.requests import BatchKey, ImageSpec, Job
 from bot.results import GeneratedImage, Interrupted, StepProgress
@@ -52,20 +53,6 @@ class Runner(Protocol):
     def resume(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class JobResult:
-    """A finished job: its images or an error."""
-
-    job: Job
-    images: list[GeneratedImage]
-    error: str | None
-    seconds: float
-    batch_id: int
-    batch_images: int
-    cancelled: bool = False
-
-
-Deliver = Callable[[JobResult], Awaitable[None]]
 # (job ids in the call, steps done, steps in all, PNG preview per job id or None): called on
 # the event loop after each step.
 Progress = Callable[[list[int], int, int, dict[int, bytes] | None], None]
@@ -142,10 +129,9 @@ class Executor:
         self._stopping = False
         self._in_flight: list[int] = []  # the jobs of the diffusers call running now
         self._undelivered: list[int] = []  # claimed jobs not yet delivered and marked
-        # Results wait here for the delivery task, so uploads to Discord never hold up the
-        # device: the next batch starts while the last one is still being posted.
-        self._deliveries: asyncio.Queue[JobResult] = asyncio.Queue()
-        self._delivery_task: asyncio.Task[None] | None = None
+        # Results wait in the handoff, so uploads to Discord never hold up the device: the
+        # next batch starts while the last one is still being posted.
+        self._handoff = Handoff(store, deliver, self._delivered)
         self._cancelled: set[int] = set()
         self._steps: tuple[int, int] = (0, 0)
         self.caps = BatchCaps(self.ceiling_for)
@@ -153,7 +139,7 @@ class Executor:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._drain_forever(), name="executor")
-        self._delivery_task = asyncio.create_task(self._deliver_forever(), name="delivery")
+        self._handoff.start()
         self.wake()
 
     def wake(self) -> None:
@@ -176,11 +162,11 @@ class Executor:
                 await asyncio.wait_for(asyncio.shield(self._task), grace)
             except TimeoutError:
                 self._runner.interrupt()
-        for task in (self._task, self._delivery_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._handoff.stop()
         if self._undelivered:
             log.info("returning %d interrupted job(s) to the queue", len(self._undelivered))
             await self._store.write(jobs.return_to_queue, self._undelivered)
@@ -212,16 +198,39 @@ class Executor:
         return await asyncio.get_running_loop().run_in_executor(self._thread, func, *args)
 
     async def _drain_forever(self) -> None:
+        """Claim and run batches until stopped. A failure outside the diffusers call (a
+        database error) is logged and the drain resumes: the batch it hit fails its jobs with
+        a refund (see `_run_claimed`), and a failed claim is tried again shortly."""
         while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
-            while not self._stopping and (
-                claimed := await self._store.write(jobs.claim_batch, self._max_batch_size)
-            ):
-                await self._run_batch(*claimed)
-            await self._deliveries.join()
+            try:
+                while not self._stopping and (
+                    claimed := await self._store.write(jobs.claim_batch, self._max_batch_size)
+                ):
+                    await self._run_claimed(*claimed)
+                await self._handoff.join()
+            except Exception:
+                log.exception("the executor's drain failed; retrying in %g s", RETRY_SECONDS)
+                await asyncio.sleep(RETRY_SECONDS)
+                self._wake.set()
+                continue
             if not self._wake.is_set():  # a job admitted during the last claim is still due
                 self._idle.set()
+
+    async def _run_claimed(self, batch_id: int, batch: list[Job]) -> None:
+        """Run a claimed batch and hand its results to the delivery task; if anything but the
+        diffusers call fails, its jobs fail (and are refunded) rather than stay running."""
+        job_ids = [job.id for job in batch]
+        self._undelivered += job_ids
+        try:
+            results = await self._run_batch(batch_id, batch)
+        except Exception as error:
+            log.exception("batch %s (jobs %s) failed; failing its jobs", batch_id, job_ids)
+            problem = f"an internal error stopped it ({type(error).__name__})"
+            results = [JobResult(job, [], problem, 0.0, batch_id, 0) for job in batch]
+        for result in results:
+            self._handoff.put(result)
 
     def _progress_reporter(self, owners: list[int]) -> StepProgress:
         """A step callback for the worker thread: `owners[i]` is the job of image i. Previews
@@ -300,12 +309,11 @@ class Executor:
             specs += [replace(spec, init_image=init_image) for spec in job.image_specs]
         return specs
 
-    async def _run_batch(self, batch_id: int, batch: list[Job]) -> None:
+    async def _run_batch(self, batch_id: int, batch: list[Job]) -> list[JobResult]:
         key = batch[0].request.batch_key
         specs = await self._image_specs(batch)
         owners = [job.id for job in batch for _ in range(job.request.count)]
         self._in_flight = [job.id for job in batch]
-        self._undelivered += self._in_flight
         self._runner.resume()  # an interrupt meant for an earlier batch does not stop this one
         self._steps = (0, 0)
         self.busy_since = time.monotonic()
@@ -319,6 +327,7 @@ class Executor:
         await self._store.write(jobs.finish_batch, batch_id)
         cancelled = await self._store.read(jobs.cancel_requested, [job.id for job in batch])
 
+        results = []
         offset = 0
         for job in batch:
             own = outcomes[offset : offset + job.request.count]
@@ -333,32 +342,11 @@ class Executor:
                 result = JobResult(
                     job, [] if error else images, error, seconds, batch_id, len(specs)
                 )
-            self._deliveries.put_nowait(result)
+            results.append(result)
+        return results
 
-    async def _deliver_forever(self) -> None:
-        """Deliver results in order, then mark each job finished: a crash in between leaves
-        the job running, so the next start runs it again and finds or re-posts it once."""
-        while True:
-            result = await self._deliveries.get()
-            job = result.job
-            try:
-                if result.cancelled:
-                    await self._store.write(jobs.mark_cancelled, job.id)
-                    self._cancelled.discard(job.id)
-                    await self._deliver_safely(result)
-                else:
-                    await self._deliver_safely(result)
-                    if result.error is None:
-                        withheld = sum(image.withheld for image in result.images)
-                        await self._store.write(jobs.mark_done, job.id, withheld=withheld)
-                    else:
-                        await self._store.write(jobs.mark_failed, job.id, result.error)
-                self._undelivered.remove(job.id)
-            finally:
-                self._deliveries.task_done()
-
-    async def _deliver_safely(self, result: JobResult) -> None:
-        try:
-            await self._deliver(result)
-        except Exception:
-            log.exception("delivering job %s failed", result.job.id)
+    def _delivered(self, result: JobResult) -> None:
+        """The handoff is done with a job: it no longer goes back to the queue on stop."""
+        self._cancelled.discard(result.job.id)
+        with contextlib.suppress(ValueError):
+            self._undelivered.remove(result.job.id)

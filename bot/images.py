@@ -11,7 +11,7 @@ import re
 import struct
 from typing import Any
 
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 
 from bot.requests import GenerationRequest
 
@@ -19,8 +19,9 @@ from bot.requests import GenerationRequest
 MIN_UPLOAD_SIDE = 64
 ALLOWED_FORMATS = "PNG, JPEG or WebP"
 # What Pillow raises on broken files: its own errors are OSError or SyntaxError, its
-# decoders add ValueError, EOFError and struct.error on some truncations.
-_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+# decoders add ValueError, EOFError and struct.error on some truncations, and its chunk and
+# tag parsers IndexError or KeyError on short or unknown fields (found by bench/fuzz_intake.py).
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, LookupError)
 
 
 class ImageRejected(ValueError):
@@ -88,14 +89,40 @@ def decode_upload(
         raise ImageRejected(f"Animated images are not accepted; send a still {ALLOWED_FORMATS}.")
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
+        return _to_rgb(_upright(image))  # a damaged palette or tRNS chunk fails here
+    except ImageRejected:
+        raise
     except Image.DecompressionBombError as error:
         raise _too_many_pixels(max_pixels, image.size) from error
     except _UNREADABLE as error:
         raise ImageRejected(
             f"The image could not be read (a truncated or damaged {kind} file?)."
         ) from error
-    return _to_rgb(image)
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Turn the image as its EXIF Orientation says. Not ImageOps.exif_transpose: it also
+    rewrites the EXIF block, and on a malformed one raises TypeError, KeyError, OverflowError
+    and more; the metadata is dropped here anyway."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+    except (*_UNREADABLE, TypeError, AttributeError) as error:
+        raise ImageRejected(
+            "The image's EXIF metadata is damaged; save it again without EXIF, or as a PNG."
+        ) from error
+    method = _TRANSPOSE.get(orientation) if type(orientation) is int else None
+    return image if method is None else image.transpose(method)
 
 
 def _multiple_of_8(value: float, low: int, high: int) -> int:
@@ -166,8 +193,13 @@ def grid(images: list[Image.Image]) -> Image.Image:
     return sheet
 
 
-# One `Key: value` of the last line; a value is a JSON string or runs to the next comma.
-_FIELD = re.compile(r'\s*(\w[\w \-/+.]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# Longer than any real `parameters` text (A1111 writes a few thousand characters at most); a
+# member's PNG can carry a megabyte, which is not read at all.
+MAX_PARAMETERS_CHARS = 20_000
+# The fields line is `Key: value, Key: "JSON string", ...`. It is scanned colon by colon: a
+# regex for `Key:` tried at every offset would be quadratic in a long run of word characters.
+_KEY_CHARS = re.compile(r"[\w \-/+.]*")  # matched on the reversed text before a colon
+_VALUE = re.compile(r'\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _FIELDS: dict[str, tuple[str, Any]] = {
     "Steps": ("steps", int),
@@ -179,12 +211,30 @@ _FIELDS: dict[str, tuple[str, Any]] = {
 }
 
 
+def _fields(line: str) -> list[tuple[str, str]]:
+    """The (key, raw value) pairs of a fields line, in one pass: each key is the run of key
+    characters before a colon, from its first word character; text between fields is skipped."""
+    fields: list[tuple[str, str]] = []
+    start = 0
+    while (colon := line.find(":", start)) >= 0:
+        before = line[start:colon][::-1]
+        key = before[: _KEY_CHARS.match(before).end()][::-1].lstrip(" -/+.")
+        if not key:
+            start = colon + 1
+            continue
+        value = _VALUE.match(line, colon + 1)
+        fields.append((key, value[1]))
+        start = value.end()
+    return fields
+
+
 def parse_parameters(text: str) -> dict[str, Any]:
     """Parse AUTOMATIC1111's `parameters` text: prompt lines, optional `Negative prompt:` lines,
     then one line of `Key: value` fields. Unknown fields land in `extra` as text."""
     *lines, last = text.strip().split("\n")
-    if len(_FIELD.findall(last)) < 3:  # no fields line: it is all prompt
-        lines, last = [*lines, last], ""
+    fields = _fields(last)
+    if len(fields) < 3:  # no fields line: it is all prompt
+        lines, fields = [*lines, last], []
     prompt: list[str] = []
     negative: list[str] = []
     for line in lines:
@@ -197,7 +247,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
         "negative_prompt": "\n".join(negative).strip(),
     }
     extra: dict[str, str] = {}
-    for name, raw in _FIELD.findall(last):
+    for name, raw in fields:
         value = raw.strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             with contextlib.suppress(json.JSONDecodeError):
@@ -217,16 +267,19 @@ def parse_parameters(text: str) -> dict[str, Any]:
 
 
 def read_parameters(source: bytes | Image.Image) -> dict[str, Any] | None:
-    """The parameters a PNG carries (ours or AUTOMATIC1111's), or None when it has none or is
-    not an image. Reads the header only; no pixels are decoded."""
+    """The parameters a PNG carries (ours or AUTOMATIC1111's), or None when it has none, is not
+    a PNG or carries more than MAX_PARAMETERS_CHARS. Reads the header only, no pixels; linear
+    in the file's size, but call it off the event loop: a member's PNG can hold a megabyte."""
     if isinstance(source, bytes | bytearray):
+        if _sniff(source) != "PNG":  # only PNG text chunks carry `parameters`
+            return None
         try:
-            with Image.open(io.BytesIO(source)) as image:
+            with Image.open(io.BytesIO(source), formats=["PNG"]) as image:
                 text = image.info.get("parameters")
         except (*_UNREADABLE, Image.DecompressionBombError):
             return None
     else:
         text = source.info.get("parameters")
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_PARAMETERS_CHARS:
         return None
     return parse_parameters(text)

@@ -258,6 +258,9 @@ def validate(
 
 # Options a member may put after the text of a reply: `a cat --strength 0.5 --seed 7`.
 INLINE_OPTIONS: dict[str, type] = {"strength": float, "seed": int, "steps": int, "guidance": float}
+# No option's value needs more characters (a seed has 10 digits); longer is refused unparsed.
+MAX_INLINE_VALUE = 24
+MAX_INLINE_NAME = 20
 _INLINE = re.compile(r"(?:^|\s)--([A-Za-z_]+)(?:\s+([^\s-][^\s]*|-\S+))?")
 
 
@@ -269,7 +272,12 @@ def split_inline_options(text: str) -> tuple[str, dict[str, int | float]]:
         kind = INLINE_OPTIONS.get(name.lower())
         if kind is None:
             allowed = ", ".join(f"--{n}" for n in INLINE_OPTIONS)
-            raise InvalidRequest(f"--{name}", f"is not an option here; use {allowed}.")
+            shown = name if len(name) <= MAX_INLINE_NAME else name[:MAX_INLINE_NAME] + "…"
+            raise InvalidRequest(f"--{shown}", f"is not an option here; use {allowed}.")
+        if len(value) > MAX_INLINE_VALUE:
+            raise InvalidRequest(
+                f"--{name}", f"is {len(value)} characters long; at most {MAX_INLINE_VALUE}."
+            )
         try:
             options[name.lower()] = kind(value)
         except ValueError:

@@ -10,15 +10,17 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from bot.db import Store, admission, jobs, members, quotas, speeds
+from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
 from bot.db.members import MemberDefaults
 from bot.eta import estimate_waits
 from bot.executor import Executor, JobResult, Progress, ProgressListeners, Runner
-from bot.images import decode_upload, fit_for_model, png_bytes
-from bot.quota import ShuttingDown
+from bot.handoff import Undeliverable
+from bot.images import decode_upload, fit_for_model, png_bytes, read_parameters
+from bot.quota import MemberBanned, PromptBlocked, ShuttingDown
 from bot.requests import MAX_PROMPT_TOKENS, GenerationRequest, Job, RawOptions, validate
 from bot.settings import Settings
 
@@ -26,6 +28,10 @@ log = logging.getLogger(__name__)
 
 # A job claimed this many times without finishing is failed and refunded at start-up.
 MAX_ATTEMPTS = 3
+
+# Uploads are decoded here, two at a time: a flood of them queues up instead of taking every
+# thread of the default pool (which the database connection and Discord's client share too).
+DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode-upload")
 
 
 class ModelRunner(Runner, Protocol):
@@ -142,7 +148,20 @@ class ImagineService:
             png = png_bytes(fitted)
             return PreparedImage(png, hashlib.sha256(png).hexdigest(), *fitted.size)
 
-        return await asyncio.to_thread(prepare)
+        return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, prepare)
+
+    async def image_parameters(self, data: bytes) -> dict | None:
+        """The A1111 parameters a member's PNG carries, read on the upload pool: its text is
+        bounded and parsed in linear time, but a PNG can still carry a megabyte of it."""
+        return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, read_parameters, data)
+
+    async def check_member(self, guild_id: int, member_id: int, prompt: str | None) -> None:
+        """Raise MemberBanned (or PromptBlocked, when the prompt is known) before any slow work
+        on a request; admission checks again, in its transaction."""
+        if (ban := await self.store.read(moderation.ban_of, guild_id, member_id)) is not None:
+            raise MemberBanned(ban.reason)
+        if prompt and (term := await self.store.read(moderation.blocked_term_in, guild_id, prompt)):
+            raise PromptBlocked(term)
 
     async def with_member_defaults(
         self, raw: RawOptions, member_id: int
@@ -258,8 +277,15 @@ class ImagineService:
         return not self.settings.quota_exempt_roles.isdisjoint(role_ids)
 
     async def _announce(self, result: JobResult) -> None:
+        """Tell every listener. A listener's `Undeliverable` reaches the executor after the
+        others have heard, so the job fails with a refund instead of being marked done."""
+        undeliverable = None
         for listener in list(self._listeners):
             try:
                 await listener(result)
+            except Undeliverable as problem:
+                undeliverable = problem
             except Exception:
                 log.exception("a listener failed on job %s", result.job.id)
+        if undeliverable is not None:
+            raise undeliverable

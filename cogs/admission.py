@@ -18,13 +18,14 @@ from typing import Any
 
 import discord
 
+from bot.db import members
 from bot.images import ImageRejected
 from bot.quota import AdmissionRefused
 from bot.requests import GenerationRequest, InvalidRequest, Job, RawOptions
 from bot.service import ImagineService, PreparedImage
 from bot.throttle import EditThrottle
 from cogs.buttons import cancel_view
-from cogs.common import refusal_text, refuse, role_ids
+from cogs.common import ONLY_IN_SERVERS, AdmittedButUnanswered, refusal_text, refuse, role_ids
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,8 @@ class StatusBoard:
                 status.gone = True
             except discord.HTTPException as error:
                 log.info("status edit for job %s failed: %s", status.job_id, error)
+            except Exception:  # logged with the job; the other statuses are still edited
+                log.exception("status edit for job %s failed", status.job_id)
         return sent
 
     async def _flush_forever(self) -> None:
@@ -201,11 +204,30 @@ class AdmissionDesk:
         settings = self.service.settings
         return settings.vary_subtle if kind == "subtle" else settings.vary_strong
 
+    def guild_of(self, origin: Origin, guild_id: int | None = None) -> int | None:
+        """The server whose rules apply: `guild_id` when given (a button on a result delivered
+        by DM belongs to its job's server), else where the request was made (None in a DM)."""
+        if guild_id is not None:
+            return guild_id
+        return origin.guild.id if origin.guild else None
+
+    async def private_for(self, origin: Origin) -> bool:
+        """Whether the member wants results privately (only an interaction can answer so)."""
+        defaults = await self.service.store.read(members.defaults, member_of(origin).id)
+        return defaults.private and isinstance(origin, discord.Interaction)
+
     async def read_image(
-        self, origin: Origin, attachment: discord.Attachment
+        self,
+        origin: Origin,
+        attachment: discord.Attachment,
+        *,
+        guild_id: int | None = None,
+        prompt: str | None = None,
     ) -> PreparedImage | None:
-        """Download (after checking the announced size) and prepare an image, or tell the
-        member why not and return None."""
+        """Download (after checking the announced size, the ban list and, when `prompt` is
+        known, the blocklist) and prepare an image, or tell the member why not and return
+        None. An interaction is deferred first, privately: downloading and decoding can
+        outlast Discord's 3 seconds."""
         limit = self.service.settings.max_upload_bytes
         if attachment.size > limit:
             await refuse(
@@ -214,6 +236,17 @@ class AdmissionDesk:
                 f"{limit / 2**20:g} MiB. Nothing was queued.",
             )
             return None
+        guild = self.guild_of(origin, guild_id)
+        if guild is None:
+            await refuse(origin, ONLY_IN_SERVERS)
+            return None
+        try:  # a banned member's upload is not even downloaded
+            await self.service.check_member(guild, member_of(origin).id, prompt)
+        except AdmissionRefused as problem:
+            await refuse(origin, refusal_text(problem))
+            return None
+        if isinstance(origin, discord.Interaction) and not origin.response.is_done():
+            await origin.response.defer(ephemeral=True, thinking=True)
         try:
             return await self.service.prepare_init_image(await attachment.read())
         except ImageRejected as problem:
@@ -243,13 +276,16 @@ class AdmissionDesk:
         image: PreparedImage | None = None,
         *,
         parent: tuple[int, int] | None = None,
+        guild_id: int | None = None,
     ) -> Job | None:
         """Check the options, then admit them (see `checked` and `admit`)."""
         checked = await self.checked(origin, raw, image)
         if checked is None:
             return None
         request, private = checked
-        return await self.admit(origin, request, private=private, parent=parent, init_image=image)
+        return await self.admit(
+            origin, request, private=private, parent=parent, init_image=image, guild_id=guild_id
+        )
 
     async def admit(
         self,
@@ -260,17 +296,23 @@ class AdmissionDesk:
         arrived: float | None = None,
         parent: tuple[int, int] | None = None,
         init_image: PreparedImage | None = None,
+        guild_id: int | None = None,
     ) -> Job | None:
         """Admit a checked request (one short SQLite transaction, well inside Discord's 3
-        seconds), then answer with the status message, as the interaction's response or as a
-        reply to the member's message. Answering after admission lets a refusal stay private."""
+        seconds), then answer with the status message, as the interaction's response (filling
+        in a deferred one) or as a reply to the member's message. Answering after admission
+        lets a refusal stay private. Nothing is admitted outside a server: a DM has no rules."""
         interaction = origin if isinstance(origin, discord.Interaction) else None
         member = member_of(origin)
+        guild = self.guild_of(origin, guild_id)
+        if guild is None:
+            await refuse(origin, ONLY_IN_SERVERS)
+            return None
         try:
             admission = await self.service.submit(
                 request,
                 member_id=member.id,
-                guild_id=origin.guild.id if origin.guild else None,
+                guild_id=guild,
                 channel_id=origin.channel.id,
                 interaction_id=interaction.id if interaction else None,
                 exempt=self.service.is_exempt(role_ids(member)),
@@ -293,14 +335,23 @@ class AdmissionDesk:
             origin=None if interaction else origin,
         )
         self.board.track(status)
-        await self.board.refresh_queue()
-        if interaction is not None:
-            await interaction.response.send_message(
-                status.render(), view=cancel_view(job.id), ephemeral=private
-            )
-        else:
-            status.message = await origin.reply(
-                status.render(), view=cancel_view(job.id), mention_author=False
-            )
+        try:
+            await self.board.refresh_queue()
+            await self._answer(origin, status)
+        except Exception as error:
+            raise AdmittedButUnanswered(job.id) from error
         status.shown, status.dirty = status.render(), False
         return job
+
+    async def _answer(self, origin: Origin, status: Status) -> None:
+        view, quiet = cancel_view(status.job_id), discord.AllowedMentions.none()
+        if not isinstance(origin, discord.Interaction):
+            status.message = await origin.reply(
+                status.render(), view=view, mention_author=False, allowed_mentions=quiet
+            )
+        elif origin.response.is_done():  # deferred while an image was read
+            await origin.edit_original_response(content=status.render(), view=view)
+        else:
+            await origin.response.send_message(
+                status.render(), view=view, ephemeral=status.private, allowed_mentions=quiet
+            )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import discord
 
@@ -23,29 +23,79 @@ if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 
+# A custom_id is whatever a client sends: its numbers are ASCII digits (`\d` and `isdigit()`
+# also take "٣" and "²") within SQLite's INTEGER range.
+MAX_ID_DIGITS = 19
+MAX_ID = 2**63 - 1
+ANY_VALUE = "[^:]*"  # matched loosely, so a malformed id still reaches us and gets an answer
+NOT_OURS = "That button is not one I made; nothing was done."
+
+
+def id_number(text: str) -> int | None:
+    """The number a custom_id field spells, or None when it is not one we could have made."""
+    if not (0 < len(text) <= MAX_ID_DIGITS and text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
 class Persistent:
-    """Mixed into our DynamicItems: the custom_id's named groups rebuild the button (digits as
-    ints), `run` does the work, and a failure in it reaches the error funnel."""
+    """Mixed into our DynamicItems: the custom_id's named groups rebuild the button (numbers
+    as ints; a field that is not a number we could have made marks the button `malformed`),
+    `run` does the work, and a failure in it reaches the error funnel."""
+
+    WORDS: ClassVar[dict[str, tuple[str, ...]]] = {}  # fields that are words, and those allowed
+    malformed = False
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction, item: discord.ui.Item, match: re.Match[str]
     ) -> Self:
-        fields = match.groupdict()
-        return cls(**{name: int(v) if v.isdigit() else v for name, v in fields.items()})
+        fields: dict[str, Any] = {}
+        malformed = False
+        for name, text in match.groupdict().items():
+            allowed = cls.WORDS.get(name)
+            value = id_number(text) if allowed is None else text if text in allowed else None
+            malformed |= value is None
+            fields[name] = (0 if allowed is None else allowed[0]) if value is None else value
+        button = cls(**fields)
+        button.malformed = malformed
+        return button
 
     # Each button's own work, defined by the button class.
     run: Callable[[discord.Interaction[ImagineBot]], Awaitable[None]]
 
     async def callback(self, interaction: discord.Interaction[ImagineBot]) -> None:
         try:
+            if self.malformed:
+                await refuse(interaction, NOT_OURS)
+                return
             await self.run(interaction)
         except Exception as error:
             await answer_failure(interaction, error)
 
 
+async def answer_stray_click(interaction: discord.Interaction) -> None:
+    """discord.py drops a click whose custom_id is not on the clicked message (a client can
+    send any): answer it, so a forged id never leaves the member with an unanswered click."""
+    if interaction.type is not discord.InteractionType.component:
+        return
+    custom_id = (interaction.data or {}).get("custom_id")
+    rows = interaction.message.components if interaction.message is not None else []
+    if custom_id not in [getattr(c, "custom_id", None) for row in rows for c in row.children]:
+        await refuse(interaction, NOT_OURS)
+
+
+def rules_of(record: jobs.JobRecord, interaction: discord.Interaction) -> int | None:
+    """The server whose rules a button press answers to: where it was pressed, or, on a
+    result delivered by DM, the job's own server."""
+    return interaction.guild_id or record.job.guild_id
+
+
 class CancelButton(
-    Persistent, discord.ui.DynamicItem[discord.ui.Button], template=r"cancel:(?P<job_id>\d+)"
+    Persistent,
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=rf"cancel:(?P<job_id>{ANY_VALUE})",
 ):
     """Cancel on a status message, for the member who asked or a moderator."""
 
@@ -64,7 +114,12 @@ class CancelButton(
             await interaction.response.send_message("That job no longer exists.", ephemeral=True)
             return
         owner = record.job.member_id == interaction.user.id
-        moderator = interaction.guild_id is not None and interaction.permissions.manage_guild
+        # A moderator of the job's own server: Manage Server elsewhere grants nothing here.
+        moderator = (
+            interaction.guild_id is not None
+            and interaction.guild_id == record.job.guild_id
+            and interaction.permissions.manage_guild
+        )
         if not (owner or moderator):
             await interaction.response.send_message(
                 "Only the member who asked (or a moderator) can cancel this job.", ephemeral=True
@@ -92,9 +147,11 @@ class CancelButton(
 class VaryButton(
     Persistent,
     discord.ui.DynamicItem[discord.ui.Button],
-    template=r"vary:(?P<job_id>\d+):(?P<index>\d+):(?P<kind>subtle|strong)",
+    template=rf"vary:(?P<job_id>{ANY_VALUE}):(?P<index>{ANY_VALUE}):(?P<kind>{ANY_VALUE})",
 ):
     """Vary one image of a result, starting from the image attached to the message."""
+
+    WORDS: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("subtle", "strong")}
 
     def __init__(self, job_id: int, index: int, kind: str) -> None:
         super().__init__(
@@ -119,16 +176,21 @@ class VaryButton(
         if attachment is None:
             await refuse(interaction, "That image is no longer attached to the message.")
             return
-        image = await desk.read_image(interaction, attachment)
+        guild_id = rules_of(record, interaction)
+        prompt = record.job.request.prompt
+        image = await desk.read_image(interaction, attachment, guild_id=guild_id, prompt=prompt)
         if image is None:
             return
         raw = raw_from_request(record.job.request)
         raw.strength = desk.strength(self.kind)
-        await desk.queue(interaction, raw, image, parent=(self.job_id, self.index))
+        parent = (self.job_id, self.index)
+        await desk.queue(interaction, raw, image, parent=parent, guild_id=guild_id)
 
 
 class RerollButton(
-    Persistent, discord.ui.DynamicItem[discord.ui.Button], template=r"reroll:(?P<job_id>\d+)"
+    Persistent,
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=rf"reroll:(?P<job_id>{ANY_VALUE})",
 ):
     """Run a result's request again with a new seed."""
 
@@ -151,8 +213,16 @@ class RerollButton(
             await refuse(interaction, "That job is gone (its owner deleted their data).")
             return
         request = record.job.request
+        if request.init_image_hash is not None and record.job.member_id != interaction.user.id:
+            # Its image may be the owner's upload, never shown to anyone else.
+            await refuse(
+                interaction,
+                "Only the member who asked can reroll a job that started from an image.",
+            )
+            return
         raw = raw_from_request(request)
         raw.count, raw.width, raw.height = request.count, request.width, request.height
+        guild_id, parent = rules_of(record, interaction), (self.job_id, 0)
         if request.init_image_hash is not None:
             png = await bot.store.read(jobs.init_image, request.init_image_hash)
             if png is None:
@@ -160,18 +230,21 @@ class RerollButton(
                 return
             image = PreparedImage(png, request.init_image_hash, request.width, request.height)
             raw.strength = request.strength
-            await bot.desk.queue(interaction, raw, image, parent=(self.job_id, 0))
+            await bot.desk.queue(interaction, raw, image, parent=parent, guild_id=guild_id)
             return
-        try:  # as the job asked, without the member's current /settings
+        try:  # as the job asked, without the member's current /settings (but their privacy)
             new = bot.service.validate(raw)
         except InvalidRequest as problem:
             await refuse(interaction, refusal_text(problem))
             return
-        await bot.desk.admit(interaction, new, parent=(self.job_id, 0))
+        private = await bot.desk.private_for(interaction)
+        await bot.desk.admit(interaction, new, private=private, parent=parent, guild_id=guild_id)
 
 
 class ForgetMeButton(
-    Persistent, discord.ui.DynamicItem[discord.ui.Button], template=r"forget-me:(?P<member_id>\d+)"
+    Persistent,
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=rf"forget-me:(?P<member_id>{ANY_VALUE})",
 ):
     """The /forget-me confirmation; its custom_id names the member, so nobody else can press
     it for them."""
@@ -192,6 +265,7 @@ class ForgetMeButton(
                 "This button belongs to someone else.", ephemeral=True
             )
             return
+        deleted = None
         try:
             deleted = await interaction.client.service.forget_member(self.member_id)
         except members.JobStillRunning:
@@ -202,6 +276,10 @@ class ForgetMeButton(
                 "Your quota counts are kept, without any text."
             )
         await interaction.response.edit_message(content=text, view=None)
+        if deleted is not None:  # their queued jobs went with their data: end those statuses
+            await interaction.client.delivery.withdraw_member(
+                self.member_id, "Job #{job} was cancelled: you deleted your data. It was refunded."
+            )
 
 
 PERSISTENT_BUTTONS = (CancelButton, VaryButton, RerollButton, ForgetMeButton)
@@ -222,12 +300,17 @@ def forget_me_view(member_id: int) -> discord.ui.View:
     return persistent_view(ForgetMeButton(member_id))
 
 
-def result_view(job_id: int, indexes: list[int]) -> discord.ui.View | None:
-    """Vary (Subtle) and Vary (Strong) for each delivered image, and one Reroll."""
+def result_view(job_id: int, indexes: list[int], *, reroll: bool = True) -> discord.ui.View | None:
+    """Vary (Subtle) and Vary (Strong) for each delivered image, and one Reroll (on the
+    first message of a result). Up to four images get a row each; more fill the first four
+    rows five buttons at a time, so the most a request may ask for (ten) fits Discord's five
+    rows of five."""
     if not indexes:
         return None
     varies = [VaryButton(job_id, i, kind) for i in indexes for kind in ("subtle", "strong")]
-    return persistent_view(*varies, RerollButton(job_id))
+    for number, button in enumerate(varies):
+        button.row = number // 2 if len(indexes) <= 4 else number // 5
+    return persistent_view(*varies, *([RerollButton(job_id)] if reroll else []))
 
 
 class ConfirmView(discord.ui.View):

@@ -14,26 +14,60 @@ from bot.requests import InvalidRequest
 log = logging.getLogger(__name__)
 
 APOLOGY = "Something went wrong on our side; nothing was charged. Please try again."
+# Discord refuses content over 2,000 characters; a refusal never comes near it.
+MAX_ANSWER = 1900
+ONLY_IN_SERVERS = "I make images only in servers, where their rules and quotas apply."
+
+
+class AdmittedButUnanswered(Exception):
+    """The job is queued (and charged), but telling the member so failed."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id} was admitted but its status could not be sent")
+        self.job_id = job_id
+
+
+def bounded(text: str) -> str:
+    return text if len(text) <= MAX_ANSWER else text[: MAX_ANSWER - 1] + "…"
 
 
 async def refuse(origin: discord.Interaction | discord.Message, text: str) -> None:
     """Tell a member why nothing was queued: privately for an interaction, as a reply to a
-    message (which cannot be private)."""
+    message (which cannot be private). It may quote their text, so it pings nobody."""
+    text, quiet = bounded(text), discord.AllowedMentions.none()
     if isinstance(origin, discord.Message):
-        await origin.reply(text, mention_author=False)
+        await origin.reply(text, mention_author=False, allowed_mentions=quiet)
     elif origin.response.is_done():
-        await origin.followup.send(text, ephemeral=True)
+        await origin.followup.send(text, ephemeral=True, allowed_mentions=quiet)
     else:
-        await origin.response.send_message(text, ephemeral=True)
+        await origin.response.send_message(text, ephemeral=True, allowed_mentions=quiet)
+
+
+def in_a_server(interaction: discord.Interaction) -> bool:
+    """An app-command check: Discord hides guild-only commands in DMs, but a client can still
+    send one, and a DM has no server whose bans, blocklist and quotas apply."""
+    if interaction.guild_id is None:
+        raise app_commands.NoPrivateMessage(ONLY_IN_SERVERS)
+    return True
+
+
+server_only = app_commands.check(in_a_server)
 
 
 async def answer_failure(interaction: discord.Interaction, error: Exception) -> None:
     """The one error funnel for slash commands, context menus and buttons: the member reads a
     short private answer, never a traceback; an unexpected error is logged with its own."""
+    cause = getattr(error, "original", error)  # app commands wrap it in CommandInvokeError
     if isinstance(error, app_commands.MissingPermissions):
         text = "You need the Manage Server permission for this command."
     elif isinstance(error, app_commands.NoPrivateMessage):
-        text = "This command works only in a server."
+        text = ONLY_IN_SERVERS
+    elif isinstance(cause, AdmittedButUnanswered):
+        log.error("%s failed after admission", _what(interaction), exc_info=error)
+        text = (
+            f"Your job #{cause.job_id} is queued, but its status message failed; the result "
+            "will still be posted (a job that fails is refunded)."
+        )
     else:
         log.error("%s failed", _what(interaction), exc_info=error)
         text = APOLOGY

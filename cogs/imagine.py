@@ -14,7 +14,7 @@ from bot.requests import MAX_PROMPT_TOKENS, SCHEDULERS, GenerationRequest, RawOp
 from bot.service import PreparedImage
 from cogs.admission import eta_text
 from cogs.buttons import ConfirmView
-from cogs.common import role_ids
+from cogs.common import role_ids, server_only
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -25,6 +25,8 @@ class ImagineCog(commands.Cog):
         self.bot = bot
 
     @app_commands.command(name="imagine", description="Generate images from a text prompt")
+    @app_commands.guild_only()
+    @server_only
     @app_commands.describe(
         prompt="What to draw",
         seed="Seed for a repeatable image (random when left out)",
@@ -71,8 +73,10 @@ class ImagineCog(commands.Cog):
             strength,
         )
         prepared = None
-        if image is not None and (prepared := await desk.read_image(interaction, image)) is None:
-            return
+        if image is not None:  # defers: downloading and decoding can take a while
+            prepared = await desk.read_image(interaction, image, prompt=prompt)
+            if prepared is None:
+                return
         checked = await desk.checked(interaction, raw, prepared)
         if checked is None:
             return
@@ -114,7 +118,10 @@ class ImagineCog(commands.Cog):
             f"Ready in {eta_text(wait)} after you confirm.",
         ]
         view = ConfirmView(request, interaction, private=private, image=image)
-        await interaction.response.send_message("\n".join(lines), view=view, ephemeral=True)
+        if interaction.response.is_done():  # deferred (privately) while its image was read
+            await interaction.edit_original_response(content="\n".join(lines), view=view)
+        else:
+            await interaction.response.send_message("\n".join(lines), view=view, ephemeral=True)
 
 
 async def setup(bot: ImagineBot) -> None:

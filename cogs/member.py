@@ -14,7 +14,7 @@ from bot.db import members
 from bot.db.members import MemberDefaults
 from bot.requests import SCHEDULERS, InvalidRequest, RawOptions
 from cogs.buttons import forget_me_view
-from cogs.common import relative_time, role_ids
+from cogs.common import relative_time, role_ids, server_only
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -49,6 +49,8 @@ class MemberCog(commands.Cog):
         self.bot = bot
 
     @app_commands.command(name="quota", description="How many images you have left today")
+    @app_commands.guild_only()
+    @server_only
     async def quota(self, interaction: discord.Interaction[ImagineBot]) -> None:
         service = self.bot.service
         status = await service.quota(

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 MAX_LIMIT = 100_000
+# The status message of a job a moderator cancelled ({job} is its number).
+CANCELLED_BY_MODERATOR = "Job #{job} was cancelled by a moderator; its images were refunded."
 
 
 def mention(member_id: int | None) -> str:
@@ -160,6 +162,7 @@ class ModerationCog(commands.Cog):
         if cancelled:
             text += f" Cancelled and refunded {len(cancelled)} queued job(s)."
         await self._done(interaction, text, action="ban", target=member)
+        await self.bot.delivery.withdraw([job.id for job in cancelled], CANCELLED_BY_MODERATOR)
 
     @mod.command(name="unban", description="Let a banned member generate again")
     async def unban(
@@ -201,6 +204,7 @@ class ModerationCog(commands.Cog):
             action="queue clear",
             target=member,
         )
+        await self.bot.delivery.withdraw([job.id for job in cancelled], CANCELLED_BY_MODERATOR)
 
     # --- stats and audit ------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.db import jobs
-from bot.images import ImageRejected, read_parameters
+from bot.images import ImageRejected
 from bot.requests import InvalidRequest, RawOptions, split_inline_options
-from cogs.common import refusal_text, refuse
+from cogs.common import ONLY_IN_SERVERS, refusal_text, refuse, server_only
 from cogs.sources import image_attachment, raw_from_parameters, raw_from_request
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class VariationsCog(commands.Cog):
 
     # --- the context menu -----------------------------------------------------------------
 
+    @app_commands.guild_only()
+    @server_only
     async def vary_message(
         self, interaction: discord.Interaction[ImagineBot], message: discord.Message
     ) -> None:
@@ -76,7 +78,7 @@ class VariationsCog(commands.Cog):
             return raw_from_request(request), (record.job.id, index)
         if attachment.size <= self.bot.settings.max_upload_bytes:
             try:
-                parameters = read_parameters(await attachment.read())
+                parameters = await self.bot.service.image_parameters(await attachment.read())
             except (ImageRejected, discord.HTTPException, OSError, ValueError):
                 parameters = None
             if parameters and parameters.get("prompt"):
@@ -106,6 +108,9 @@ class VariationsCog(commands.Cog):
             attachment = image_attachment(source)
         if attachment is None or (source is message and not mentioned):
             return
+        if message.guild is None:  # a DM has no server whose bans, blocklist and quota apply
+            await refuse(message, ONLY_IN_SERVERS)
+            return
         await self.vary_reply(message, source, attachment)
 
     async def vary_reply(
@@ -117,7 +122,8 @@ class VariationsCog(commands.Cog):
         except InvalidRequest as problem:
             await refuse(message, refusal_text(problem))
             return
-        image = await self.desk.read_image(message, attachment)
+        new_prompt = None if prompt in ("", REUSE_PROMPT) else prompt
+        image = await self.desk.read_image(message, attachment, prompt=new_prompt)
         if image is None:
             return
         known, parent = (None, None)

@@ -1,8 +1,10 @@
+"""The prompt blocklist: what it catches, what it lets through, and a refusal through Discord."""
+
 import pytest
 
 from bot.blocklist import find_blocked, normalize_term
 
-TERMS = [normalize_term(t) for t in ("nsfw", "gore", "bad word", "ass")]
+TERMS = [normalize_term(t) for t in ("nsfw", "gore", "bad word", "ass", "nude")]
 
 
 @pytest.mark.parametrize(
@@ -45,3 +47,48 @@ def test_innocent_near_misses_pass(prompt):
 def test_normalized_terms_run_words_together():
     assert normalize_term(" Bad  Word ") == "badword"
     assert normalize_term("Ｇｏｒｅ") == "gore"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a nu\u0301de statue",  # decomposed accent: u + combining acute
+        "a nudé statue",  # precomposed accent
+        "n\u0336u\u0336d\u0336e\u0336",  # combining strike-through on every letter
+        "a nud\u0435 statue",  # Cyrillic е
+        "\u0405\u0415X",  # Cyrillic capitals Ѕ and Е
+        "g\u043er\u0435",  # Cyrillic о and е
+        "\u039d\u0405FW",  # Greek capital Nu, Cyrillic Dze
+        "n\u0455fw",  # Cyrillic small dze
+        "\u0274\ua731\ua730\u1d21",  # Latin small capitals ɴꜱꜰᴡ
+        "\u0274 \u0455 f w",  # look-alikes spelled out word by word
+    ],
+)
+def test_accents_and_look_alike_letters_are_caught(prompt):
+    terms = [*TERMS, normalize_term("sex")]
+    assert find_blocked(prompt, terms) is not None, prompt
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["Привет, мир", "Καλημέρα κόσμε", "a café in Zürich", "crème brûlée", "日本の風景"],
+)
+def test_other_scripts_and_accented_words_pass(prompt):
+    assert find_blocked(prompt, TERMS) is None
+
+
+def test_terms_stored_before_accents_were_folded_still_match():
+    # A row written by the older rule (NFKC only) keeps its accent; it is folded again.
+    assert find_blocked("a nude statue", ["nudé"]) == "nude"
+    assert normalize_term("Nu\u0301de") == normalize_term("ＮＵＤＥ") == "nude"
+
+
+async def test_a_decomposed_accent_is_refused_through_discord(discord_world, imagine_bot):
+    w = discord_world
+    added = await w.fake.slash_command(
+        w.mod, w.channel, "mod", {"term": "nude"}, subcommands=("blocklist", "add")
+    )
+    assert "Blocked `nude`" in (await added.wait_response()).content
+    for prompt in ("a nu\u0301de statue", "a nud\u0435 statue"):
+        refused = await (await imagine_bot.imagine(w.alice, prompt=prompt, seed=1)).wait_response()
+        assert refused.ephemeral and "blocks" in refused.content, prompt

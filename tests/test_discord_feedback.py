@@ -1,6 +1,7 @@
 """What a member sees while waiting: position and ETA, progress with previews, Cancel,
 their /settings defaults, and the dry run with Confirm."""
 
+import asyncio
 import sqlite3
 from dataclasses import replace
 
@@ -290,3 +291,119 @@ async def test_cancel_works_after_a_restart(discord_world, settings, held_runner
             await bot.store.read(quotas.status, w.guild.id, w.alice.id, default_limit=9)
         ).used == 0
         held_runner.release()
+
+
+async def test_a_failing_status_edit_is_logged_with_its_job_and_the_others_go_on(
+    discord_world, imagine_bot, held_runner, caplog
+):
+    w = discord_world
+    held_runner.hold()
+    first = await imagine_bot.imagine(w.alice, prompt="first", seed=1)
+    second = await imagine_bot.imagine(w.bob, prompt="second", seed=2)
+    first_id = job_id_of((await first.wait_response()).content)
+    second_id = job_id_of((await second.wait_response()).content)
+    board = imagine_bot.bot.status_board
+    await asyncio.sleep(0.5)  # admission marks the status shown just after answering
+
+    async def broken(**fields):
+        raise RuntimeError("the edit blew up")
+
+    board.statuses[first_id].edit = broken
+    board.set_detail(first_id, "moved along")
+    board.set_detail(second_id, "moved along")
+    await second.wait_original(lambda m: "moved along" in m.content)
+    assert any(f"job {first_id}" in r.getMessage() and r.exc_info for r in caplog.records), (
+        "the failed edit was not logged with its job"
+    )
+    held_runner.release()
+    await imagine_bot.wait_idle()
+
+
+async def mod(world, who, *subcommands, **options):
+    inter = await world.fake.slash_command(
+        who, world.channel, "mod", options, subcommands=subcommands
+    )
+    return await inter.wait_response()
+
+
+async def test_jobs_a_moderator_cancels_end_their_status_messages(
+    discord_world, imagine_bot, held_runner
+):
+    """/mod queue clear and /mod ban cancel queued jobs: their members see it on the status
+    message, and the status board lets go of them."""
+    w = discord_world
+    board = imagine_bot.bot.status_board
+    held_runner.hold()
+    await imagine_bot.imagine(w.mod, prompt="running", seed=1)
+    await held_runner.wait_calls(1)
+    cleared = await imagine_bot.imagine(w.alice, prompt="cleared", seed=2, width=128)
+    banned = await imagine_bot.imagine(w.bob, prompt="banned", seed=3, width=128)
+    cleared_id = job_id_of((await cleared.wait_response()).content)
+    banned_id = job_id_of((await banned.wait_response()).content)
+
+    answer = await mod(w, w.mod, "queue", "clear", member=w.alice)
+    assert "Cancelled and refunded 1" in answer.content
+    status = await cleared.wait_original(lambda m: "cancelled by a moderator" in m.content)
+    assert "refunded" in status.content and not status.components
+    assert cleared_id not in board.statuses and banned_id in board.statuses
+
+    await mod(w, w.mod, "ban", member=w.bob)
+    status = await banned.wait_original(lambda m: "cancelled by a moderator" in m.content)
+    assert not status.components and banned_id not in board.statuses
+    held_runner.release()
+    await imagine_bot.wait_idle()
+    assert set(board.statuses) == set()
+
+
+async def test_forget_me_ends_the_status_of_the_jobs_it_deletes(
+    discord_world, imagine_bot, held_runner
+):
+    w = discord_world
+    held_runner.hold()
+    await imagine_bot.imagine(w.bob, prompt="running", seed=1)
+    await held_runner.wait_calls(1)
+    queued = await imagine_bot.imagine(w.alice, prompt="queued", seed=2, width=128)
+    job_id = job_id_of((await queued.wait_response()).content)
+    asked = await w.fake.slash_command(w.alice, w.channel, "forget-me")
+    await asked.wait_response()
+    confirmed = await w.fake.click_button(
+        w.alice, await asked.original(), f"forget-me:{w.alice.id}"
+    )
+    assert "deleted 1 job(s)" in (await confirmed.wait_response()).content
+    status = await queued.wait_original(lambda m: "deleted your data" in m.content)
+    assert "queued" not in status.content and not status.components
+    assert job_id not in imagine_bot.bot.status_board.statuses
+    held_runner.release()
+    await imagine_bot.wait_idle()
+
+
+def message_bodies(fake):
+    """The JSON of every message the bot created or edited (responses, follow-ups, posts)."""
+    for request in fake.requests:
+        body = request.body
+        if request.method not in ("POST", "PATCH") or not isinstance(body, dict):
+            continue
+        body = body.get("payload_json", body)
+        if request.path.endswith("/callback"):
+            body = body.get("data") or {}
+        if "content" in body:
+            yield request.path, body
+
+
+async def test_the_bot_pings_only_the_member_a_result_is_for(discord_world, imagine_bot):
+    w = discord_world
+    inter = await imagine_bot.imagine(w.alice, prompt="@everyone <@&1> look", seed=1)
+    result = await inter.wait_followup()
+    shown = await mod(w, w.mod, "quota", "show", member=w.bob)
+    assert f"<@{w.bob.id}>" in shown.content
+    await imagine_bot.wait_idle()
+    bodies = list(message_bodies(w.fake))
+    assert bodies
+    for path, body in bodies:
+        allowed = body.get("allowed_mentions")
+        assert allowed is not None and allowed["parse"] == [], (path, body)
+        assert set(allowed.get("users", [])) <= {str(w.alice.id), w.alice.id}, (path, body)
+    assert [b["allowed_mentions"].get("users") for _, b in bodies if "job #" in b["content"]][
+        -1
+    ] in ([str(w.alice.id)], [w.alice.id])
+    assert result.content.startswith(f"<@{w.alice.id}> job #")

@@ -3,6 +3,7 @@ talking to the fake Discord over HTTP and the gateway."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import numpy as np
@@ -11,6 +12,7 @@ from conftest import TEST_LIMITS
 from factories import pixels
 from harness.answers import attachment_names, embed_field, job_id_of
 from harness.in_process import running_bot
+from test_images import encode, noise
 
 from bot.db import Store, jobs
 from bot.requests import DEFAULT_SCHEDULER, BatchKey, ImageSpec
@@ -225,3 +227,93 @@ async def test_shutdown_past_the_grace_returns_the_running_job_to_the_queue(
         await reopened.close()
     assert record.job.status == "queued" and record.result_message_id is None
     assert inter.followup_ids == []
+
+
+# ---- slow work after the first answer, and the order of the checks (issue 13) ---------------
+
+
+async def slow_image_path(w, bot, path):
+    """Start `path` (an image to download and decode) as alice and return its handle."""
+    if path == "slash with image":
+        upload = ("in.png", encode(noise(64, 64, seed=2), "PNG"))
+        return await w.fake.slash_command(
+            w.alice, w.channel, "imagine", {"prompt": "a bay"}, attachments={"image": upload}
+        )
+    inter = await bot.imagine(w.mod, prompt="a bay", seed=3)
+    job_id = job_id_of((await inter.wait_response()).content)
+    result = await inter.wait_followup(timeout=30)
+    if path == "Vary button":
+        return await w.fake.click_button(w.alice, result, f"vary:{job_id}:0:strong")
+    return await w.fake.message_command(w.alice, w.channel, "Vary", result)
+
+
+@pytest.mark.parametrize("path", ["slash with image", "Vary button", "Vary context menu"])
+async def test_image_paths_answer_within_three_seconds_of_slow_decoding(
+    discord_world, imagine_bot, monkeypatch, path
+):
+    service = imagine_bot.service
+    decode = service.prepare_init_image
+
+    async def slow(data):
+        await asyncio.sleep(3.5)  # a big upload on a busy machine
+        return await decode(data)
+
+    monkeypatch.setattr(service, "prepare_init_image", slow)
+    handle = await slow_image_path(discord_world, imagine_bot, path)
+    first = await handle.wait_response(timeout=10)
+    assert first.at - handle.dispatched_at < 3.0
+    status = await handle.wait_original(timeout=15)
+    assert "Queued as job #" in status.content
+    assert discord_world.fake.problems() == []
+
+
+async def test_a_banned_members_upload_is_never_downloaded(discord_world, imagine_bot):
+    w = discord_world
+    banned = await w.fake.slash_command(
+        w.mod, w.channel, "mod", {"member": w.alice}, subcommands=("ban",)
+    )
+    await banned.wait_response()
+    upload = ("in.png", encode(noise(64, 64, seed=2), "PNG"))
+    inter = await w.fake.slash_command(
+        w.alice, w.channel, "imagine", {"prompt": "a bay"}, attachments={"image": upload}
+    )
+    refused = await inter.wait_original()
+    assert refused.ephemeral and "can't generate images" in refused.content
+    assert [r for r in w.fake.requests if r.path.startswith("/attachments/")] == []
+
+
+async def test_uploads_are_decoded_on_a_small_pool_of_their_own(
+    discord_world, imagine_bot, monkeypatch
+):
+    import threading
+
+    import bot.service
+
+    threads = []
+    decode = bot.service.decode_upload
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(bot.service, "decode_upload", recording)
+    handle = await slow_image_path(discord_world, imagine_bot, "slash with image")
+    await handle.wait_original()
+    assert threads and all(name.startswith("decode-upload") for name in threads), threads
+
+
+async def test_a_failure_after_admission_does_not_say_nothing_was_charged(
+    discord_world, imagine_bot, monkeypatch
+):
+    board = imagine_bot.bot.status_board
+
+    async def broken():
+        raise RuntimeError("the status could not be shown")
+
+    monkeypatch.setattr(board, "refresh_queue", broken)
+    inter = await imagine_bot.imagine(discord_world.alice, prompt="a bay", seed=1)
+    answer = await inter.wait_original()
+    assert "nothing was charged" not in answer.content
+    assert "queued" in answer.content and "job #1" in answer.content
+    monkeypatch.undo()
+    await imagine_bot.wait_idle()

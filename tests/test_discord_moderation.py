@@ -4,6 +4,7 @@ through the real discord.py client against the fake Discord."""
 import sqlite3
 
 import pytest
+from test_images import encode, noise
 
 from bot.db import jobs, members
 
@@ -186,3 +187,49 @@ async def test_forget_me_needs_the_owners_confirmation(discord_world, imagine_bo
     confirmed = await w.fake.click_button(w.alice, message, custom_id)
     assert "deleted 1 job(s)" in (await confirmed.wait_response()).content
     assert await imagine_bot.store.read(members.history, w.alice.id) == []
+
+
+async def test_forget_me_scrubs_derived_jobs_and_uploads(discord_world, imagine_bot):
+    """Bob's Vary of alice's result copied her prompt: it goes with her data (his job stays,
+    blank); his reply with his own words keeps them. Her upload goes too; nothing of hers is
+    left in the database file."""
+    w = discord_world
+    secret = "secret-giraffe-prompt"
+    upload = encode(noise(64, 64, seed=4), "PNG")
+    inter = await w.fake.slash_command(
+        w.alice,
+        w.channel,
+        "imagine",
+        {"prompt": secret, "seed": 1},
+        attachments={"image": ("me.png", upload)},
+    )
+    await inter.wait_original()
+    result = await inter.wait_followup(timeout=30)
+    parent = await imagine_bot.store.read(members.history, w.alice.id)
+    parent_id = parent[0].job.id
+    vary = await w.fake.click_button(w.bob, result, f"vary:{parent_id}:0:subtle")
+    await vary.wait_original()
+    own = await w.fake.send_message(w.bob, w.channel, "bob's own words", reply_to=result)
+    await w.fake.wait_for_message(lambda m: m.reference == own.id and "job #" in m.content)
+    await imagine_bot.wait_idle()
+
+    asked = await w.fake.slash_command(w.alice, w.channel, "forget-me")
+    await asked.wait_response()
+    confirmed = await w.fake.click_button(
+        w.alice, await asked.original(), f"forget-me:{w.alice.id}"
+    )
+    assert "deleted 1 job(s)" in (await confirmed.wait_response()).content
+    with sqlite3.connect(imagine_bot.service.settings.database_path) as raw:
+        left = raw.execute(
+            "SELECT member_id, prompt, parent_job_id, init_image_hash FROM jobs ORDER BY id"
+        ).fetchall()
+        uploads = {row[0] for row in raw.execute("SELECT hash FROM init_images")}
+    assert [(m, p, parent) for m, p, parent, _ in left] == [
+        (w.bob.id, "", None),
+        (w.bob.id, "bob's own words", None),
+    ]
+    assert uploads == {h for *_, h in left}  # only bob's jobs' images remain
+    stored = imagine_bot.service.settings.database_path
+    for path in (stored, stored.with_name(stored.name + "-wal")):
+        if path.exists():
+            assert secret.encode() not in path.read_bytes(), path

@@ -54,7 +54,7 @@ async def test_result_buttons_vary_each_image_and_reroll(discord_world, imagine_
         f"reroll:{parent_id}",
     ]
     press = await w.fake.click_button(w.bob, result, f"vary:{parent_id}:1:strong")
-    varied = await new_job_from(await press.wait_response(), imagine_bot)
+    varied = await new_job_from(await press.wait_original(), imagine_bot)
     request = varied.job.request
     assert (request.mode, request.strength, request.prompt) == ("image", 0.75, "a harbour")
     assert (varied.job.parent_job_id, varied.job.parent_image_index) == (parent_id, 1)
@@ -66,7 +66,7 @@ async def test_result_buttons_vary_each_image_and_reroll(discord_world, imagine_
 
     subtle = await w.fake.click_button(w.alice, result, f"vary:{parent_id}:0:subtle")
     assert (
-        await new_job_from(await subtle.wait_response(), imagine_bot)
+        await new_job_from(await subtle.wait_original(), imagine_bot)
     ).job.request.strength == 0.35
 
     reroll = await w.fake.click_button(w.alice, result, f"reroll:{parent_id}")
@@ -83,7 +83,7 @@ async def test_buttons_work_after_a_restart(discord_world, settings, tiny_runner
     async with running_bot(w.fake, settings, runner=tiny_runner) as bot:
         await w.fake.wait_until(lambda: len(w.fake.identifies) > identified or None)
         press = await w.fake.click_button(w.alice, result, f"vary:{parent_id}:0:subtle")
-        varied = await new_job_from(await press.wait_response(), bot)
+        varied = await new_job_from(await press.wait_original(), bot)
         assert varied.job.parent_job_id == parent_id
         assert (await press.wait_followup()).attachments[0].filename.endswith(".png")
 
@@ -171,7 +171,7 @@ async def test_context_menu_reuses_png_parameters(discord_world, imagine_bot):
     upload = png_bytes(noise(64, 64, seed=2), parameters_text(foreign, 99))
     theirs = await w.fake.send_message(w.bob, w.channel, "", attachments=[("city.png", upload)])
     menu = await w.fake.message_command(w.alice, w.channel, "Vary", theirs)
-    record = await new_job_from(await menu.wait_response(), imagine_bot)
+    record = await new_job_from(await menu.wait_original(), imagine_bot)
     request = record.job.request
     assert (request.prompt, request.negative_prompt, request.steps) == ("a neon city", "fog", 9)
     assert (request.guidance, request.scheduler, request.mode) == (5.5, "Euler a", "image")
@@ -182,7 +182,7 @@ async def test_context_menu_on_our_result_keeps_the_lineage(discord_world, imagi
     w = discord_world
     parent_id, result = await result_of(imagine_bot, w.alice, prompt="a kite", seed=1)
     menu = await w.fake.message_command(w.bob, w.channel, "Vary", result)
-    record = await new_job_from(await menu.wait_response(), imagine_bot)
+    record = await new_job_from(await menu.wait_original(), imagine_bot)
     assert record.job.parent_job_id == parent_id and record.job.request.prompt == "a kite"
     plain = await w.fake.send_message(w.bob, w.channel, "no image here")
     refused = await (await w.fake.message_command(w.bob, w.channel, "Vary", plain)).wait_response()
@@ -199,7 +199,7 @@ async def test_imagine_with_an_image_and_strength(discord_world, imagine_bot):
         {"prompt": "a desert", "seed": 4, "strength": 0.8},
         attachments={"image": ("desert.png", upload)},
     )
-    record = await new_job_from(await inter.wait_response(), imagine_bot)
+    record = await new_job_from(await inter.wait_original(), imagine_bot)
     request = record.job.request
     assert (request.mode, request.strength, request.seed) == ("image", 0.8, 4)
     assert request.width % 8 == 0 and request.width > request.height  # aspect kept
@@ -276,7 +276,7 @@ async def test_hostile_uploads_are_refused_and_cost_nothing(discord_world, imagi
         {"prompt": "x"},
         attachments={"image": (name, data)},
     )
-    refused = await inter.wait_response()
+    refused = await inter.wait_original()
     assert (
         refused.ephemeral and message in refused.content and "Nothing was queued" in refused.content
     )
@@ -319,7 +319,111 @@ async def test_cmyk_and_rotated_uploads_are_accepted_upright(discord_world, imag
             {"prompt": "x", "seed": 1},
             attachments={"image": (name, data)},
         )
-        record = await new_job_from(await inter.wait_response(), imagine_bot)
+        record = await new_job_from(await inter.wait_original(), imagine_bot)
         sizes.append((record.job.request.width, record.job.request.height))
     assert sizes[0][1] > sizes[0][0]  # 64×96 stays portrait
     assert sizes[1][1] > sizes[1][0]  # 128×64 turned upright by its EXIF orientation
+
+
+# ---- who may press what (issue 13) -----------------------------------------------------------
+
+
+async def settings_private(w, member):
+    inter = await w.fake.slash_command(member, w.channel, "settings", {"private": True})
+    assert "privately" in (await inter.wait_response()).content
+
+
+async def test_reroll_honours_the_members_private_delivery(discord_world, imagine_bot):
+    w = discord_world
+    await settings_private(w, w.alice)
+    parent_id, result = await result_of(imagine_bot, w.alice, prompt="my secret garden", seed=8)
+    assert result.ephemeral
+    reroll = await w.fake.click_button(w.alice, result, f"reroll:{parent_id}")
+    status = await reroll.wait_original()
+    assert status.ephemeral and "job #" in status.content
+    rerolled = await new_job_from(status, imagine_bot)
+    delivered = await reroll.wait_followup(timeout=30)
+    assert delivered.ephemeral and delivered.attachments
+    assert rerolled.job.request.prompt == "my secret garden"
+    public = [m for m in w.fake.messages if not m.ephemeral and m.channel_id == w.channel.id]
+    assert not any("secret garden" in str(m.embeds) or "job #" in m.content for m in public)
+
+
+@pytest.mark.parametrize("kind", ["reroll", "vary"])
+async def test_a_forged_id_cannot_reuse_another_members_job(discord_world, imagine_bot, kind):
+    w = discord_world
+    await settings_private(w, w.alice)
+    hidden_id, _ = await result_of(imagine_bot, w.alice, prompt="alice's hidden idea", seed=1)
+    _, mine = await result_of(imagine_bot, w.bob, prompt="bob's own", seed=1)
+    custom_id = f"reroll:{hidden_id}" if kind == "reroll" else f"vary:{hidden_id}:0:subtle"
+    press = await w.fake.click_button(w.bob, mine, custom_id, forged=True)
+    refused = await press.wait_original()
+    assert refused.ephemeral and "not one I made" in refused.content
+    assert [row[6] for row in job_rows(imagine_bot)] == ["alice's hidden idea", "bob's own"]
+
+
+async def test_reroll_of_a_job_from_someone_elses_upload_is_theirs_only(discord_world, imagine_bot):
+    w = discord_world
+    upload = {"image": ("me.png", encode(noise(64, 64, seed=9), "PNG"))}
+    options = {"prompt": "my photo", "seed": 4}
+    inter = await w.fake.slash_command(w.alice, w.channel, "imagine", options, attachments=upload)
+    parent_id = job_id_of((await inter.wait_original()).content)
+    result = await inter.wait_followup(timeout=30)
+    press = await w.fake.click_button(w.bob, result, f"reroll:{parent_id}")
+    refused = await press.wait_original()
+    assert refused.ephemeral and "started from an image" in refused.content
+    assert len(job_rows(imagine_bot)) == 1
+    own = await w.fake.click_button(w.alice, result, f"reroll:{parent_id}")
+    assert (await new_job_from(await own.wait_original(), imagine_bot)).job.request.mode == "image"
+
+
+FORGED_IDS = [
+    "cancel:²",
+    "cancel:٣",
+    "cancel:" + "9" * 30,
+    "reroll:" + "9" * 20,
+    "vary:1:٣:subtle",
+    "vary:1:0:gentle",
+]
+
+
+@pytest.mark.parametrize("how", ["forged", "planted"])
+@pytest.mark.parametrize("custom_id", FORGED_IDS)
+async def test_malformed_custom_ids_get_a_clean_private_answer(
+    discord_world, imagine_bot, custom_id, how, caplog
+):
+    # forged: not on the message (discord.py drops it); planted: on a message of the bot's.
+    w = discord_world
+    if how == "forged":
+        _, message = await result_of(imagine_bot, w.bob, prompt="a pond", seed=1)
+    else:
+        message = w.fake.plant_bot_message(w.channel, "old buttons", [custom_id])
+    press = await w.fake.click_button(w.bob, message, custom_id, forged=how == "forged")
+    answer = await press.wait_original()
+    assert answer.ephemeral and "not one I made" in answer.content
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert len(job_rows(imagine_bot)) == (1 if how == "forged" else 0)
+
+
+async def test_a_moderator_of_another_server_cannot_cancel(discord_world, settings, held_runner):
+    w = discord_world
+    other = w.fake.add_guild("Other Server")
+    their_mod = w.fake.add_member(other, "othermod", moderator=True)
+    async with running_bot(w.fake, settings, runner=held_runner) as bot:
+        held_runner.hold()
+        try:
+            await bot.queued_job(await bot.imagine(w.bob, prompt="blocker", seed=1))
+            await held_runner.wait_calls(1)
+            asked = await bot.imagine(w.alice, prompt="a", seed=1)
+            victim = await bot.queued_job(asked)
+            # Job A's Cancel on a message in server B, as a hostile client would send it.
+            forged = f"cancel:{victim.job.id}"
+            elsewhere = w.fake.plant_bot_message(other.channel, "a status", [forged])
+            press = await w.fake.click_button(their_mod, elsewhere, forged)
+            refused = await press.wait_response()
+            assert refused.ephemeral and "Only the member who asked" in refused.content
+            assert (await bot.store.read(jobs.get, victim.job.id)).job.status == "queued"
+            ours = await w.fake.click_button(w.mod, await asked.original(), forged)
+            assert "cancelled" in (await ours.wait_response()).content
+        finally:
+            held_runner.release()

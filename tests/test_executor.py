@@ -1,6 +1,7 @@
 """The executor on the tiny model through the real store: batching, seeds, a free event loop."""
 
 import asyncio
+import sqlite3
 import time
 from dataclasses import replace
 
@@ -331,3 +332,85 @@ async def test_slow_deliveries_do_not_hold_up_the_next_batch(settings, tiny_runn
             assert (await store.read(jobs.get, entry.job.id)).job.status == "done"
     finally:
         await service.close()
+
+
+def fail_once(monkeypatch, module, name, *, only=None):
+    """Make `module.name` raise a database error once (for job `only`, if given); returns
+    the list of calls it failed."""
+    real = getattr(module, name)
+    failed = []
+
+    async def flaky(tx, *args, **kwargs):
+        if not failed and (only is None or args[0] == only):
+            failed.append(args)
+            raise sqlite3.OperationalError("disk I/O error")
+        return await real(tx, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, flaky)
+    return failed
+
+
+async def test_a_database_error_in_a_batch_fails_its_jobs_and_the_queue_goes_on(
+    service, monkeypatch, caplog
+):
+    """The drain task survives: the hit batch's jobs fail with a refund (never left running),
+    the log names them, and the next job runs."""
+    collected = Collector()
+    service.add_listener(collected)
+    failed = fail_once(monkeypatch, jobs, "finish_batch")
+    hit = await submit(service, 1, seed=1)
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert failed
+    record = await service.store.read(jobs.get, hit.job.id)
+    assert record.job.status == "failed" and "internal error" in record.error
+    assert (await service.store.read(quotas.status, 1, 1, default_limit=5)).used == 0
+    assert any(f"jobs [{hit.job.id}]" in r.getMessage() and r.exc_info for r in caplog.records)
+    later = await submit(service, 2, seed=2)
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert (await service.store.read(jobs.get, later.job.id)).job.status == "done"
+    assert [r.error is None for r in collected.results] == [False, True]
+
+
+async def test_a_failed_claim_is_logged_and_tried_again(service, monkeypatch, caplog):
+    failed = fail_once(monkeypatch, jobs, "claim_batch")
+    job = await submit(service, 1, seed=1)
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert failed and any("drain failed" in r.getMessage() for r in caplog.records)
+    assert (await service.store.read(jobs.get, job.job.id)).job.status == "done"
+
+
+async def test_a_database_error_while_finishing_a_job_is_logged_and_delivery_goes_on(
+    service, monkeypatch, caplog
+):
+    """The delivery task survives a failed write: a passing error is retried, a lasting one
+    is logged with the job's id, and the jobs after it are still delivered and marked."""
+    first = await submit(service, 1, seed=1)
+    second = await submit(service, 2, seed=2, width=128)  # its own batch, delivered after
+    failed = fail_once(monkeypatch, jobs, "mark_done", only=first.job.id)
+    service.executor.start()
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert failed
+    assert (await service.store.read(jobs.get, first.job.id)).job.status == "done"  # retried
+    assert any(str(first.job.id) in r.getMessage() for r in caplog.records)
+
+    real = jobs.mark_done
+
+    async def broken_for_third(tx, job_id, **kwargs):
+        if job_id == third.job.id:
+            raise sqlite3.OperationalError("disk I/O error")
+        return await real(tx, job_id, **kwargs)
+
+    monkeypatch.setattr(jobs, "mark_done", broken_for_third)
+    caplog.clear()
+    third = await submit(service, 3, seed=3)
+    fourth = await submit(service, 4, seed=4, width=128)
+    await asyncio.wait_for(service.executor.wait_idle(), 60)
+    assert any(
+        f"finishing job {third.job.id} failed" in r.getMessage() and r.exc_info
+        for r in caplog.records
+    )
+    assert (await service.store.read(jobs.get, fourth.job.id)).job.status == "done"
+    for entry in (first, second):
+        assert (await service.store.read(jobs.get, entry.job.id)).job.status == "done"

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from factories import make_request
 from PIL import Image, ImageFile, features
+from PIL.PngImagePlugin import PngInfo
 
 from bot.images import (
+    MAX_PARAMETERS_CHARS,
     ImageRejected,
     decode_upload,
     fit_for_model,
@@ -46,6 +48,26 @@ def png_claiming(width: int, height: int) -> bytes:
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     return bytes(data)
+
+
+def with_chunk(png: bytes, after: bytes, kind: bytes, body: bytes) -> bytes:
+    """`png` with a chunk (CRC and all) inserted after its first `after` chunk."""
+    at = 8
+    while png[at + 4 : at + 8] != after:
+        at += 12 + struct.unpack(">I", png[at : at + 4])[0]
+    at += 12 + struct.unpack(">I", png[at : at + 4])[0]
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return png[:at] + chunk + png[at:]
+
+
+def freezing_png() -> bytes:
+    """About a kilobyte of PNG whose zTXt `parameters` inflate to a million characters, the
+    last line one long word: hours of work for a regex that retries at every offset."""
+    info = PngInfo()
+    info.add_text("parameters", "a prompt\n" + "w" * 999_990, zip=True)
+    data = encode(Image.new("RGB", (64, 64), "grey"), "PNG", pnginfo=info, optimize=True)
+    assert len(data) < 4096
+    return data
 
 
 def rejected(data: bytes, match: str, **limits: int) -> ImageRejected:
@@ -140,6 +162,29 @@ def test_exif_orientation_is_applied() -> None:
     marker = np.asarray(image)[5:15, 65:75].mean(axis=(0, 1))  # now at the top right
     assert marker[0] > 200 and marker[1] < 60 and marker[2] < 60
     assert np.asarray(image)[5:15, 5:15].min() > 200  # the top left is white
+
+
+def test_a_malformed_exif_block_is_ignored_but_the_orientation_applied() -> None:
+    # Orientation 6, then YResolution typed UNDEFINED: exif_transpose, rewriting the block,
+    # raised TypeError ("bad operand type for abs(): 'bytes'").
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 2)
+    tiff += struct.pack("<HHI", 0x0112, 3, 1) + b"\x06\x00\x00\x00"
+    tiff += struct.pack("<HHI", 0x011B, 7, 2) + b"D\xb0\x00\x00" + b"\x00" * 4
+    app1 = b"Exif\x00\x00" + tiff
+    jpeg = encode(Image.new("RGB", (120, 80), "white"), "JPEG")
+    data = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+    assert decode_upload(data, **LIMITS).size == (80, 120)
+
+
+def test_a_palette_with_too_many_transparent_entries_is_refused() -> None:
+    palette = encode(noise(64, 64).quantize(4), "PNG")
+    rejected(with_chunk(palette, b"PLTE", b"tRNS", b"\x00" * 300), "could not be read")
+
+
+def test_a_damaged_chunk_after_the_pixels_is_refused() -> None:
+    # An iCCP chunk after IDAT, cut after its name: Pillow's parser raised IndexError.
+    png = encode(noise(64, 64), "PNG")
+    rejected(with_chunk(png, b"IDAT", b"iCCP", b"icc\x00"), "could not be read")
 
 
 def test_transparency_is_composited_on_white() -> None:
@@ -277,3 +322,26 @@ def test_prompt_only_and_missing_parameters() -> None:
         "seed": 7,
         "extra": {},
     }
+
+
+@pytest.mark.timeout(60)  # the old regex took minutes on these; fail rather than wait
+@pytest.mark.parametrize(
+    "last_line",
+    ["w" * 40_000, "a " * 20_000, "-" * 20_000 + "w" * 20_000, "Key: " + '"\\' * 20_000],
+)
+def test_parameters_parse_in_linear_time(last_line: str) -> None:
+    started = time.perf_counter()
+    parsed = parse_parameters(f"a prompt\n{last_line}")
+    assert time.perf_counter() - started < 0.5
+    assert parsed["prompt"].startswith("a prompt")
+
+
+@pytest.mark.timeout(60)
+def test_an_overlong_parameters_chunk_is_not_read() -> None:
+    started = time.perf_counter()
+    assert read_parameters(freezing_png()) is None
+    assert decode_upload(freezing_png(), **LIMITS).size == (64, 64)  # the image itself is fine
+    assert time.perf_counter() - started < 1
+    longest = "x" * (MAX_PARAMETERS_CHARS - 40) + "\nSteps: 5, Sampler: Euler, Seed: 7"
+    parsed = read_parameters(png_bytes(Image.new("RGB", (8, 8)), longest))
+    assert parsed is not None and parsed["seed"] == 7

@@ -185,3 +185,17 @@ async def test_forget_me_waits_for_running_jobs(store):
     with pytest.raises(members.JobStillRunning):
         await store.write(members.forget, 8)
     assert await store.read(jobs.count) == 1
+
+
+async def test_a_term_stored_before_accents_were_folded_is_found_by_remove_and_add(store, tmp_path):
+    # A row the older rule wrote keeps its accent in the key ("nudé"); moderators type "nude".
+    with sqlite3.connect(tmp_path / "bot.sqlite3") as raw:
+        raw.execute(
+            "INSERT INTO blocklist (guild_id, term, normalized, moderator_id, at)"
+            " VALUES (?, 'Nudé', 'nudé', 1, 0)",
+            (GUILD,),
+        )
+    assert not await store.write(moderation.add_blocked_term, GUILD, "nude", moderator_id=1)
+    assert await store.write(moderation.remove_blocked_term, GUILD, "NÚDE")
+    assert await store.read(moderation.blocked_terms, GUILD) == []
+    assert not await store.write(moderation.remove_blocked_term, GUILD, "nude")

@@ -69,21 +69,32 @@ async def ban_of(tx: Tx, guild_id: int, member_id: int) -> Ban | None:
 # --- the blocklist -------------------------------------------------------------------------
 
 
+async def _stored_keys(tx: Tx, guild_id: int, term: str) -> list[str]:
+    """The stored keys that fold to `term`'s key: rows written before a folding rule was added
+    (`núde` before accents were dropped) still count as the same term."""
+    key = normalize_term(term)
+    rows = await tx.all("SELECT normalized FROM blocklist WHERE guild_id = ?", (guild_id,))
+    return [row["normalized"] for row in rows if normalize_term(row["normalized"]) == key]
+
+
 async def add_blocked_term(tx: Tx, guild_id: int, term: str, moderator_id: int) -> bool:
-    cursor = await tx.run(
-        """INSERT OR IGNORE INTO blocklist (guild_id, term, normalized, moderator_id, at)
+    if await _stored_keys(tx, guild_id, term):
+        return False
+    await tx.run(
+        """INSERT INTO blocklist (guild_id, term, normalized, moderator_id, at)
            VALUES (?, ?, ?, ?, ?)""",
         (guild_id, term, normalize_term(term), moderator_id, tx.now),
     )
-    return cursor.rowcount > 0
+    return True
 
 
 async def remove_blocked_term(tx: Tx, guild_id: int, term: str) -> bool:
-    cursor = await tx.run(
+    stored = await _stored_keys(tx, guild_id, term)
+    await tx.run_many(
         "DELETE FROM blocklist WHERE guild_id = ? AND normalized = ?",
-        (guild_id, normalize_term(term)),
+        [(guild_id, key) for key in stored],
     )
-    return cursor.rowcount > 0
+    return bool(stored)
 
 
 async def blocked_terms(tx: Tx, guild_id: int) -> list[str]:

@@ -262,12 +262,19 @@ class FakeDiscord:
         return await self._dispatch_interaction(handle, timeout)
 
     async def click_button(
-        self, member: FakeMember, message: FakeMessage, custom_id: str, *, timeout: float = 10.0
+        self,
+        member: FakeMember,
+        message: FakeMessage,
+        custom_id: str,
+        *,
+        forged: bool = False,
+        timeout: float = 10.0,
     ) -> InteractionHandle:
-        """Click the button `custom_id` on `message` (it must exist and be enabled)."""
+        """Click the button `custom_id` on `message` (it must exist and be enabled), or, with
+        `forged`, send any custom_id from that message as a hostile client could."""
         if message.deleted:
             raise LookupError(f"message {message.id} was deleted; nobody can click it")
-        data = self._builder.component_data(message, custom_id)
+        data = self._builder.component_data(message, custom_id, forged=forged)
         channel = self._state.channels[message.channel_id]
         handle = self._builder.new_handle(3, member, channel, data)
         handle.payload["message"] = payloads.message(self._state, message)
@@ -286,14 +293,15 @@ class FakeDiscord:
         mentions_bot: bool | None = None,
         timeout: float = 10.0,
     ) -> FakeMessage:
-        """`member` posts in `channel` and the bot gets MESSAGE_CREATE (if its intents allow).
+        """`member` posts in `channel` (a guild channel, or their DM with the bot) and the bot
+        gets MESSAGE_CREATE (if its intents allow).
 
         `mentions_bot=True` pings the bot (prepending `<@bot>` unless it is a reply);
         by default a reply to one of the bot's messages pings it, as Discord's client does.
         Without the message content intent the bot sees empty content unless pinged."""
         await self.wait_until_ready(timeout)
         state = self._state
-        if channel.guild_id != member.guild_id:
+        if channel.guild_id not in (None, member.guild_id):
             raise LookupError(f"{member.user.username} is not a member of that channel's guild")
         if mentions_bot is None:
             mentions_bot = reply_to is not None and reply_to.author_id == self.bot_user_id
@@ -323,6 +331,15 @@ class FakeDiscord:
         if sent is not None:
             await asyncio.wait_for(sent, timeout)
         return message
+
+    def plant_bot_message(
+        self, channel: FakeChannel, content: str, custom_ids: Sequence[str]
+    ) -> FakeMessage:
+        """A message by the bot carrying buttons with `custom_ids`, made by the test: for
+        buttons the bot would never post itself (malformed ids, another server's job)."""
+        buttons = [{"type": 2, "style": 2, "label": "?", "custom_id": c} for c in custom_ids]
+        data = {"content": content, "components": [{"type": 1, "components": buttons}]}
+        return self._state.create_bot_message(channel.id, data, [])
 
     # ---- waiting for the bot ----------------------------------------------------------------
 

@@ -40,7 +40,7 @@ class InteractionHandle:
     type: int
     user: FakeUser
     channel_id: int
-    guild_id: int
+    guild_id: int | None
     payload: dict[str, Any]
     state: FakeState = field(repr=False)
     name: str | None = None  # command name
@@ -107,11 +107,14 @@ class InteractionBuilder:
     def new_handle(
         self, itype: int, member: FakeMember, channel: FakeChannel, data: dict[str, Any]
     ) -> InteractionHandle:
-        """An interaction by `member` in a guild text channel."""
+        """An interaction by `member` in a guild text channel, or in their DM with the bot
+        (then Discord sends `user` instead of `member` and no guild: context 1)."""
         state = self.state
-        guild = state.guilds[member.guild_id]
-        if channel.guild_id != guild.id:
+        guild = state.guild_of(channel)
+        if guild is not None and guild.id != member.guild_id:
             raise LookupError(f"{member.user.username} is not a member of that channel's guild")
+        if channel.is_dm and channel.recipient_id != member.id:
+            raise LookupError(f"that DM channel is not {member.user.username}'s")
         interaction_id = state.new_id()
         token = "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(120)
         permissions = state.permissions_in(channel, member.id)
@@ -129,20 +132,29 @@ class InteractionBuilder:
             "channel_id": str(channel.id),
             "channel": payloads.channel(state, channel, permissions=permissions),
             "app_permissions": str(state.permissions_in(channel, state.bot_user.id)),
-            "guild_id": str(guild.id),
-            "guild": {"id": str(guild.id), "locale": "en-US", "features": []},
-            "guild_locale": "en-US",
-            "member": payloads.member(member, permissions=permissions),
-            "authorizing_integration_owners": {"0": str(guild.id)},
-            "context": 0,
         }
+        if guild is None:
+            payload.update(
+                user=payloads.user(member.user),
+                authorizing_integration_owners={"1": str(member.id)},
+                context=1,
+            )
+        else:
+            payload.update(
+                guild_id=str(guild.id),
+                guild={"id": str(guild.id), "locale": "en-US", "features": []},
+                guild_locale="en-US",
+                member=payloads.member(member, permissions=permissions),
+                authorizing_integration_owners={"0": str(guild.id)},
+                context=0,
+            )
         handle = InteractionHandle(
             id=interaction_id,
             token=token,
             type=itype,
             user=member.user,
             channel_id=channel.id,
-            guild_id=guild.id,
+            guild_id=guild.id if guild else None,
             payload=payload,
             state=state,
         )
@@ -211,8 +223,13 @@ class InteractionBuilder:
     # ---- components -------------------------------------------------------------------------
 
     @staticmethod
-    def component_data(message: FakeMessage, custom_id: str) -> dict[str, Any]:
-        """A button click on `message` (the button must exist and be enabled)."""
+    def component_data(
+        message: FakeMessage, custom_id: str, *, forged: bool = False
+    ) -> dict[str, Any]:
+        """A button click on `message` (the button must exist and be enabled). `forged`: a
+        hostile client sends a custom_id the message does not have (a plain button's type)."""
+        if forged:
+            return {"custom_id": custom_id, "component_type": 2}
         component = message.find_component(custom_id)
         if component is None:
             raise LookupError(f"message {message.id} has no component with custom_id {custom_id!r}")

@@ -15,6 +15,7 @@ from typing import Any
 
 DISCORD_EPOCH_MS = 1_420_070_400_000
 USER_MENTION = re.compile(r"<@!?(\d+)>")
+EVERYONE_MENTION = re.compile(r"@(?:everyone|here)\b")
 
 
 class Perm:
@@ -210,6 +211,7 @@ class FakeMessage:
     nonce: str | None = None
     type: int = 0
     mention_ids: list[int] = field(default_factory=list)
+    mention_everyone: bool = False  # @everyone or @here pinged the channel
     webhook_id: int | None = None
     created_at: dt.datetime = field(default_factory=now)
     edited_at: dt.datetime | None = None

@@ -221,7 +221,7 @@ def message(
         "timestamp": iso(msg.created_at),
         "edited_timestamp": iso(msg.edited_at),
         "tts": False,
-        "mention_everyone": False,
+        "mention_everyone": msg.mention_everyone,
         "mentions": [user(state.users[uid]) for uid in msg.mention_ids if uid in state.users],
         "mention_roles": [],
         "mention_channels": [],

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from .bodies import UploadedFile
 from .models import (
+    EVERYONE_MENTION,
     USER_MENTION,
     FakeAttachment,
     FakeChannel,
@@ -436,9 +437,21 @@ class FakeState:
         message.type = 19  # REPLY
 
     def _mentions(self, message: FakeMessage, data: dict[str, Any]) -> list[int]:
-        """Users pinged by the content, plus the replied-to author unless replied_user=false."""
-        ids = [int(m) for m in USER_MENTION.findall(message.content) if int(m) in self.users]
-        allowed = data.get("allowed_mentions") or {}
+        """Users pinged by the content, plus the replied-to author unless replied_user=false,
+        as `allowed_mentions` lets them (absent: everything in the content pings). Sets
+        `message.mention_everyone` for an @everyone or @here that is allowed to ping."""
+        allowed = data.get("allowed_mentions")
+        parse = ["users", "roles", "everyone"] if allowed is None else allowed.get("parse") or []
+        allowed = allowed or {}
+        named = {int(u) for u in allowed.get("users") or []}
+        ids = [
+            int(m)
+            for m in USER_MENTION.findall(message.content)
+            if int(m) in self.users and ("users" in parse or int(m) in named)
+        ]
+        message.mention_everyone = "everyone" in parse and bool(
+            EVERYONE_MENTION.search(message.content)
+        )
         if message.reference is not None and allowed.get("replied_user", True):
             target = self.messages_by_id[message.reference]
             if target.author_id not in ids and target.author_id != message.author_id:
