@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import PIL.Image
 
+from bot.background import cancel_and_wait
 from bot.batching import BatchCaps
 from bot.db import Store, jobs, speeds
 from bot.eta import SpeedKey
@@ -162,10 +163,7 @@ class Executor:
                 await asyncio.wait_for(asyncio.shield(self._task), grace)
             except TimeoutError:
                 self._runner.interrupt()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self._handoff.stop()
         if self._undelivered:
             log.info("returning %d interrupted job(s) to the queue", len(self._undelivered))

@@ -10,12 +10,12 @@ here is logged with the job's id and the next result is handled all the same."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bot.background import cancel_and_wait
 from bot.db import Store, jobs
 from bot.requests import Job
 from bot.results import GeneratedImage
@@ -65,10 +65,7 @@ class Handoff:
         self._task = asyncio.create_task(self._deliver_forever(), name="delivery")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def put(self, result: JobResult) -> None:
         self._results.put_nowait(result)

@@ -9,7 +9,6 @@ the newest text wins, and Discord never sees more edits than its limits allow.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import discord
 
+from bot.background import cancel_and_wait
 from bot.db import members
 from bot.images import ImageRejected
 from bot.quota import AdmissionRefused
@@ -108,10 +108,7 @@ class StatusBoard:
         self._task = asyncio.create_task(self._flush_forever(), name="status-board")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def track(self, status: Status) -> None:
         status.shown = status.render()
