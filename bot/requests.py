@@ -22,6 +22,9 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_TOKENS = 75
 MAX_PROMPT_CHARS = 1500
 SIZE_STEP = 8
+# One unit of device work, the measure of quotas, fair share and the per-request cap: one
+# 512×512 image denoised for 25 steps. Work grows about linearly in pixels and steps.
+UNIT_WORK = 512 * 512 * 25
 
 
 class InvalidRequest(ValueError):
@@ -104,6 +107,13 @@ class GenerationRequest:
             guidance=self.guidance,
             strength=self.strength,
         )
+
+    @property
+    def cost(self) -> float:
+        """Device work in units (`UNIT_WORK`): images × pixels × the steps really denoised.
+        Rounded to thousandths so sums in the ledger stay exact."""
+        steps = denoising_steps(self.steps, self.strength)
+        return round(self.count * self.width * self.height * steps / UNIT_WORK, 3)
 
     @property
     def seeds(self) -> list[int]:

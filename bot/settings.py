@@ -51,6 +51,13 @@ class Settings:
     preview_every: int = 5
     daily_quota: int = 0
     quota_exempt_roles: frozenset[int] = frozenset()
+    max_queued_per_member: int = 3
+    max_request_cost: float = 32.0
+    role_weights: dict[int, float] = field(default_factory=dict)
+    max_prompt_chunks: int = 4
+    max_permutations: int = 4
+    auto_download: bool = True
+    dev_guild_id: int | None = None
     limits: Limits = field(default_factory=Limits)
 
     def __repr__(self) -> str:  # never let the token reach a log line or traceback
@@ -118,6 +125,19 @@ def _parse_ids(name: str, raw: str) -> frozenset[int]:
     return frozenset(int(part) for part in parts)
 
 
+def _parse_weights(name: str, raw: str) -> dict[int, float]:
+    """`role_id:weight` pairs separated by commas, each weight from 0.1 to 100."""
+    weights: dict[int, float] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        role, _, weight = part.partition(":")
+        if not role.strip().isdigit() or not weight:
+            raise SettingsError(
+                f"{name} must be role_id:weight pairs separated by commas, got {raw!r}"
+            )
+        weights[int(role)] = _parse_float(0.1, 100.0)(name, weight.strip())
+    return weights
+
+
 def _parse_text(name: str, raw: str) -> str:
     if not raw.strip():
         raise SettingsError(f"{name} must not be empty")
@@ -152,6 +172,13 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "SHUTDOWN_GRACE": ("shutdown_grace", _parse_float(0.0, 600.0)),
     "DAILY_QUOTA": ("daily_quota", _parse_int(0, 100_000)),
     "QUOTA_EXEMPT_ROLES": ("quota_exempt_roles", _parse_ids),
+    "MAX_QUEUED_PER_MEMBER": ("max_queued_per_member", _parse_int(0, 1000)),
+    "MAX_REQUEST_COST": ("max_request_cost", _parse_float(0.1, 10_000.0)),
+    "ROLE_WEIGHTS": ("role_weights", _parse_weights),
+    "MAX_PROMPT_CHUNKS": ("max_prompt_chunks", _parse_int(1, 16)),
+    "MAX_PERMUTATIONS": ("max_permutations", _parse_int(1, 16)),
+    "AUTO_DOWNLOAD": ("auto_download", _parse_bool),
+    "DEV_GUILD_ID": ("dev_guild_id", _parse_int(1, 2**63 - 1)),
     "LOG_LEVEL": ("log_level", lambda n, raw: _parse_choice(LOG_LEVELS)(n, raw.upper())),
 }
 _LIMIT_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
