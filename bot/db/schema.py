@@ -127,4 +127,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX jobs_by_result ON jobs (result_message_id);
     """,
+    """
+    CREATE TABLE app_state (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 )
