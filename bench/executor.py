@@ -30,8 +30,8 @@ from bench.common import (
     start_service,
 )
 from bench.report import table, write_json
-from bot.batching import form_batch
 from bot.executor import Runner
+from bot.queue import QueueIndex
 from bot.requests import BatchKey, GenerationRequest, ImageSpec, Job, RawOptions
 
 GOAL_JOBS = 8
@@ -43,14 +43,13 @@ GOAL_STALL = 0.250  # seconds
 def executor_calls(
     requests: list[GenerationRequest], max_images: int
 ) -> list[tuple[BatchKey, list[ImageSpec]]]:
-    """The calls the executor makes when all these jobs are queued at once: form_batch's
+    """The calls the executor makes when all these jobs are queued at once: the queue's
     batches, sliced at the cap as the executor slices them."""
-    pending = [Job(i, i, None, None, r, queued_at=float(i)) for i, r in enumerate(requests)]
+    queue = QueueIndex()
+    queue.load(Job(i, i, None, None, r, queued_at=float(i)) for i, r in enumerate(requests))
     calls = []
-    while pending:
-        batch = form_batch(pending, max_images)
-        taken = {job.id for job in batch}
-        pending = [job for job in pending if job.id not in taken]
+    while batch := queue.next_batch(lambda key: max_images):
+        queue.claimed(batch)
         specs = [spec for job in batch for spec in job.image_specs]
         key = batch[0].request.batch_key
         calls += [(key, specs[i : i + max_images]) for i in range(0, len(specs), max_images)]

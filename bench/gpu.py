@@ -390,7 +390,7 @@ def count_flops(runner: Any, requests: list[GenerationRequest], flops: dict) -> 
         if key.mode == "image":
             init = PIL.Image.new("RGB", (key.width, key.height), (128, 96, 64))
         with FlopCounterMode(display=False) as counter:
-            runner.generate(key, [ImageSpec("count", "", 0, init)])
+            runner.generate(key, [ImageSpec("count", "", 0, request.guidance, init)])
         flops[key] = counter.get_total_flops()
 
 
@@ -573,7 +573,8 @@ async def executor_part(args: argparse.Namespace, device: torch.device, folder: 
         "peak_tflops": peak,
         "flops_per_image": {
             f"{k.mode} {k.width}x{k.height} {k.steps} steps"
-            + ("" if k.strength is None else f" strength {k.strength}"): f
+            + ("" if k.cfg else " no CFG")
+            + ("" if k.image_steps is None else f" {k.image_steps} from the image"): f
             for k, f in flops.items()
         },
         "img2img_jobs": {

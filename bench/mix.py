@@ -1,7 +1,7 @@
 """How well a realistic mix of requests batches, and what other grouping policies would save.
 
 Poisson arrivals of a realistic request mix are replayed against the real batch former
-(bot.batching.form_batch) on a virtual clock. A diffusers call on a batch of n images of one
+(bot.queue.QueueIndex) on a virtual clock. A diffusers call on a batch of n images of one
 key costs steps · (per_step + per_image_step · n · pixels/512²) + per_image_decode · n ·
 pixels/512² seconds; img2img runs int(steps · strength) steps, as diffusers does. Policies:
 FIFO one job per call (MAX_BATCH_SIZE=1), ours, ours with steps snapped to a grid, and ours
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench.report import percentile, table, write_json
-from bot.batching import form_batch
+from bot.queue import QueueIndex
 from bot.requests import BatchKey, GenerationRequest, Job
 
 # (value, weight): 70 % 512×512, 15 % 768×512, 10 % 512×768, 5 % 1024×1024, as width × height.
@@ -81,7 +81,9 @@ class CostModel:
     def call_seconds(self, key: BatchKey, images: int) -> float:
         pixels = images * key.width * key.height / 512**2
         decode = self.per_image_decode * pixels
-        return key.denoising_steps * (self.per_step + self.per_image_step * pixels) + decode
+        # Without classifier-free guidance the UNet runs one sample per image instead of two.
+        per_image_step = self.per_image_step if key.cfg else self.per_image_step / 2
+        return key.denoising_steps * (self.per_step + per_image_step * pixels) + decode
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,13 @@ def snapped(request: GenerationRequest, grid: tuple[int, ...]) -> GenerationRequ
 def simulate(
     requests: list[GenerationRequest], arrivals: list[float], policy: Policy, cost: CostModel
 ) -> dict:
-    """Replay the arrivals against form_batch with one device; calls above the cap run in
+    """Replay the arrivals against the queue's former with one device; calls above the cap run in
     slices, as the executor runs them."""
     jobs = [
         Job(i, i, None, None, snapped(r, policy.snap_steps), queued_at=t)
         for i, (r, t) in enumerate(zip(requests, arrivals, strict=True))
     ]
-    pending: list[Job] = []
+    pending = QueueIndex()
     cap = policy.max_images
     clock = busy = 0.0
     upcoming = calls = 0
@@ -117,7 +119,7 @@ def simulate(
     def admit(until: float) -> None:
         nonlocal upcoming
         while upcoming < len(jobs) and jobs[upcoming].queued_at <= until:
-            pending.append(jobs[upcoming])
+            pending.add(jobs[upcoming])
             upcoming += 1
 
     def images(batch: list[Job]) -> int:
@@ -127,16 +129,15 @@ def simulate(
         if not pending:
             clock = max(clock, jobs[upcoming].queued_at)
         admit(clock)
-        deadline = min(job.queued_at for job in pending) + policy.window
-        while clock < deadline and images(form_batch(pending, policy.max_images)) < cap:
+        deadline = pending.next_batch(lambda key: cap)[0].queued_at + policy.window
+        while clock < deadline and images(pending.next_batch(lambda key: cap)) < cap:
             if upcoming < len(jobs) and jobs[upcoming].queued_at <= deadline:
                 clock = jobs[upcoming].queued_at
                 admit(clock)
             else:
                 clock = deadline
-        batch = form_batch(pending, cap)
-        taken = {job.id for job in batch}
-        pending = [job for job in pending if job.id not in taken]
+        batch = pending.next_batch(lambda key: cap)
+        pending.claimed(batch)
         key, total = batch[0].request.batch_key, images(batch)
         slices = [min(cap, total - start) for start in range(0, total, cap)]
         seconds = sum(cost.call_seconds(key, n) for n in slices)

@@ -1,9 +1,12 @@
-"""Command line: run the bot (default), generate locally, sync the command tree, download a model.
+"""Command line: run the bot (default), generate, sync, download, invite, doctor.
 
-python -m bot                      run the bot
+python -m bot                      run the bot (downloads the model and registers the commands
+                                   the first time)
 python -m bot generate "a prompt" --seed 42 --out panda.png
-python -m bot sync [--guild ID]
+python -m bot sync [--guild ID]    register the commands now, even if unchanged
 python -m bot download [MODEL_ID]
+python -m bot invite               print the link that adds the bot to a server
+python -m bot doctor               check token, intents, permissions, commands, model, disk
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -81,23 +86,43 @@ async def run_bot(settings: Settings) -> None:
         log.info("stopped")
 
 
-async def sync_commands(settings: Settings, guild_id: int | None) -> None:
-    import discord
-
+@asynccontextmanager
+async def offline_bot(settings: Settings) -> AsyncIterator:
+    """The bot with its store and cogs (so its command tree), not logged in or connected."""
     service = await open_service(settings)
     try:
         async with make_bot(settings, service) as bot:
-            await bot.login(settings.discord_token)
-            guild = discord.Object(guild_id) if guild_id else None
-            if guild is not None:
-                bot.tree.copy_global_to(guild=guild)
-            synced = await bot.tree.sync(guild=guild)
-            where = f"guild {guild_id}" if guild_id else "every server (may take up to an hour)"
-            print(
-                f"synced {len(synced)} command(s) to {where}: {', '.join(c.name for c in synced)}"
-            )
+            yield bot
     finally:
         await service.store.close()
+
+
+async def sync_commands(settings: Settings, guild_id: int | None) -> None:
+    """Register the commands even if unchanged, and record their hash as a start would."""
+    from bot.discord_setup import register_commands
+
+    async with offline_bot(settings) as bot:
+        await bot.login(settings.discord_token)
+        synced = await register_commands(bot.tree, bot.store, guild_id, force=True)
+        where = f"guild {guild_id}" if guild_id else "every server (may take up to an hour)"
+        names = ", ".join(c.name for c in synced or [])
+        print(f"synced {len(synced or [])} command(s) to {where}: {names}")
+
+
+async def print_invite(settings: Settings) -> None:
+    from bot.discord_setup import fetch_application_id, invite_url
+
+    if settings.discord_api_base:
+        from bot.discord_api import use_api_base
+
+        use_api_base(settings.discord_api_base)
+    print(invite_url(await fetch_application_id(settings.discord_token)))
+
+
+async def doctor(settings: Settings) -> int:
+    from bot import doctor
+
+    return await doctor.run(settings, lambda: offline_bot(settings), doctor.Report())
 
 
 async def generate(settings: Settings, args: argparse.Namespace) -> int:
@@ -155,10 +180,22 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
 
 def download(settings: Settings, model_id: str) -> None:
     """Fetch a model into the cache, so the bot can start offline (HF_HUB_OFFLINE=1)."""
-    from bot.pipelines import PipelineOptions, load_pipeline
+    from bot.downloads import fetch_model, is_hub_model
 
-    load_pipeline(model_id, PipelineOptions(device="cpu", cache_dir=settings.model_cache))
-    print(f"{model_id} is in {settings.model_cache}")
+    if not is_hub_model(model_id):
+        print(f"{model_id} is not a Hub id: nothing to download")
+        return
+    print(f"{model_id} is in {fetch_model(model_id, settings.model_cache)}")
+
+
+def _interruptible(fetch: Callable[[], None]) -> int:
+    """Run a download; Ctrl-C ends it with a line instead of a traceback (it resumes)."""
+    try:
+        fetch()
+    except KeyboardInterrupt:
+        print("interrupted; the download resumes where it stopped next time", file=sys.stderr)
+        return 130
+    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -180,6 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sync.add_argument("--guild", type=int, help="sync to one server at once instead of globally")
     dl = sub.add_parser("download", help="fetch a model into MODEL_CACHE")
     dl.add_argument("model_id", nargs="?", help="Hub id (default: MODEL_ID)")
+    sub.add_parser("invite", help="print the link that adds the bot to a server")
+    sub.add_parser("doctor", help="check the set-up, one line per check; exit 1 if one fails")
     return parser.parse_args(argv)
 
 
@@ -187,23 +226,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = args.command or "run"
     try:
-        settings = load_settings(require_token=command in ("run", "sync"))
+        settings = load_settings(require_token=command in ("run", "sync", "invite", "doctor"))
     except SettingsError as problem:
         print(f"configuration error: {problem}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, [settings.discord_token])
     if command == "download":  # the Hub client reads this once, at import
         os.environ["HF_HUB_OFFLINE"] = "0"
-    from bot.pipelines import ModelNotAvailable
+    from bot.downloads import ModelNotAvailable, fetch_if_missing
 
     try:
         if command == "generate":
             return asyncio.run(generate(settings, args))
+        if command == "doctor":
+            return asyncio.run(doctor(settings))
         if command == "sync":
-            asyncio.run(sync_commands(settings, args.guild))
+            asyncio.run(sync_commands(settings, args.guild or settings.dev_guild_id))
+        elif command == "invite":
+            asyncio.run(print_invite(settings))
         elif command == "download":
-            download(settings, args.model_id or settings.model_id)
+            return _interruptible(lambda: download(settings, args.model_id or settings.model_id))
         else:
+            # Before the model and Discord: a refusal (no disk space) costs nothing else.
+            model, cache = settings.model_id, settings.model_cache
+            stopped = _interruptible(
+                lambda: fetch_if_missing(model, cache, allowed=settings.auto_download)
+            )
+            if stopped:
+                return stopped
             asyncio.run(run_bot(settings))
     except ModelNotAvailable as problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -70,7 +70,8 @@ class ImagineBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         """Listen to the service and load the cogs. The command tree is not synced here:
-        `python -m bot sync` does that, because syncing is rate limited and rarely needed."""
+        bot/lifecycle.py registers it after login, and only when it changed (syncing is rate
+        limited), or `python -m bot sync` does."""
         self.add_dynamic_items(*PERSISTENT_BUTTONS)
         self.add_listener(answer_stray_click, "on_interaction")
         self.service.add_listener(self.delivery.deliver)

@@ -1,37 +1,17 @@
-"""The batch former (which pending jobs share the next diffusers call) and the batch caps
-(how many images one call of a key may hold after out-of-memory errors).
+"""The batch caps: how many images one call of a key may hold after out-of-memory errors.
+Which jobs share the next call is the queue's to say (bot/queue.py).
 
-Pure and deterministic so the fairness and memory rules can be tested without torch or SQLite.
+Pure and deterministic so the memory rules can be tested without torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from bot.requests import BatchKey, Job
+from bot.requests import BatchKey
 
 # Successful calls at a lowered cap before it is raised by one image again.
 CAP_RECOVERY_CALLS = 4
-
-
-def form_batch(pending: Sequence[Job], max_images: int) -> list[Job]:
-    """Take the oldest pending job, then every later job with the same batch key while the
-    images fit under max_images. The oldest job always goes first, even when it alone is
-    larger than the cap (the executor then runs it in slices), so nobody starves."""
-    if not pending:
-        return []
-    ordered = sorted(pending, key=lambda job: (job.queued_at, job.id))
-    first = ordered[0]
-    key = first.request.batch_key
-    batch = [first]
-    images = first.request.count
-    for job in ordered[1:]:
-        if images >= max_images:
-            break
-        if job.request.batch_key == key and images + job.request.count <= max_images:
-            batch.append(job)
-            images += job.request.count
-    return batch
 
 
 class BatchCaps:

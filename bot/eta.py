@@ -1,13 +1,16 @@
-"""Queue ETAs from measured speed: replay the batch former over the jobs ahead and add up
-how long each of those diffusers calls takes at the speed seen so far."""
+"""Queue ETAs from measured speed: the cost units ahead of a job (kept by bot/queue.py as a
+running sum, never replayed) times the seconds a unit takes at the speed seen so far."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bot.batching import form_batch
-from bot.requests import Job
+from bot.requests import UNIT_WORK
+
+# The unit's shape: UNIT_WORK is one 512×512 image denoised for 25 steps.
+UNIT_PIXELS = 512 * 512
+UNIT_STEPS = UNIT_WORK // UNIT_PIXELS
 
 # Weight of the newest measurement in the moving average.
 SMOOTHING = 0.3
@@ -40,34 +43,15 @@ def seconds_per_step(speeds: Mapping[SpeedKey, float], key: SpeedKey) -> float |
     return speed * work / (nearest.pixels * nearest.images)
 
 
-def call_seconds(speeds: Mapping[SpeedKey, float], batch: Sequence[Job]) -> float | None:
-    request = batch[0].request
-    images = sum(job.request.count for job in batch)
-    per_step = seconds_per_step(
-        speeds, SpeedKey(request.model, request.width * request.height, images)
-    )
-    if per_step is None:
-        return None
-    return per_step * request.batch_key.denoising_steps
+def seconds_per_unit(speeds: Mapping[SpeedKey, float], model: str, images: int) -> float | None:
+    """Measured seconds one cost unit (a 512×512 image at 25 steps) takes when calls hold
+    `images` images: what the work ahead of a job costs at the device's batched speed."""
+    images = max(1, images)
+    per_step = seconds_per_step(speeds, SpeedKey(model, UNIT_PIXELS, images))
+    return None if per_step is None else per_step * UNIT_STEPS / images
 
 
-def estimate_waits(
-    queued: Sequence[Job],
-    speeds: Mapping[SpeedKey, float],
-    max_images: int,
-    busy_for: float = 0.0,
-) -> dict[int, float | None]:
-    """Seconds until each queued job's images are done, assuming no one else arrives.
-    `busy_for` is the expected remaining time of the batch running now. None: no estimate yet."""
-    waits: dict[int, float | None] = {}
-    pending = list(queued)
-    elapsed: float | None = busy_for
-    while pending:
-        batch = form_batch(pending, max_images)
-        seconds = call_seconds(speeds, batch)
-        elapsed = None if elapsed is None or seconds is None else elapsed + seconds
-        for job in batch:
-            waits[job.id] = elapsed
-        taken = {job.id for job in batch}
-        pending = [job for job in pending if job.id not in taken]
-    return waits
+def wait_seconds(units: float, per_unit: float | None, busy_for: float = 0.0) -> float | None:
+    """Seconds until `units` of queued work (a job's own and everything ahead of it) are done
+    after the running call's remaining `busy_for`; None before anything was measured."""
+    return None if per_unit is None else busy_for + units * per_unit

@@ -22,10 +22,11 @@ import PIL.Image
 
 from bot.background import cancel_and_wait
 from bot.batching import BatchCaps
-from bot.db import Store, jobs, speeds
+from bot.db import Store, Tx, jobs, speeds
 from bot.eta import SpeedKey
 from bot.handoff import RETRY_SECONDS, Deliver, Handoff, JobResult
 from bot.images import png_bytes, read_png
+from bot.queue import QueueIndex
 from bot.requests import BatchKey, ImageSpec, Job
 from bot.results import GeneratedImage, Interrupted, StepProgress
 
@@ -104,6 +105,40 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+async def image_specs(store: Store, batch: list[Job]) -> list[ImageSpec]:
+    """The specs of every image in the batch, with init images read from the store for
+    image-to-image jobs (a missing one fails its job alone, in the runner's checks)."""
+    specs: list[ImageSpec] = []
+    for job in batch:
+        init_image = None
+        if job.request.init_image_hash is not None:
+            png = await store.read(jobs.init_image, job.request.init_image_hash)
+            if png is not None:
+                init_image = await asyncio.to_thread(read_png, png)
+        specs += [replace(spec, init_image=init_image) for spec in job.image_specs]
+    return specs
+
+
+def job_results(
+    batch: list[Job], outcomes: list[GeneratedImage | BaseException], cancelled: set[int]
+) -> list[JobResult]:
+    """Each job's share of the call's outcomes (one per image, in batch order): its images,
+    or the first reason one of them failed, or nothing when its member cancelled it."""
+    results, offset = [], 0
+    for job in batch:
+        own = outcomes[offset : offset + job.request.count]
+        offset += job.request.count
+        if job.id in cancelled:
+            results.append(JobResult(job, [], None, 0.0, 0, 0, cancelled=True))
+            continue
+        errors = [o for o in own if isinstance(o, BaseException)]
+        images = [o for o in own if not isinstance(o, BaseException)]
+        blank = [image.error for image in images if image.error]
+        error = describe_error(errors[0]) if errors else (blank[0] if blank else None)
+        results.append(JobResult(job, [] if error else images, error, 0.0, 0, 0))
+    return results
+
+
 class Executor:
     """Hands each finished job to `deliver`, and each step to `progress` when it is not empty."""
 
@@ -111,6 +146,7 @@ class Executor:
         self,
         store: Store,
         runner: Runner,
+        queue: QueueIndex,
         *,
         max_batch_size: int,
         deliver: Deliver,
@@ -119,6 +155,7 @@ class Executor:
     ) -> None:
         self._store = store
         self._runner = runner
+        self._queue = queue
         self._max_batch_size = max_batch_size
         self._deliver = deliver
         self._progress = progress
@@ -203,9 +240,7 @@ class Executor:
             await self._wake.wait()
             self._wake.clear()
             try:
-                while not self._stopping and (
-                    claimed := await self._store.write(jobs.claim_batch, self._max_batch_size)
-                ):
+                while not self._stopping and (claimed := await self.claim_next()):
                     await self._run_claimed(*claimed)
                 await self._handoff.join()
             except Exception:
@@ -215,6 +250,35 @@ class Executor:
                 continue
             if not self._wake.is_set():  # a job admitted during the last claim is still due
                 self._idle.set()
+
+    async def claim_next(self) -> tuple[int, list[Job]] | None:
+        """Claim the call the fair former chose. It chooses inside the claim's transaction,
+        so admissions already waiting for the database land first and can share the call;
+        where the store disagrees with the index (a job cancelled, changed or queued behind
+        its back), the index is rebuilt from the store and the choice made again."""
+        if not self._queue and await self._store.read(jobs.any_queued):
+            await self.reload_queue(out_of_step=True)
+        while True:
+            chosen: list[Job] = []
+            claimed = await self._store.write(self._choose_and_claim, chosen)
+            if not chosen:
+                return None
+            if claimed is None or len(claimed[1]) != len(chosen):
+                await self.reload_queue(out_of_step=True)
+            else:
+                self._queue.claimed(chosen)
+            if claimed is not None:
+                return claimed
+
+    async def _choose_and_claim(self, tx: Tx, chosen: list[Job]) -> tuple[int, list[Job]] | None:
+        chosen.extend(self._queue.next_batch(self.caps.cap))
+        return await jobs.claim_batch(tx, [job.id for job in chosen]) if chosen else None
+
+    async def reload_queue(self, out_of_step: bool = False) -> None:
+        """Load the queue index from the database, the truth (at start-up, after a mismatch)."""
+        if out_of_step:
+            log.warning("the queue index was out of step with the database; rebuilding it")
+        self._queue.load(await self._store.read(jobs.pending))
 
     async def _run_claimed(self, batch_id: int, batch: list[Job]) -> None:
         """Run a claimed batch and hand its results to the delivery task; if anything but the
@@ -294,22 +358,9 @@ class Executor:
         await self._store.write(speeds.record, speed_key, seconds_per_step)
         return images
 
-    async def _image_specs(self, batch: list[Job]) -> list[ImageSpec]:
-        """The specs of every image in the batch, with init images read from the store for
-        image-to-image jobs (a missing one fails its job alone, in the runner's checks)."""
-        specs: list[ImageSpec] = []
-        for job in batch:
-            init_image = None
-            if job.request.init_image_hash is not None:
-                png = await self._store.read(jobs.init_image, job.request.init_image_hash)
-                if png is not None:
-                    init_image = await asyncio.to_thread(read_png, png)
-            specs += [replace(spec, init_image=init_image) for spec in job.image_specs]
-        return specs
-
     async def _run_batch(self, batch_id: int, batch: list[Job]) -> list[JobResult]:
         key = batch[0].request.batch_key
-        specs = await self._image_specs(batch)
+        specs = await image_specs(self._store, batch)
         owners = [job.id for job in batch for _ in range(job.request.count)]
         self._in_flight = [job.id for job in batch]
         self._runner.resume()  # an interrupt meant for an earlier batch does not stop this one
@@ -324,24 +375,10 @@ class Executor:
         seconds = time.perf_counter() - started
         await self._store.write(jobs.finish_batch, batch_id)
         cancelled = await self._store.read(jobs.cancel_requested, [job.id for job in batch])
-
-        results = []
-        offset = 0
-        for job in batch:
-            own = outcomes[offset : offset + job.request.count]
-            offset += job.request.count
-            if job.id in cancelled:
-                result = JobResult(job, [], None, seconds, batch_id, len(specs), cancelled=True)
-            else:
-                errors = [o for o in own if isinstance(o, BaseException)]
-                images = [o for o in own if not isinstance(o, BaseException)]
-                blank = [image.error for image in images if image.error]
-                error = describe_error(errors[0]) if errors else (blank[0] if blank else None)
-                result = JobResult(
-                    job, [] if error else images, error, seconds, batch_id, len(specs)
-                )
-            results.append(result)
-        return results
+        return [
+            replace(result, seconds=seconds, batch_id=batch_id, batch_images=len(specs))
+            for result in job_results(batch, outcomes, cancelled)
+        ]
 
     def _delivered(self, result: JobResult) -> None:
         """The handoff is done with a job: it no longer goes back to the queue on stop."""

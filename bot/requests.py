@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 # Names a member understands, in the order shown in Discord's choice list.
@@ -18,8 +18,6 @@ SCHEDULERS: tuple[str, ...] = ("DPM++ 2M", "Euler a", "Euler", "DDIM", "PNDM", "
 DEFAULT_SCHEDULER = "DPM++ 2M"
 
 MAX_SEED = 2**32 - 1
-# CLIP reads 77 positions: a start token, 75 of the prompt and an end token; the rest is cut.
-MAX_PROMPT_TOKENS = 75
 MAX_PROMPT_CHARS = 1500
 SIZE_STEP = 8
 # One unit of device work, the measure of quotas, fair share and the per-request cap: one
@@ -61,13 +59,17 @@ class BatchKey:
     height: int
     steps: int
     scheduler: str
-    guidance: float
-    strength: float | None = None
+    # Guidance scales vary per image (`ImageSpec.guidance`); only whether they run classifier-free
+    # guidance (scale > 1) is shared, since without it the call skips the unconditional pass.
+    cfg: bool = True
+    # Mode "image": the steps denoised from the init image, int(steps × strength). The strength
+    # decides nothing else in diffusers' img2img, so strengths with the same count share a call.
+    image_steps: int | None = None
 
     @property
     def denoising_steps(self) -> int:
         """The denoising steps this key's call really runs (see `denoising_steps`)."""
-        return denoising_steps(self.steps, self.strength)
+        return self.steps if self.image_steps is None else self.image_steps
 
 
 def denoising_steps(steps: int, strength: float | None) -> int:
@@ -95,8 +97,9 @@ class GenerationRequest:
     # For mode "image": the SHA-256 of the stored init image (PNG), which varies per image.
     init_image_hash: str | None = None
 
-    @property
+    @cached_property  # a request never changes; the queue index asks for these often
     def batch_key(self) -> BatchKey:
+        image_steps = None if self.strength is None else denoising_steps(self.steps, self.strength)
         return BatchKey(
             model=self.model,
             mode=self.mode,
@@ -104,11 +107,11 @@ class GenerationRequest:
             height=self.height,
             steps=self.steps,
             scheduler=self.scheduler,
-            guidance=self.guidance,
-            strength=self.strength,
+            cfg=self.guidance > 1,
+            image_steps=image_steps,
         )
 
-    @property
+    @cached_property
     def cost(self) -> float:
         """Device work in units (`UNIT_WORK`): images × pixels × the steps really denoised.
         Rounded to thousandths so sums in the ledger stay exact."""
@@ -128,6 +131,8 @@ class ImageSpec:
     prompt: str
     negative_prompt: str
     seed: int
+    # The classifier-free guidance scale, above 1 exactly when the batch key's `cfg` is true.
+    guidance: float = 7.5
     # A PIL image (RGB, the batch key's size) for mode "image"; Any keeps PIL out of here.
     # Left out of the hash: images are unhashable, and specs differ by seed anyway.
     init_image: Any = field(default=None, hash=False)
@@ -266,36 +271,6 @@ def validate(
     )
 
 
-# Options a member may put after the text of a reply: `a cat --strength 0.5 --seed 7`.
-INLINE_OPTIONS: dict[str, type] = {"strength": float, "seed": int, "steps": int, "guidance": float}
-# No option's value needs more characters (a seed has 10 digits); longer is refused unparsed.
-MAX_INLINE_VALUE = 24
-MAX_INLINE_NAME = 20
-_INLINE = re.compile(r"(?:^|\s)--([A-Za-z_]+)(?:\s+([^\s-][^\s]*|-\S+))?")
-
-
-def split_inline_options(text: str) -> tuple[str, dict[str, int | float]]:
-    """Split `a cat --strength 0.5 --seed 7` into the prompt and typed options; the values are
-    range-checked later by `validate`, like every other option."""
-    options: dict[str, int | float] = {}
-    for name, value in _INLINE.findall(text):
-        kind = INLINE_OPTIONS.get(name.lower())
-        if kind is None:
-            allowed = ", ".join(f"--{n}" for n in INLINE_OPTIONS)
-            shown = name if len(name) <= MAX_INLINE_NAME else name[:MAX_INLINE_NAME] + "…"
-            raise InvalidRequest(f"--{shown}", f"is not an option here; use {allowed}.")
-        if len(value) > MAX_INLINE_VALUE:
-            raise InvalidRequest(
-                f"--{name}", f"is {len(value)} characters long; at most {MAX_INLINE_VALUE}."
-            )
-        try:
-            options[name.lower()] = kind(value)
-        except ValueError:
-            what = "a whole number" if kind is int else "a number"
-            raise InvalidRequest(f"--{name}", f"must be {what}, got {value!r}.") from None
-    return _INLINE.sub(" ", text).strip(), options
-
-
 class JobStatus(StrEnum):
     """Where a job is: queued → running → done | failed | cancelled (the jobs table's CHECK)."""
 
@@ -321,8 +296,9 @@ class Job:
     batch_id: int | None = None
     parent_job_id: int | None = None
     parent_image_index: int | None = None
+    weight: float = 1.0  # the member's fair-share weight when it was admitted
 
     @property
     def image_specs(self) -> list[ImageSpec]:
         r = self.request
-        return [ImageSpec(r.prompt, r.negative_prompt, seed) for seed in r.seeds]
+        return [ImageSpec(r.prompt, r.negative_prompt, seed, r.guidance) for seed in r.seeds]

@@ -16,12 +16,14 @@ from typing import Protocol
 
 from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
 from bot.db.members import MemberDefaults
-from bot.eta import estimate_waits
+from bot.eta import seconds_per_unit, wait_seconds
 from bot.executor import Executor, JobResult, Progress, ProgressListeners, Runner
 from bot.handoff import Undeliverable
 from bot.images import decode_upload, fit_for_model, png_bytes, read_parameters
+from bot.prompts import parse_weights
+from bot.queue import QueueIndex
 from bot.quota import MemberBanned, PromptBlocked, ShuttingDown
-from bot.requests import MAX_PROMPT_TOKENS, GenerationRequest, Job, RawOptions, validate
+from bot.requests import GenerationRequest, InvalidRequest, Job, RawOptions, validate
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,24 @@ DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode-uploa
 class ModelRunner(Runner, Protocol):
     def load(self, model: str) -> None: ...
 
-    def token_count(self, model: str, prompt: str) -> int: ...
+    def prompt_chunks(self, model: str, prompt: str) -> int: ...
+
+
+def prompt_chunks(runner: ModelRunner, request: GenerationRequest, limit: int) -> tuple[int, int]:
+    """The 75-token chunks of the prompt and of the negative prompt. Raises InvalidRequest
+    on a weight syntax error or past `limit` (MAX_PROMPT_CHUNKS) chunks."""
+    counts = []
+    for option, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        parse_weights(text, option)  # refused here, naming the option and the position
+        chunks = runner.prompt_chunks(request.model, text)
+        if chunks > limit:
+            raise InvalidRequest(
+                option,
+                f"takes {chunks} chunks of 75 tokens; at most {limit} are allowed "
+                "(each `BREAK` starts a chunk too). Shorten it.",
+            )
+        counts.append(chunks)
+    return counts[0], counts[1]
 
 
 @dataclass(frozen=True)
@@ -71,9 +90,11 @@ class ImagineService:
         self._progress = ProgressListeners()
         self.accepting = True
         self._closed = False
+        self.queue = QueueIndex()
         self.executor = Executor(
             store,
             runner,
+            self.queue,
             max_batch_size=settings.max_batch_size,
             deliver=self._announce,
             progress=self._progress,
@@ -104,6 +125,7 @@ class ImagineService:
         requeued, failed = await self.store.write(jobs.recover_interrupted, MAX_ATTEMPTS)
         if requeued:
             log.info("put %d interrupted job(s) back in the queue", requeued)
+        await self.executor.reload_queue()
         for job in failed:
             record = await self.store.read(jobs.get, job.id)
             await self._announce(JobResult(job, [], record.error, 0.0, job.batch_id or 0, 0))
@@ -122,11 +144,14 @@ class ImagineService:
     def validate(
         self, raw: RawOptions, init_image: PreparedImage | None = None
     ) -> GenerationRequest:
-        """Raise InvalidRequest before anything is stored or charged."""
+        """Raise InvalidRequest before anything is stored or charged: an option out of bounds,
+        a weight syntax error, or a prompt longer than MAX_PROMPT_CHUNKS chunks."""
         shape = (
             None if init_image is None else (init_image.hash, init_image.width, init_image.height)
         )
-        return validate(raw, self.settings.limits, self.settings.model_id, init_image=shape)
+        request = validate(raw, self.settings.limits, self.settings.model_id, init_image=shape)
+        prompt_chunks(self.runner, request, self.settings.max_prompt_chunks)
+        return request
 
     async def prepare_init_image(self, data: bytes) -> PreparedImage:
         """Check and decode an uploaded image (raises ImageRejected), resized to a size the
@@ -182,20 +207,6 @@ class ImagineService:
         )
         return filled, defaults
 
-    def prompt_notes(self, request: GenerationRequest) -> list[str]:
-        notes = []
-        for label, text in (
-            ("prompt", request.prompt),
-            ("negative prompt", request.negative_prompt),
-        ):
-            tokens = self.runner.token_count(request.model, text) if text else 0
-            if tokens > MAX_PROMPT_TOKENS:
-                notes.append(
-                    f"The {label} is {tokens} tokens long; the model reads the first "
-                    f"{MAX_PROMPT_TOKENS}, so the rest is ignored."
-                )
-        return notes
-
     async def submit(
         self,
         request: GenerationRequest,
@@ -207,9 +218,12 @@ class ImagineService:
         exempt: bool = False,
         parent: tuple[int, int] | None = None,
         init_image: PreparedImage | None = None,
+        weight: float = 1.0,
     ) -> Admission:
         """Admit a validated request: raises AdmissionRefused (restarting, banned, blocked,
-        over quota) without storing or charging anything."""
+        over the cost cap, too many jobs queued, over quota) without storing or charging
+        anything. `weight` is the member's share of the device against others' (see
+        `weight_of`)."""
         if not self.accepting:
             raise ShuttingDown()
         job = await self.store.write(
@@ -221,33 +235,50 @@ class ImagineService:
             interaction_id=interaction_id,
             default_limit=self.settings.daily_quota,
             exempt=exempt,
+            max_queued=self.settings.max_queued_per_member,
+            max_cost=self.settings.max_request_cost,
             parent=parent,
             init_png=None if init_image is None else init_image.png,
+            weight=weight,
         )
+        self.queue.add(job)
         self.executor.wake()
-        position = await self.store.read(jobs.position, job.id)
-        return Admission(job, position, self.prompt_notes(request))
+        position, _ = self.queue.position(job.id) or (0, 0.0)
+        return Admission(job, position)
 
-    async def estimate_wait(self, request: GenerationRequest) -> float | None:
-        """Seconds until a request admitted now would be done, from measured speed."""
-        newcomer = Job(-1, 0, None, None, request, queued_at=float("inf"))
-        _, waits = await self.queue_waits(newcomer)
-        return waits[-1]
+    def weight_of(self, role_ids: list[int]) -> float:
+        """A member's fair-share weight: the largest of their roles' in ROLE_WEIGHTS, else 1."""
+        weights = self.settings.role_weights
+        return max([1.0, *(weights[role] for role in role_ids if role in weights)])
 
-    async def queue_waits(
-        self, newcomer: Job | None = None
-    ) -> tuple[list[Job], dict[int, float | None]]:
-        """The queued jobs in order and, by job id, seconds until each would be done (from
-        measured speed); a `newcomer` counts as queued last."""
-        queued = await self.store.read(jobs.pending)
-        measured = await self.store.read(speeds.measured)
-        waits = estimate_waits(
-            queued if newcomer is None else [*queued, newcomer],
-            measured,
-            self.settings.max_batch_size,
-            self.executor.expected_remaining(),
-        )
-        return queued, waits
+    async def estimate_wait(self, request: GenerationRequest, member_id: int) -> float | None:
+        """Seconds until a request `member_id` makes now would be done, from measured speed."""
+        units = self.queue.work_ahead_of_newcomer(member_id) + request.cost
+        return wait_seconds(units, await self._seconds_per_unit(request.model), self._busy_for())
+
+    async def queue_estimates(self, job_ids: list[int]) -> dict[int, tuple[int, float | None]]:
+        """For each still-queued job: its place (1 = next) and the seconds until it is done,
+        from the work ahead of it in the queue index; one speed lookup for them all."""
+        found: dict[int, tuple[int, float | None]] = {}
+        per_unit: dict[str, float | None] = {}
+        busy_for = self._busy_for()
+        for job_id in job_ids:
+            place = self.queue.position(job_id)
+            if place is None:
+                continue
+            model = self.queue.job(job_id).request.model
+            if model not in per_unit:
+                per_unit[model] = await self._seconds_per_unit(model)
+            found[job_id] = (place[0], wait_seconds(place[1], per_unit[model], busy_for))
+        return found
+
+    async def _seconds_per_unit(self, model: str) -> float | None:
+        """At the batch size calls are running at: full when the queue is long."""
+        images = min(self.settings.max_batch_size, self.queue.images())
+        return seconds_per_unit(await self.store.read(speeds.measured), model, images)
+
+    def _busy_for(self) -> float:
+        return self.executor.expected_remaining()
 
     async def quota(self, guild_id: int | None, member_id: int, *, exempt: bool = False):
         return await self.store.read(
@@ -262,6 +293,8 @@ class ImagineService:
         """Cancel and refund a queued job at once; a running one's images are dropped (and
         refunded) when its call ends."""
         outcome = await self.store.write(jobs.request_cancel, job_id)
+        if outcome is jobs.CancelOutcome.CANCELLED:
+            self.queue.remove(job_id)
         if outcome is jobs.CancelOutcome.STOPPING:
             self.executor.note_cancelled(job_id)
         return outcome
@@ -270,6 +303,8 @@ class ImagineService:
         """Delete a member's prompts and parameters, from the write-ahead log too; raises
         members.JobStillRunning while one of their jobs runs. Returns the jobs deleted."""
         deleted = await self.store.write(members.forget, member_id)
+        for job in self.queue.jobs_of(member_id):
+            self.queue.remove(job.id)
         await self.store.checkpoint()
         return deleted
 

@@ -49,7 +49,7 @@ class Settings:
     message_content: bool = False
     shutdown_grace: float = 30.0
     preview_every: int = 5
-    daily_quota: int = 0
+    daily_quota: float = 0  # cost units per rolling 24 hours (bot/quota.py)
     quota_exempt_roles: frozenset[int] = frozenset()
     max_queued_per_member: int = 3
     max_request_cost: float = 32.0
@@ -170,7 +170,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MESSAGE_CONTENT": ("message_content", _parse_bool),
     "PREVIEW_EVERY": ("preview_every", _parse_int(0, 1000)),
     "SHUTDOWN_GRACE": ("shutdown_grace", _parse_float(0.0, 600.0)),
-    "DAILY_QUOTA": ("daily_quota", _parse_int(0, 100_000)),
+    "DAILY_QUOTA": ("daily_quota", _parse_float(0.0, 100_000.0)),
     "QUOTA_EXEMPT_ROLES": ("quota_exempt_roles", _parse_ids),
     "MAX_QUEUED_PER_MEMBER": ("max_queued_per_member", _parse_int(0, 1000)),
     "MAX_REQUEST_COST": ("max_request_cost", _parse_float(0.1, 10_000.0)),

@@ -12,6 +12,7 @@ import asyncio
 import io
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,9 @@ from cogs.common import ONLY_IN_SERVERS, AdmittedButUnanswered, refusal_text, re
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 0.5
+# Queued statuses whose place and ETA are recomputed per tick, in turns: a long queue costs
+# each tick the same, and admission never waits on it.
+REFRESH_PER_TICK = 25
 BAR_WIDTH = 12
 
 Origin = discord.Interaction | discord.Message
@@ -78,16 +82,16 @@ class Status:
     gone: bool = False  # someone deleted the status message: stop editing it
 
     async def edit(self, **fields: Any) -> None:
-        if self.interaction is not None:
-            await self.interaction.edit_original_response(**fields)
-        elif self.message is not None:
+        if self.message is not None:  # a reply, or a follow-up for a second job of a prompt
             await self.message.edit(**fields)
+        elif self.interaction is not None:
+            await self.interaction.edit_original_response(**fields)
 
     async def delete(self) -> None:
-        if self.interaction is not None:
-            await self.interaction.delete_original_response()
-        elif self.message is not None:
+        if self.message is not None:
             await self.message.delete()
+        elif self.interaction is not None:
+            await self.interaction.delete_original_response()
 
     def render(self) -> str:
         headline = f"{self.headline}: {self.detail}" if self.detail else self.headline
@@ -102,6 +106,7 @@ class StatusBoard:
         self.service = service
         self.throttle = throttle or EditThrottle()
         self.statuses: dict[int, Status] = {}
+        self._turns: deque[int] = deque()  # queued statuses, next to refresh on the left
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -113,6 +118,7 @@ class StatusBoard:
     def track(self, status: Status) -> None:
         status.shown = status.render()
         self.statuses[status.job_id] = status
+        self._turns.append(status.job_id)
 
     def forget(self, job_id: int) -> Status | None:
         self.throttle.forget(job_id)
@@ -127,14 +133,21 @@ class StatusBoard:
             status.preview = preview
         status.dirty = status.render() != status.shown or preview is not None
 
-    async def refresh_queue(self) -> None:
-        """Recompute positions and ETAs of the queued jobs this process is showing."""
-        if not self.statuses:
-            return
-        queued, waits = await self.service.queue_waits()
-        for position, job in enumerate(queued, start=1):
-            if job.id in self.statuses:
-                self.set_detail(job.id, position_text(position, waits.get(job.id)))
+    async def refresh_queue(self, limit: int = REFRESH_PER_TICK) -> int:
+        """Recompute the place and ETA of up to `limit` queued statuses, taking turns;
+        statuses no longer queued leave the rotation. Returns how many were looked at."""
+        chosen: list[int] = []
+        for _ in range(len(self._turns)):
+            if len(chosen) >= limit:
+                break
+            job_id = self._turns.popleft()
+            if job_id in self.statuses and job_id in self.service.queue:
+                chosen.append(job_id)
+                self._turns.append(job_id)
+        estimates = await self.service.queue_estimates(chosen)
+        for job_id, (place, wait) in estimates.items():
+            self.set_detail(job_id, position_text(place, wait))
+        return len(chosen)
 
     def on_progress(
         self, job_ids: list[int], done: int, total: int, previews: dict[int, bytes] | None
@@ -170,6 +183,7 @@ class StatusBoard:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
             try:
+                await self.refresh_queue()
                 await self.flush()
             except Exception:
                 log.exception("status flush failed")
@@ -294,11 +308,13 @@ class AdmissionDesk:
         parent: tuple[int, int] | None = None,
         init_image: PreparedImage | None = None,
         guild_id: int | None = None,
+        followup: bool = False,
     ) -> Job | None:
         """Admit a checked request (one short SQLite transaction, well inside Discord's 3
         seconds), then answer with the status message, as the interaction's response (filling
-        in a deferred one) or as a reply to the member's message. Answering after admission
-        lets a refusal stay private. Nothing is admitted outside a server: a DM has no rules."""
+        in a deferred one; a `followup` for the second job of an interaction) or as a reply to
+        the member's message. Answering after admission lets a refusal stay private. Nothing is
+        admitted outside a server: a DM has no rules."""
         interaction = origin if isinstance(origin, discord.Interaction) else None
         member = member_of(origin)
         guild = self.guild_of(origin, guild_id)
@@ -315,6 +331,7 @@ class AdmissionDesk:
                 exempt=self.service.is_exempt(role_ids(member)),
                 parent=parent,
                 init_image=init_image,
+                weight=self.service.weight_of(role_ids(member)),
             )
         except AdmissionRefused as problem:
             await refuse(origin, refusal_text(problem))
@@ -333,18 +350,28 @@ class AdmissionDesk:
         )
         self.board.track(status)
         try:
-            await self.board.refresh_queue()
-            await self._answer(origin, status)
+            estimates = await self.service.queue_estimates([job.id])
+            if job.id in estimates:
+                status.detail = position_text(*estimates[job.id])
+            await self._answer(origin, status, followup=followup)
         except Exception as error:
             raise AdmittedButUnanswered(job.id) from error
         status.shown, status.dirty = status.render(), False
         return job
 
-    async def _answer(self, origin: Origin, status: Status) -> None:
+    async def _answer(self, origin: Origin, status: Status, *, followup: bool) -> None:
         view, quiet = cancel_view(status.job_id), discord.AllowedMentions.none()
         if not isinstance(origin, discord.Interaction):
             status.message = await origin.reply(
                 status.render(), view=view, mention_author=False, allowed_mentions=quiet
+            )
+        elif followup:
+            status.message = await origin.followup.send(
+                status.render(),
+                view=view,
+                ephemeral=status.private,
+                allowed_mentions=quiet,
+                wait=True,
             )
         elif origin.response.is_done():  # deferred while an image was read
             await origin.edit_original_response(content=status.render(), view=view)

@@ -17,6 +17,7 @@ from bot.db import jobs, members
 from bot.requests import GenerationRequest, InvalidRequest
 from bot.service import PreparedImage
 from cogs.common import answer_failure, refusal_text, refuse
+from cogs.prompting import admit_jobs
 from cogs.sources import image_attachment, raw_from_request
 
 if TYPE_CHECKING:
@@ -314,19 +315,20 @@ def result_view(job_id: int, indexes: list[int], *, reroll: bool = True) -> disc
 
 
 class ConfirmView(discord.ui.View):
-    """The dry run's Confirm button: admits the shown request once, then leaves the panel.
-    It lives in memory (a dry run is a moment's decision): ten minutes, or until a restart."""
+    """The dry run's Confirm button: admits the shown requests (one per job of a prompt's
+    permutations) once, then leaves the panel. It lives in memory (a dry run is a moment's
+    decision): ten minutes, or until a restart."""
 
     def __init__(
         self,
-        request: GenerationRequest,
+        requests: list[GenerationRequest],
         panel: discord.Interaction,
         *,
         private: bool,
         image: PreparedImage | None,
     ) -> None:
         super().__init__(timeout=600)
-        self.request = request
+        self.requests = requests
         self.panel = panel
         self.private = private
         self.image = image
@@ -341,10 +343,15 @@ class ConfirmView(discord.ui.View):
             return
         self.used = True
         self.stop()
-        job = await interaction.client.desk.admit(
-            interaction, self.request, private=self.private, init_image=self.image
+        jobs = await admit_jobs(
+            interaction.client.desk,
+            interaction,
+            self.requests,
+            private=self.private,
+            init_image=self.image,
         )
-        text = f"Confirmed as job #{job.id}." if job else "Not queued: see the message above."
+        numbers = ", ".join(f"#{job.id}" for job in jobs)
+        text = f"Confirmed as job {numbers}." if jobs else "Not queued: see the message above."
         with contextlib.suppress(discord.HTTPException):
             await self.panel.edit_original_response(content=text, view=None)
 

@@ -8,7 +8,18 @@ from typing import Any
 import discord
 from discord import app_commands
 
-from bot.quota import MemberBanned, PromptBlocked, QuotaExceeded, ShuttingDown
+from bot.quota import (
+    CostOverCap,
+    MemberBanned,
+    PromptBlocked,
+    QuotaExceeded,
+    QuotaStatus,
+    ShuttingDown,
+    TooManyQueued,
+    cost_text,
+    units_phrase,
+    units_text,
+)
 from bot.requests import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -17,6 +28,7 @@ APOLOGY = "Something went wrong on our side; nothing was charged. Please try aga
 # Discord refuses content over 2,000 characters; a refusal never comes near it.
 MAX_ANSWER = 1900
 ONLY_IN_SERVERS = "I make images only in servers, where their rules and quotas apply."
+NOTHING_CHARGED = "Nothing was queued or charged."
 
 
 class AdmittedButUnanswered(Exception):
@@ -93,20 +105,40 @@ def relative_time(timestamp: float) -> str:
     return f"<t:{int(timestamp)}:R>"
 
 
+def standing_text(status: QuotaStatus) -> str:
+    """What a member used: "12.5 of your 100 units in the last 24 hours"."""
+    if status.unlimited:
+        return f"{units_phrase(status.used)} in the last 24 hours, with no limit"
+    return f"{units_text(status.used)} of your {units_phrase(status.limit)} in the last 24 hours"
+
+
+def frees_up_text(status: QuotaStatus) -> str:
+    """When the oldest charge in the window leaves it (and gives its units back), if ever."""
+    if status.unlimited or status.next_free_at is None:
+        return ""
+    return f" Units free up again {relative_time(status.next_free_at)}."
+
+
 def refusal_text(problem: Exception) -> str:
     """What a member reads when a request is turned away; nothing was queued or charged."""
     if isinstance(problem, InvalidRequest):
         return f"{problem} Nothing was queued."
     if isinstance(problem, QuotaExceeded):
-        status = problem.status
-        when = (
-            f" The next image frees up {relative_time(status.next_free_at)}."
-            if (status.next_free_at)
-            else ""
-        )
         return (
-            f"You have used {status.used} of your {status.limit} images for the last 24 hours "
-            f"and asked for {problem.asked}.{when}"
+            f"You have used {standing_text(problem.status)}; this request is "
+            f"{cost_text(problem.request)}.{frees_up_text(problem.status)} {NOTHING_CHARGED}"
+        )
+    if isinstance(problem, TooManyQueued):
+        jobs = f"{problem.active} job" + ("" if problem.active == 1 else "s")
+        return (
+            f"You have {jobs} queued or running; the limit is {problem.limit}: wait for one to "
+            f"finish or cancel one. {NOTHING_CHARGED}"
+        )
+    if isinstance(problem, CostOverCap):
+        return (
+            f"This request is {cost_text(problem.request)}; one request may cost at most "
+            f"{units_phrase(problem.cap)}. Ask for fewer or smaller images or fewer steps. "
+            f"{NOTHING_CHARGED}"
         )
     if isinstance(problem, MemberBanned):
         reason = f" Reason: {problem.reason}" if problem.reason else ""

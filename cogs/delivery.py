@@ -151,35 +151,25 @@ class Delivery:
 
     async def deliver(self, result: JobResult) -> None:
         job = result.job
-        try:
-            if result.cancelled:
-                await self.board.finish(
-                    job.id, f"Job #{job.id} was cancelled; its images were refunded."
-                )
-            elif result.error is not None:
-                await self._tell_failure(await self._place(job), f"failed: {result.error}")
-            else:
-                await self._deliver_images(await self._place(job), result)
-        finally:
-            await self._refresh_queue()
+        if result.cancelled:
+            await self.board.finish(
+                job.id, f"Job #{job.id} was cancelled; its images were refunded."
+            )
+        elif result.error is not None:
+            await self._tell_failure(await self._place(job), f"failed: {result.error}")
+        else:
+            await self._deliver_images(await self._place(job), result)
 
     async def withdraw(self, job_ids: list[int], text: str) -> None:
         """Jobs cancelled outside the executor (a moderator, a ban, /forget-me): end their
         status messages with `text` (which may hold `{job}`) and forget them."""
         for job_id in job_ids:
             await self.board.finish(job_id, text.format(job=job_id))
-        await self._refresh_queue()
 
     async def withdraw_member(self, member_id: int, text: str) -> None:
         """`withdraw` every job of a member shown on the status board."""
         mine = [s.job_id for s in list(self.board.statuses.values()) if s.member_id == member_id]
         await self.withdraw(mine, text)
-
-    async def _refresh_queue(self) -> None:
-        try:
-            await self.board.refresh_queue()
-        except Exception:  # positions are a courtesy: never let them fail a delivery
-            log.exception("refreshing queue positions failed")
 
     async def _place(self, job: Job) -> Place:
         status = self.board.statuses.get(job.id)

@@ -10,11 +10,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.requests import MAX_PROMPT_TOKENS, SCHEDULERS, GenerationRequest, RawOptions
+from bot.prompts import ParsedPrompt
+from bot.quota import cost_text, units_phrase
+from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
 from bot.service import PreparedImage
 from cogs.admission import eta_text
 from cogs.buttons import ConfirmView
-from cogs.common import role_ids, server_only
+from cogs.common import role_ids, server_only, standing_text
+from cogs.prompting import admit_jobs, checked_jobs, dry_run_lines, parsed_or_refuse
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -72,52 +75,59 @@ class ImagineCog(commands.Cog):
             count,
             strength,
         )
+        parsed = await parsed_or_refuse(interaction, self.bot.service, prompt)
+        if parsed is None:
+            return
         prepared = None
         if image is not None:  # defers: downloading and decoding can take a while
-            prepared = await desk.read_image(interaction, image, prompt=prompt)
+            prepared = await desk.read_image(interaction, image, prompt=parsed.text)
             if prepared is None:
                 return
-        checked = await desk.checked(interaction, raw, prepared)
+        checked = await checked_jobs(desk, interaction, parsed, raw, prepared)
         if checked is None:
             return
-        request, private = checked
+        requests, private = checked
         if preview:
-            await self.dry_run(interaction, request, private=private, image=prepared)
+            await self.dry_run(interaction, requests, parsed, private=private, image=prepared)
         else:
-            await desk.admit(
-                interaction, request, private=private, arrived=arrived, init_image=prepared
+            await admit_jobs(
+                desk, interaction, requests, private=private, arrived=arrived, init_image=prepared
             )
 
     async def dry_run(
         self,
         interaction: discord.Interaction[ImagineBot],
-        request: GenerationRequest,
+        requests: list[GenerationRequest],
+        parsed: ParsedPrompt,
         *,
         private: bool,
         image: PreparedImage | None = None,
     ) -> None:
-        """What would run, what it costs and when it would be done; nothing is stored."""
+        """What would run (the parsed prompt and every job it makes), what it costs and when
+        it would be done; nothing is stored. Each job costs what the first does."""
         service = self.bot.service
-        tokens = service.runner.token_count(request.model, request.prompt)
+        request = requests[0]
         quota = await service.quota(
             interaction.guild_id,
             interaction.user.id,
             exempt=service.is_exempt(role_ids(interaction.user)),
         )
-        wait = await service.estimate_wait(request)
-        cost = f"{request.count} image(s)"
-        cost += " (no limit)" if quota.unlimited else f" of your {quota.left} left today"
+        wait = await service.estimate_wait(request, interaction.user.id)
+        cost = f"{cost_text(request)}; you have used {standing_text(quota)}"
+        cap = service.settings.max_request_cost
+        if request.cost > cap:  # said now rather than only after Confirm
+            cost += f". One request may cost at most {units_phrase(cap)}: Confirm will refuse it"
+        elif quota.left is not None and not quota.allows(request.cost):
+            cost += f". You have {units_phrase(quota.left)} left: Confirm will refuse it"
         lines = [
             "**Dry run**: nothing is queued until you press Confirm.",
-            f"Prompt: {request.prompt[:300]}",
-            f"Prompt tokens: {tokens} of {MAX_PROMPT_TOKENS}",
-            *service.prompt_notes(request),
+            *dry_run_lines(service, parsed, requests),
             f"Seeds {', '.join(map(str, request.seeds))} · {request.steps} steps · guidance "
             f"{request.guidance:g} · {request.width}×{request.height} · {request.scheduler}",
             f"Cost: {cost}",
             f"Ready in {eta_text(wait)} after you confirm.",
         ]
-        view = ConfirmView(request, interaction, private=private, image=image)
+        view = ConfirmView(requests, interaction, private=private, image=image)
         if interaction.response.is_done():  # deferred (privately) while its image was read
             await interaction.edit_original_response(content="\n".join(lines), view=view)
         else:

@@ -10,11 +10,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.db import members
+from bot.db import admission, members
 from bot.db.members import MemberDefaults
+from bot.quota import units_phrase
 from bot.requests import SCHEDULERS, InvalidRequest, RawOptions
 from cogs.buttons import forget_me_view
-from cogs.common import relative_time, role_ids, server_only
+from cogs.common import frees_up_text, relative_time, role_ids, server_only, standing_text
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -48,24 +49,30 @@ class MemberCog(commands.Cog):
     def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
 
-    @app_commands.command(name="quota", description="How many images you have left today")
+    @app_commands.command(name="quota", description="How many cost units you have left today")
     @app_commands.guild_only()
     @server_only
     async def quota(self, interaction: discord.Interaction[ImagineBot]) -> None:
-        service = self.bot.service
+        service, settings = self.bot.service, self.bot.settings
         status = await service.quota(
             interaction.guild_id,
             interaction.user.id,
             exempt=service.is_exempt(role_ids(interaction.user)),
         )
-        if status.unlimited:
-            text = f"You have no image limit here. You made {status.used} in the last 24 hours."
-        else:
-            text = f"You have used {status.used} of {status.limit} images in the last 24 hours; "
-            text += f"{status.left} left."
-            if status.next_free_at is not None:
-                text += f" The next image frees up {relative_time(status.next_free_at)}."
-        await interaction.response.send_message(text, ephemeral=True)
+        active = await self.bot.store.read(admission.active_jobs, interaction.user.id)
+        lines = [f"You have used {standing_text(status)}."]
+        if status.left is not None:
+            lines[0] += f" {units_phrase(status.left)} left.{frees_up_text(status)}"
+        cap = units_phrase(settings.max_request_cost)
+        lines.append(
+            "A 512×512 image at 25 steps costs 1 unit; more images, pixels or steps cost "
+            f"proportionally. One request may cost at most {cap}."
+        )
+        if settings.max_queued_per_member:
+            lines.append(
+                f"Jobs queued or running: {active} of at most {settings.max_queued_per_member}."
+            )
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     @app_commands.command(name="history", description="Your last 10 jobs")
     async def history(self, interaction: discord.Interaction[ImagineBot]) -> None:

@@ -13,16 +13,22 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.blocklist import normalize_term
-from bot.db import jobs, moderation, quotas
+from bot.db import admission, jobs, moderation, quotas
+from bot.quota import units_phrase
 from bot.requests import Job
-from cogs.common import relative_time, role_ids
+from cogs.common import frees_up_text, relative_time, role_ids
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 MAX_LIMIT = 100_000
+LIMIT_HELP = "Cost units per 24 hours: a 512×512 image at 25 steps is 1 unit (0 = unlimited)"
 # The status message of a job a moderator cancelled ({job} is its number).
 CANCELLED_BY_MODERATOR = "Job #{job} was cancelled by a moderator; its images were refunded."
+
+
+def limit_text(limit: float) -> str:
+    return "no limit" if limit == 0 else f"{units_phrase(limit)} a day"
 
 
 def mention(member_id: int | None) -> str:
@@ -39,6 +45,11 @@ def job_line(position: int | None, job: Job) -> str:
     )
 
 
+# Queued jobs per page of /mod queue list, and the members whose share it shows.
+QUEUE_PAGE = 15
+SHARES_SHOWN = 10
+
+
 def seconds_text(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds:.1f} s"
 
@@ -50,7 +61,7 @@ class ModerationCog(commands.Cog):
         guild_only=True,
         default_permissions=discord.Permissions(manage_guild=True),
     )
-    quota = app_commands.Group(name="quota", description="Image quotas", parent=mod)
+    quota = app_commands.Group(name="quota", description="Daily quotas in cost units", parent=mod)
     queue = app_commands.Group(name="queue", description="The job queue", parent=mod)
     blocklist = app_commands.Group(name="blocklist", description="Blocked prompt terms", parent=mod)
 
@@ -94,27 +105,30 @@ class ModerationCog(commands.Cog):
         status = await self.service.quota(
             interaction.guild_id, member.id, exempt=self.service.is_exempt(role_ids(member))
         )
-        limit = "unlimited" if status.unlimited else f"{status.limit} a day"
-        text = f"{member.mention}: {status.used} image(s) in the last 24 hours, limit {limit}."
-        if status.next_free_at is not None and not status.unlimited:
-            text += f" The next image frees up {relative_time(status.next_free_at)}."
+        active = await self.store.read(admission.active_jobs, member.id)
+        limit = "exempt (a quota-exempt role)" if status.exempt else limit_text(status.limit)
+        text = (
+            f"{member.mention}: {units_phrase(status.used)} in the last 24 hours; limit: "
+            f"{limit}; {active} job(s) queued or running.{frees_up_text(status)}"
+        )
         await self._done(interaction, text)
 
-    @quota.command(name="set", description="Set a member's daily image limit (0 = unlimited)")
+    @quota.command(name="set", description="A member's daily limit in cost units (0 = unlimited)")
+    @app_commands.describe(limit=LIMIT_HELP)
     async def quota_set(
         self,
         interaction: discord.Interaction[ImagineBot],
         member: discord.Member,
-        limit: app_commands.Range[int, 0, MAX_LIMIT],
+        limit: app_commands.Range[float, 0, MAX_LIMIT],
     ) -> None:
         if not 0 <= limit <= MAX_LIMIT:
             await self._done(interaction, f"`limit` must be from 0 to {MAX_LIMIT}.")
             return
+        limit = round(limit, 3)  # the ledger counts thousandths of a unit
         await self.store.write(quotas.set_member_limit, interaction.guild_id, member.id, limit)
-        shown = "unlimited" if limit == 0 else f"{limit} images a day"
         await self._done(
             interaction,
-            f"{member.mention} may now make {shown}.",
+            f"{member.mention} now has {limit_text(limit)}.",
             action="quota set",
             target=member,
         )
@@ -131,18 +145,21 @@ class ModerationCog(commands.Cog):
             target=member,
         )
 
-    @quota.command(name="default", description="The server's daily image limit (0 = unlimited)")
+    @quota.command(name="default", description="The server's daily limit in cost units (0 = none)")
+    @app_commands.describe(limit=LIMIT_HELP)
     async def quota_default(
         self,
         interaction: discord.Interaction[ImagineBot],
-        limit: app_commands.Range[int, 0, MAX_LIMIT],
+        limit: app_commands.Range[float, 0, MAX_LIMIT],
     ) -> None:
         if not 0 <= limit <= MAX_LIMIT:
             await self._done(interaction, f"`limit` must be from 0 to {MAX_LIMIT}.")
             return
+        limit = round(limit, 3)
         await self.store.write(quotas.set_guild_limit, interaction.guild_id, limit)
-        shown = "unlimited" if limit == 0 else f"{limit} images a day"
-        await self._done(interaction, f"Members may now make {shown}.", action="quota default")
+        await self._done(
+            interaction, f"Members now have {limit_text(limit)}.", action="quota default"
+        )
 
     # --- bans -----------------------------------------------------------------------------
 
@@ -157,6 +174,8 @@ class ModerationCog(commands.Cog):
         cancelled = await self.store.write(
             moderation.ban, interaction.guild_id, member.id, interaction.user.id, reason
         )
+        for job in cancelled:
+            self.bot.service.queue.remove(job.id)
         text = f"{member.mention} is banned from generating"
         text += f" ({reason})." if reason else "."
         if cancelled:
@@ -177,17 +196,32 @@ class ModerationCog(commands.Cog):
 
     # --- queue ----------------------------------------------------------------------------
 
-    @queue.command(name="list", description="Running and queued jobs")
-    async def queue_list(self, interaction: discord.Interaction[ImagineBot]) -> None:
-        active = await self.store.read(jobs.active, interaction.guild_id)
-        if not active:
-            await self._done(interaction, "The queue is empty.")
+    @queue.command(name="list", description="Running and queued jobs, a page at a time")
+    @app_commands.describe(page="Page of the queue, 1 first")
+    async def queue_list(
+        self,
+        interaction: discord.Interaction[ImagineBot],
+        page: app_commands.Range[int, 1, 10_000] = 1,
+    ) -> None:
+        queue = self.bot.service.queue
+        running = await self.store.read(jobs.running, interaction.guild_id) if page == 1 else []
+        offset = (page - 1) * QUEUE_PAGE
+        waiting = queue.page(offset, QUEUE_PAGE, guild_id=interaction.guild_id)
+        if not running and not waiting:
+            empty = "The queue is empty." if page == 1 else f"Page {page} of the queue is empty."
+            await self._done(interaction, empty)
             return
-        lines, position = [], 0
-        for job in active:
-            if job.status == "queued":
-                position += 1
-            lines.append(job_line(position if job.status == "queued" else None, job))
+        lines = [job_line(None, job) for job in running]
+        lines += [job_line(offset + i, job) for i, job in enumerate(waiting, start=1)]
+        lines.append(f"Page {page}; {len(queue)} job(s) queued across every server.")
+        shares = queue.shares()[:SHARES_SHOWN]
+        if shares:
+            lines.append("Fair share of the GPU while they wait:")
+            lines += [
+                f"{mention(s.member_id)} {s.share:.0%} (weight {s.weight:g}) · {s.jobs} job(s),"
+                f" {s.units:g} units queued"
+                for s in shares
+            ]
         await self._done(interaction, "\n".join(lines))
 
     @queue.command(name="clear", description="Cancel and refund queued jobs (one member's or all)")
@@ -197,6 +231,8 @@ class ModerationCog(commands.Cog):
         cancelled = await self.store.write(
             jobs.cancel_queued, interaction.guild_id, member.id if member else None
         )
+        for job in cancelled:
+            self.bot.service.queue.remove(job.id)
         whose = f"{member.mention}'s" if member else "all"
         await self._done(
             interaction,

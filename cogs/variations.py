@@ -13,8 +13,9 @@ from discord.ext import commands
 
 from bot.db import jobs
 from bot.images import ImageRejected
-from bot.requests import InvalidRequest, RawOptions, split_inline_options
-from cogs.common import ONLY_IN_SERVERS, refusal_text, refuse, server_only
+from bot.requests import RawOptions
+from cogs.common import ONLY_IN_SERVERS, refuse, server_only
+from cogs.prompting import admit_jobs, checked_jobs, parsed_or_refuse
 from cogs.sources import image_attachment, raw_from_parameters, raw_from_request
 
 if TYPE_CHECKING:
@@ -117,31 +118,35 @@ class VariationsCog(commands.Cog):
         self, message: discord.Message, source: discord.Message, attachment: discord.Attachment
     ) -> None:
         text = re.sub(rf"<@!?{self.bot.user.id}>", "", message.content).strip()
-        try:
-            prompt, options = split_inline_options(text)
-        except InvalidRequest as problem:
-            await refuse(message, refusal_text(problem))
+        parsed = await parsed_or_refuse(message, self.bot.service, text)
+        if parsed is None:
             return
-        new_prompt = None if prompt in ("", REUSE_PROMPT) else prompt
-        image = await self.desk.read_image(message, attachment, prompt=new_prompt)
+        reuse = parsed.text in ("", REUSE_PROMPT)
+        image = await self.desk.read_image(
+            message, attachment, prompt=None if reuse else parsed.text
+        )
         if image is None:
             return
         known, parent = (None, None)
         if source is not message:
             known, parent = await self.known_parameters(source, attachment)
-        if prompt in ("", REUSE_PROMPT):
-            if known is None:
-                await refuse(message, "Tell me what to draw: write a prompt with your mention.")
-                return
-            raw = known
-        else:
-            raw = known or RawOptions(prompt=prompt)
-            raw.prompt = prompt
-        raw.strength = options.get("strength", self.desk.strength("strong"))
-        raw.seed = options.get("seed")  # None: a new random seed
-        raw.steps = options.get("steps", raw.steps)
-        raw.guidance = options.get("guidance", raw.guidance)
-        await self.desk.queue(message, raw, image, parent=parent)
+        if reuse and known is None:
+            await refuse(message, "Tell me what to draw: write a prompt with your mention.")
+            return
+        raw = known or RawOptions(prompt=parsed.text)
+        raw.strength = self.desk.strength("strong")  # unless --strength says otherwise
+        # The flags override what the earlier job asked; its seed is not reused.
+        checked = await checked_jobs(
+            self.desk,
+            message,
+            parsed,
+            raw,
+            image,
+            override=True,
+            prompts=[raw.prompt] * parsed.flags.repeat if reuse else None,
+        )
+        if checked is not None:
+            await admit_jobs(self.desk, message, checked[0], parent=parent, init_image=image)
 
 
 async def setup(bot: ImagineBot) -> None:

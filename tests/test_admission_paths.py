@@ -1,7 +1,8 @@
 """Every way a request can enter the queue (slash, slash with an image, the dry run's Confirm,
 the Vary and Reroll buttons, the Vary context menu, a reply mentioning the bot, and the same in
-a DM) runs the same checks: a banned member, a blocked prompt and a spent quota are refused on
-each, privately where Discord allows it, and nothing is stored or charged."""
+a DM) runs the same checks: a banned member, a blocked prompt, a spent quota and a full
+per-member queue are refused on each, privately where Discord allows it, and nothing is stored
+or charged."""
 
 import sqlite3
 
@@ -121,13 +122,27 @@ async def block(w, bot):
 
 
 async def spend_quota(w, bot):
-    await mod(w, "quota", "set", member=w.alice, limit=1)
+    # One default image of the tests' tiny size costs 0.003 units; every path costs some.
+    await mod(w, "quota", "set", member=w.alice, limit=0.003)
     await bot.queued_job(await bot.imagine(w.alice, prompt="my one image", seed=9))
     await bot.wait_idle()
-    return "used 1 of your 1 images"
+    return "used 0.003 of your 0.003 units"
 
 
-REFUSALS = {"banned": ban, "blocked prompt": block, "quota spent": spend_quota}
+async def fill_queue(w, bot):
+    """Alice's three jobs (MAX_QUEUED_PER_MEMBER's default) wait behind a held call."""
+    bot.runner.hold()
+    for seed in (11, 12, 13):
+        await bot.queued_job(await bot.imagine(w.alice, prompt="one of three", seed=seed))
+    return "You have 3 jobs queued or running; the limit is 3"
+
+
+REFUSALS = {
+    "banned": ban,
+    "blocked prompt": block,
+    "quota spent": spend_quota,
+    "queue full": fill_queue,
+}
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
@@ -144,6 +159,8 @@ async def test_every_admission_path_refuses(discord_world, imagine_bot, path, re
     assert "job #" not in answer.content
     if path in PRIVATE:
         assert answer.ephemeral
+    assert jobs_of(imagine_bot, w.alice) == before
+    imagine_bot.runner.release()
     await imagine_bot.wait_idle()
     assert jobs_of(imagine_bot, w.alice) == before
     assert not w.fake.problems()

@@ -10,8 +10,9 @@ PACKAGES = ("bot", "cogs")
 MAX_MODULE_LINES = 400
 MAX_CLASS_LINES = 250
 # The only modules of bot/ that may import discord: the command line, the Bot subclass (the
-# composition root of the Discord side, which also loads the cogs) and the API address.
-DISCORD_SIDE = {"bot.__main__", "bot.app", "bot.discord_api"}
+# composition root of the Discord side, which also loads the cogs), the API address, what the
+# bot registers with Discord by itself (commands, invite) and the doctor that checks it.
+DISCORD_SIDE = {"bot.__main__", "bot.app", "bot.discord_api", "bot.discord_setup", "bot.doctor"}
 TORCH_SIDE_PREFIX = "bot.pipelines"
 
 

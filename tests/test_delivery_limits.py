@@ -79,7 +79,7 @@ async def test_images_over_the_upload_limit_are_split_over_several_messages(
     assert messages[0].content.startswith(f"<@{w.alice.id}> job #{job_id}")
     assert sum(f"reroll:{job_id}" in button_ids(m) for m in messages) == 1
     assert (await ten_bot.store.read(jobs.get, job_id)).job.status == "done"
-    assert await used(ten_bot, w, w.alice) == 5
+    assert await used(ten_bot, w, w.alice) == 0.2  # 5 × 256×256 × 4 steps, not refunded
 
 
 async def test_a_413_from_discord_splits_the_result_further(discord_world, ten_bot, monkeypatch):

@@ -225,12 +225,13 @@ async def test_private_delivery(discord_world, imagine_bot):
 
 async def test_dry_run_then_confirm_admits_exactly_one_job(discord_world, imagine_bot):
     w = discord_world
-    long_prompt = " ".join(["castle"] * 90)
+    long_prompt = " ".join(["castle"] * 30)  # 180 tokens of the tiny model: 3 chunks
     inter = await imagine_bot.imagine(w.alice, prompt=long_prompt, seed=8, count=2, preview=True)
     shown = await inter.wait_response()
     assert shown.ephemeral and "Dry run" in shown.content
-    assert "Seeds 8, 9" in shown.content and "Cost: 2 image(s)" in shown.content
-    assert "tokens long" in shown.content and "Prompt tokens:" in shown.content
+    assert "Seeds 8, 9" in shown.content
+    assert "Cost: 2 images × 64×64 × 4 steps = 0.005 units" in shown.content
+    assert "3 of 4 chunks" in shown.content
     assert await imagine_bot.store.read(jobs.count) == 0
     panel = await inter.original()
     confirm = next(c for row in panel.components for c in row["components"])

@@ -26,7 +26,7 @@ def default_key(width: int = 64, height: int = 64) -> BatchKey:
         height=height,
         steps=TEST_LIMITS.default_steps,
         scheduler=DEFAULT_SCHEDULER,
-        guidance=TEST_LIMITS.default_guidance,
+        cfg=TEST_LIMITS.default_guidance > 1,
     )
 
 
@@ -160,11 +160,10 @@ async def test_count_two_delivers_a_grid_and_both_seeds(discord_world, imagine_b
     assert len(inter.followup_ids) == 1
 
 
-async def test_a_prompt_over_75_tokens_is_queued_with_a_note(discord_world, imagine_bot):
-    inter = await imagine_bot.imagine(discord_world.alice, prompt="word " * 80, seed=3)
+async def test_a_prompt_over_75_tokens_is_queued_without_a_note(discord_world, imagine_bot):
+    inter = await imagine_bot.imagine(discord_world.alice, prompt="word " * 30, seed=3)
     response = await inter.wait_response(3)
-    assert "Queued as job #" in response.content
-    assert "75" in response.content and "ignored" in response.content
+    assert "Queued as job #" in response.content and "ignored" not in response.content
     await inter.wait_followup(1, timeout=30)
 
 
@@ -305,12 +304,10 @@ async def test_uploads_are_decoded_on_a_small_pool_of_their_own(
 async def test_a_failure_after_admission_does_not_say_nothing_was_charged(
     discord_world, imagine_bot, monkeypatch
 ):
-    board = imagine_bot.bot.status_board
-
-    async def broken():
+    async def broken(job_ids):
         raise RuntimeError("the status could not be shown")
 
-    monkeypatch.setattr(board, "refresh_queue", broken)
+    monkeypatch.setattr(imagine_bot.bot.service, "queue_estimates", broken)
     inter = await imagine_bot.imagine(discord_world.alice, prompt="a bay", seed=1)
     answer = await inter.wait_original()
     assert "nothing was charged" not in answer.content

@@ -63,36 +63,44 @@ async def test_members_without_manage_server_are_refused_every_mod_command(
     assert audit_rows(imagine_bot) == []
 
 
+# 128×128 at 20 steps: 1/16 of the pixels and 4/5 of the steps of a unit, 0.05 units an image.
+FOX = {"prompt": "a fox", "width": 128, "height": 128, "steps": 20}
+
+
 async def test_moderator_sets_a_quota_that_then_holds_and_is_audited(discord_world, imagine_bot):
     w = discord_world
-    response = await (await mod(w, w.mod, "quota", "set", member=w.alice, limit=2)).wait_response()
-    assert response.ephemeral and "2 images a day" in response.content
+    set_to = await mod(w, w.mod, "quota", "set", member=w.alice, limit=0.1)
+    response = await set_to.wait_response()
+    assert response.ephemeral and "0.1 units a day" in response.content
     assert audit_rows(imagine_bot) == [(w.mod.id, "quota set", w.alice.id)]
 
-    first = await imagine_bot.imagine(w.alice, prompt="a fox", seed=1, count=2)
+    first = await imagine_bot.imagine(w.alice, seed=1, count=2, **FOX)
     await imagine_bot.queued_job(first)
     jobs_before = await imagine_bot.store.read(jobs.count)
-    refused = await (await imagine_bot.imagine(w.alice, prompt="a fox", seed=3)).wait_response()
+    refused = await (await imagine_bot.imagine(w.alice, seed=3, **FOX)).wait_response()
     assert refused.ephemeral
-    assert "used 2 of your 2 images" in refused.content and "<t:" in refused.content
+    assert "used 0.1 of your 0.1 units in the last 24 hours" in refused.content
+    assert "1 image × 128×128 × 20 steps = 0.05 units" in refused.content
+    assert "<t:" in refused.content
     assert await imagine_bot.store.read(jobs.count) == jobs_before
 
     shown = await (await mod(w, w.mod, "quota", "show", member=w.alice)).wait_response()
-    assert "2 image(s) in the last 24 hours, limit 2 a day" in shown.content
+    assert "0.1 units in the last 24 hours; limit: 0.1 units a day" in shown.content
     own = await (await w.fake.slash_command(w.alice, w.channel, "quota")).wait_response()
-    assert own.ephemeral and "used 2 of 2" in own.content and "0 left" in own.content
+    assert own.ephemeral and "used 0.1 of your 0.1 units" in own.content
+    assert "0 units left" in own.content
 
     await (await mod(w, w.mod, "quota", "reset", member=w.alice)).wait_response()
-    again = await imagine_bot.imagine(w.alice, prompt="a fox", seed=5)
+    again = await imagine_bot.imagine(w.alice, seed=5, **FOX)
     assert (await imagine_bot.queued_job(again)).job.request.seed == 5
 
 
 async def test_server_default_quota(discord_world, imagine_bot):
     w = discord_world
-    await (await mod(w, w.mod, "quota", "default", limit=1)).wait_response()
-    await imagine_bot.queued_job(await imagine_bot.imagine(w.bob, prompt="x", seed=1))
-    refused = await (await imagine_bot.imagine(w.bob, prompt="x", seed=2)).wait_response()
-    assert refused.ephemeral and "of your 1 images" in refused.content
+    await (await mod(w, w.mod, "quota", "default", limit=0.05)).wait_response()
+    await imagine_bot.queued_job(await imagine_bot.imagine(w.bob, seed=1, **FOX))
+    refused = await (await imagine_bot.imagine(w.bob, seed=2, **FOX)).wait_response()
+    assert refused.ephemeral and "of your 0.05 units" in refused.content
 
 
 async def test_ban_cancels_queued_jobs_and_refuses_politely(

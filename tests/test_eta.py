@@ -1,7 +1,7 @@
 import pytest
 from factories import Clock, make_job, make_request
 
-from bot.eta import SpeedKey, blend, estimate_waits, seconds_per_step
+from bot.eta import SpeedKey, blend, seconds_per_step, seconds_per_unit, wait_seconds
 from bot.throttle import EditThrottle
 
 BASE = make_request(steps=10)
@@ -25,20 +25,18 @@ def test_unmeasured_shapes_scale_from_the_nearest_measurement():
     assert seconds_per_step(speeds, SpeedKey("other", PIXELS, 4)) is None
 
 
-def test_waits_follow_the_batches_the_executor_will_form():
-    speeds = {SpeedKey("m", PIXELS, 2): 0.1, SpeedKey("m", PIXELS, 1): 0.06}
-    queued = [job(1), job(2, width=256), job(3), job(4, width=256, steps=20)]
-    waits = estimate_waits(queued, speeds, max_images=4, busy_for=5.0)
-    # Batch 1: jobs 1 and 3 (2 images, 10 steps at 0.1 s) = 1 s after the running 5 s.
-    assert waits[1] == waits[3] == pytest.approx(6.0)
-    # Batch 2: job 2 alone at half the pixels: 10 steps × 0.06 s / 2.
-    assert waits[2] == pytest.approx(6.3)
-    # Batch 3: job 4, the same shape with 20 steps.
-    assert waits[4] == pytest.approx(6.9)
+def test_a_unit_costs_what_a_full_call_of_unit_images_takes_per_image():
+    speeds = {SpeedKey("m", PIXELS, 4): 0.4, SpeedKey("m", PIXELS, 1): 0.16}
+    # 25 steps of a 4-image call at 0.4 s a step, shared by its 4 images.
+    assert seconds_per_unit(speeds, "m", images=4) == pytest.approx(2.5)
+    assert seconds_per_unit(speeds, "m", images=1) == pytest.approx(4.0)
+    assert seconds_per_unit(speeds, "m", images=0) == pytest.approx(4.0)  # an empty queue
+    assert seconds_per_unit(speeds, "other", images=4) is None
 
 
-def test_no_estimate_without_measurements():
-    assert estimate_waits([job(1), job(2)], {}, max_images=4) == {1: None, 2: None}
+def test_a_wait_is_the_running_call_plus_the_work_up_to_the_job():
+    assert wait_seconds(3.0, 2.5, busy_for=5.0) == pytest.approx(12.5)
+    assert wait_seconds(3.0, None, busy_for=5.0) is None
 
 
 def test_edits_are_throttled_per_message_and_overall():

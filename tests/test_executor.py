@@ -10,7 +10,7 @@ import pytest
 from factories import pixels
 
 from bot.db import Store, admission, jobs, quotas
-from bot.requests import RawOptions
+from bot.requests import InvalidRequest, RawOptions
 from bot.service import ImagineService
 
 
@@ -151,8 +151,8 @@ class FaultyRunner:
     def load(self, model):
         self.runner.load(model)
 
-    def token_count(self, model, prompt):
-        return self.runner.token_count(model, prompt)
+    def prompt_chunks(self, model, prompt):
+        return self.runner.prompt_chunks(model, prompt)
 
     def release_memory(self):
         self.released += 1
@@ -264,10 +264,15 @@ async def test_an_image_that_never_fits_fails_with_a_clear_message(faulty):
     assert (await service.store.read(quotas.status, 1, 1, default_limit=5)).used == 0  # refunded
 
 
-async def test_long_prompts_are_admitted_with_a_note(service):
-    admitted = await submit(service, 1, prompt=" ".join(["panda"] * 120), seed=1)
-    assert any("tokens long" in note and "ignored" in note for note in admitted.notes)
-    assert (await submit(service, 1, prompt="a short prompt", seed=1)).notes == []
+async def test_prompts_up_to_the_chunk_limit_are_admitted_and_longer_refused(service):
+    # "panda" is 5 tiny-model tokens: 60 of them fill 4 chunks of 75, 61 need a fifth.
+    admitted = await submit(service, 1, prompt=" ".join(["panda"] * 60), seed=1)
+    assert admitted.notes == []
+    with pytest.raises(InvalidRequest, match="5 chunks of 75 tokens; at most 4"):
+        await submit(service, 1, prompt=" ".join(["panda"] * 61), seed=1)
+    with pytest.raises(InvalidRequest, match="`negative_prompt`"):
+        await submit(service, 1, negative_prompt="(unclosed", seed=1)
+    assert await service.store.read(jobs.count) == 1
 
 
 class BlankRunner(FaultyRunner):

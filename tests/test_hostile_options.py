@@ -4,7 +4,9 @@ a valid job; no traceback reaches a member; nothing refused is stored or charged
 import asyncio
 import math
 import sqlite3
+from dataclasses import replace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -72,6 +74,12 @@ def valid_job(request, limits):
     )
 
 
+@pytest.fixture(name="settings")
+def any_number_queued(settings):
+    """One member (alice) queues every valid example behind a held call: no per-member limit."""
+    return replace(settings, max_queued_per_member=0)
+
+
 async def test_hostile_option_values(discord_world, imagine_bot, held_runner):
     held_runner.hold()  # admitted jobs wait in the queue; only admission is under test
     w = discord_world
@@ -116,13 +124,14 @@ async def test_hostile_option_values(discord_world, imagine_bot, held_runner):
     await imagine_bot.store.write(jobs.cancel_queued, w.guild.id)
 
 
-# ---- option text in replies (issue 13): bounded before parsing, echoed without pinging ------
+# ---- flags in replies (issues 13, 16): bounded before parsing, echoed without pinging -------
 
 HOSTILE_INLINE = {
     "--seed @everyone": "@everyone",
     "--steps @here": "@here",
-    "--seed " + "9" * 4000: "at most 24",
-    "--" + "a" * 1500: "is not an option here",
+    "--seed " + "9" * 4000: "at most 1500",
+    "--seed " + "9" * 400: "at most 24",
+    "--" + "a" * 1400: "is not a flag I know",
     "--guidance " + "1" * 400 + ".5": "at most 24",
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from factories import pixels
 from PIL import Image
 
 from bot.pipelines import PipelineOptions, PipelineRunner, with_scheduler
-from bot.requests import SCHEDULERS, BatchKey, ImageSpec
+from bot.pipelines.per_image import strength_for
+from bot.requests import SCHEDULERS, BatchKey, ImageSpec, denoising_steps
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,10 @@ def runner(model_cache: Path) -> Iterator[PipelineRunner]:
 
 # The random tiny VAE hands the unet weak init latents: a low strength lets the init show.
 def key(strength: float = 0.3, width: int = 64, height: int = 64, **kw: object) -> BatchKey:
-    fields = {"model": "tiny", "scheduler": "DPM++ 2M", "steps": 10, "guidance": 7.5, **kw}
-    return BatchKey(mode="image", width=width, height=height, strength=strength, **fields)  # type: ignore[arg-type]
+    """The key of a request at this strength: it keeps only the steps the strength leaves."""
+    fields = {"model": "tiny", "scheduler": "DPM++ 2M", "steps": 10, **kw}
+    image_steps = denoising_steps(fields["steps"], strength)  # type: ignore[arg-type]
+    return BatchKey(mode="image", width=width, height=height, image_steps=image_steps, **fields)  # type: ignore[arg-type]
 
 
 def init(seed: int, width: int = 64, height: int = 64) -> Image.Image:
@@ -119,9 +123,47 @@ def test_bad_img2img_batches_fail_with_a_reason(runner: PipelineRunner) -> None:
         runner.generate(key(), [ImageSpec("a cat", "", 1)])
     with pytest.raises(ValueError, match=r"init image of \(64, 64\)"):
         runner.generate(key(), [spec(1, width=128, height=64)])
-    with pytest.raises(ValueError, match="strength"):
-        runner.generate(key(None), [spec(1)])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="strength"):
-        runner.generate(key(1.5), [spec(1)])
-    with pytest.raises(ValueError, match="no step to run"):
-        runner.generate(key(0.1, steps=5), [spec(1)])
+    with pytest.raises(ValueError, match="steps to denoise from the init image"):
+        runner.generate(replace(key(), image_steps=None), [spec(1)])
+    with pytest.raises(ValueError, match="from 1 to 10 steps from the init image, got 11"):
+        runner.generate(replace(key(), image_steps=11), [spec(1)])
+    with pytest.raises(ValueError, match="from 1 to 5 steps from the init image, got 0"):
+        runner.generate(key(0.1, steps=5), [spec(1)])  # int(5 × 0.1): no step to run
+
+
+def test_the_call_strength_denoises_exactly_the_key_steps() -> None:
+    """diffusers' img2img reads the strength only as min(int(steps × strength), steps), the
+    steps it denoises; the runner passes `strength_for`, which gives back the key's count for
+    every step count a server may allow and every strength a member may give (hundredths)."""
+    for steps in range(1, 151):
+        for hundredths in range(5, 101):
+            image_steps = denoising_steps(steps, hundredths / 100)
+            if image_steps >= 1:
+                strength = strength_for(steps, image_steps)
+                assert min(int(steps * strength), steps) == image_steps, (steps, hundredths)
+    with pytest.raises(ValueError, match="from 1 to 4 steps"):
+        strength_for(4, 5)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_strengths_that_start_at_the_same_step_share_a_call_exactly(
+    runner: PipelineRunner, scheduler: str
+) -> None:
+    """0.3 and 0.39 of 10 steps both denoise the last 3: one key, and in one call each image
+    has the pixels a plain diffusers call at its own strength gives it."""
+    assert key(0.3, scheduler=scheduler) == key(0.39, scheduler=scheduler)
+    mine, other = spec(42, "a lighthouse at night", image_seed=1), spec(7, "a barn", image_seed=2)
+    batch = runner.generate(key(0.39, scheduler=scheduler), [mine, other])
+    for member, strength, result in ((mine, 0.3, batch[0]), (other, 0.39, batch[1])):
+        pipe = with_scheduler(runner.load("tiny"), scheduler, StableDiffusionImg2ImgPipeline)
+        (alone,) = pipe(
+            prompt=member.prompt,
+            negative_prompt=member.negative_prompt,
+            image=member.init_image,
+            strength=strength,
+            num_inference_steps=10,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(member.seed),
+        ).images
+        assert np.abs(np.asarray(alone, dtype=np.int16) - pixels(result)).max() <= 1
+    assert np.abs(pixels(batch[0]) - pixels(batch[1])).mean() > 5

@@ -1,4 +1,5 @@
-"""Quota, refunds, bans and forget-me on a real SQLite file."""
+"""Quota (in cost units), per-member limits, refunds, bans and forget-me on a real SQLite
+file."""
 
 import asyncio
 import sqlite3
@@ -8,10 +9,18 @@ import pytest
 from factories import Clock, make_request
 
 from bot.db import Store, admission, jobs, members, moderation, quotas
-from bot.quota import MemberBanned, PromptBlocked, QuotaExceeded, QuotaStatus
+from bot.quota import (
+    CostOverCap,
+    MemberBanned,
+    PromptBlocked,
+    QuotaExceeded,
+    QuotaStatus,
+    TooManyQueued,
+)
 
 GUILD = 77
-REQUEST = make_request(prompt="a lighthouse in a storm", steps=4, width=64, height=64, model="tiny")
+# One 512×512 image at 25 steps: 1 unit an image, so counts and units agree below.
+REQUEST = make_request(prompt="a lighthouse in a storm", steps=25, model="tiny")
 
 
 @pytest.fixture
@@ -26,8 +35,8 @@ async def store(tmp_path, clock):
     await store.close()
 
 
-async def admit(store, member=1, count=1, limit=5, prompt=None, **kwargs):
-    request = replace(REQUEST, count=count, prompt=prompt or REQUEST.prompt)
+async def admit(store, member=1, count=1, limit=5, prompt=None, request=None, **kwargs):
+    request = replace(request or REQUEST, count=count, prompt=prompt or REQUEST.prompt)
     return await store.write(
         admission.admit,
         request,
@@ -40,9 +49,11 @@ async def admit(store, member=1, count=1, limit=5, prompt=None, **kwargs):
 
 
 def ledger(path):
+    """(kind, rows, units) by kind; the ledger stores thousandths of a unit."""
     with sqlite3.connect(path) as raw:
         return raw.execute(
-            "SELECT kind, COUNT(*), SUM(images) FROM ledger GROUP BY kind ORDER BY kind"
+            "SELECT kind, COUNT(*), SUM(milliunits) / 1000.0 FROM ledger GROUP BY kind"
+            " ORDER BY kind"
         ).fetchall()
 
 
@@ -51,6 +62,91 @@ def test_quota_status_arithmetic():
     assert status.left == 2 and status.allows(2) and not status.allows(3)
     assert QuotaStatus(limit=0, used=99, next_free_at=None).allows(4)
     assert QuotaStatus(limit=1, used=1, next_free_at=None, exempt=True).left is None
+    # Thousandths add up exactly: in floats 0.1 + 0.2 > 0.3.
+    assert QuotaStatus(limit=0.3, used=0.1, next_free_at=None).allows(0.2)
+    assert QuotaStatus(limit=0.3, used=0.1, next_free_at=None).left == 0.2
+
+
+async def test_the_ledger_charges_and_refunds_cost_units(store, tmp_path):
+    large = make_request(count=4, width=1024, height=1024, steps=50)  # 4 × 4 × 2 = 32 units
+    job = await admit(store, count=4, limit=40, request=large)
+    assert (await store.read(quotas.status, GUILD, 1, default_limit=40)).used == 32
+    with pytest.raises(QuotaExceeded) as caught:
+        await admit(store, count=4, limit=40, request=large)
+    assert (caught.value.status.used, caught.value.asked) == (32, 32)
+    await store.write(jobs.mark_failed, job.id, "boom")
+    await store.write(jobs.mark_failed, job.id, "boom again")
+    assert ledger(tmp_path / "bot.sqlite3") == [("charge", 1, 32.0), ("refund", 1, -32.0)]
+    assert (await store.read(quotas.status, GUILD, 1, default_limit=40)).used == 0
+
+
+async def test_fractions_of_a_unit_add_up_exactly(store):
+    tenth = make_request(width=256, height=256, steps=10)  # ¼ of the pixels × 10/25 steps
+    fifth = replace(tenth, steps=20)
+    assert (tenth.cost, fifth.cost) == (0.1, 0.2)
+    await admit(store, limit=0.3, request=tenth)
+    await admit(store, limit=0.3, request=fifth)  # in floats, 0.1 + 0.2 would overspend
+    with pytest.raises(QuotaExceeded):
+        await admit(store, limit=0.3, request=replace(tenth, width=64, height=64))
+    status = await store.read(quotas.status, GUILD, 1, default_limit=0.3)
+    assert (status.used, status.left) == (0.3, 0.0)
+
+
+async def test_a_member_may_have_so_many_jobs_queued_or_running(store, tmp_path):
+    first = await admit(store, member=1, max_queued=2)
+    await admit(store, member=1, max_queued=2)
+    await store.write(jobs.claim_batch, [first.id])  # running counts as well as queued
+    with pytest.raises(TooManyQueued) as caught:
+        await admit(store, member=1, max_queued=2)
+    assert (caught.value.active, caught.value.limit) == (2, 2)
+    with pytest.raises(TooManyQueued):  # exempt from the daily quota, not from this
+        await admit(store, member=1, max_queued=2, exempt=True)
+    await admit(store, member=2, max_queued=2)  # the limit is each member's own
+    assert await store.read(jobs.count) == 3
+    assert ledger(tmp_path / "bot.sqlite3") == [("charge", 3, 3.0)]
+    await store.write(jobs.mark_done, first.id)
+    await admit(store, member=1, max_queued=2)
+    await admit(store, member=1, max_queued=0)  # 0: no limit
+
+
+async def test_one_request_may_cost_only_so_much(store, tmp_path):
+    large = make_request(count=4, width=1024, height=1024, steps=50)
+    with pytest.raises(CostOverCap) as caught:
+        await admit(store, count=4, request=large, max_cost=16, exempt=True)
+    assert (caught.value.request.cost, caught.value.cap) == (32, 16)
+    assert await store.read(jobs.count) == 0
+    assert ledger(tmp_path / "bot.sqlite3") == []
+    await admit(store, count=2, request=large, max_cost=16, exempt=True)  # 16 units: at the cap
+
+
+async def test_concurrent_admissions_from_one_member_never_overfill_the_queue(tmp_path):
+    path = tmp_path / "race.sqlite3"
+    stores = [await Store.open(path) for _ in range(4)]
+    outcomes = await asyncio.gather(
+        *(admit(stores[i % 4], member=42, limit=0, max_queued=3) for i in range(20)),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(o, Exception) for o in outcomes) == 3
+    assert sum(isinstance(o, TooManyQueued) for o in outcomes) == 17
+    assert ledger(path) == [("charge", 3, 3.0)]
+    for store in stores:
+        await store.close()
+
+
+async def test_counting_a_members_jobs_reads_an_index_not_the_queue(store):
+    class Recorder:  # catches the query admission runs, to ask SQLite how it would run it
+        async def value(self, sql, params):
+            self.sql, self.params = sql, params
+            return 0
+
+    recorder = Recorder()
+    await admission.active_jobs(recorder, 1)
+    plan = await store.read(
+        lambda tx: tx.all(f"EXPLAIN QUERY PLAN {recorder.sql}", recorder.params)
+    )
+    assert any("jobs_by_member_status" in row["detail"] for row in plan), [
+        row["detail"] for row in plan
+    ]
 
 
 async def test_twenty_concurrent_admissions_against_a_quota_of_five_admit_five(tmp_path):
@@ -126,7 +222,7 @@ async def test_failed_cancelled_and_withheld_jobs_refund_exactly_once(tmp_path, 
     withheld = await admit(store, member=1, count=2)
     partly = await admit(store, member=2, count=2)
     cancelled = await admit(store, member=3, count=1)
-    await store.write(jobs.claim_batch, 6)
+    await store.write(jobs.claim_batch, [failed.id, withheld.id, partly.id])
     await store.write(jobs.mark_failed, failed.id, "RuntimeError: boom")
     await store.write(jobs.mark_done, withheld.id, withheld=2)
     await store.write(jobs.mark_done, partly.id, withheld=1)  # one image delivered: no refund
@@ -162,7 +258,7 @@ async def test_forget_me_leaves_no_prompt_text_in_the_file(tmp_path, clock):
     store = await Store.open(path, clock=clock)
     secret = "zebra-unicorn-secret-prompt"
     done = await admit(store, member=8, prompt=f"{secret} one")
-    await store.write(jobs.claim_batch, 1)
+    await store.write(jobs.claim_batch, [done.id])
     await store.write(jobs.mark_done, done.id)
     await admit(store, member=8, prompt=f"{secret} two")
     await admit(store, member=9, prompt="someone else's lighthouse")
@@ -172,7 +268,7 @@ async def test_forget_me_leaves_no_prompt_text_in_the_file(tmp_path, clock):
     assert [r.job.request.prompt for r in await store.read(members.history, 9)] == [
         "someone else's lighthouse"
     ]
-    # The ledger keeps counts, without text: member 8 used 1 image (the queued one refunded).
+    # The ledger keeps amounts, without text: member 8 used 1 unit (the queued one refunded).
     assert (await store.read(quotas.status, GUILD, 8, default_limit=5)).used == 1
     await store.close()
     for file in tmp_path.iterdir():
@@ -180,8 +276,8 @@ async def test_forget_me_leaves_no_prompt_text_in_the_file(tmp_path, clock):
 
 
 async def test_forget_me_waits_for_running_jobs(store):
-    await admit(store, member=8)
-    await store.write(jobs.claim_batch, 1)
+    running = await admit(store, member=8)
+    await store.write(jobs.claim_batch, [running.id])
     with pytest.raises(members.JobStillRunning):
         await store.write(members.forget, 8)
     assert await store.read(jobs.count) == 1

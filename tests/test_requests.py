@@ -81,8 +81,23 @@ def test_batch_key_ignores_what_varies_per_image():
     assert a.batch_key == b.batch_key
     assert check(width=256).batch_key != a.batch_key
     assert check(steps=20).batch_key != a.batch_key
-    assert check(guidance=5).batch_key != a.batch_key
     assert check(scheduler="Euler a").batch_key != a.batch_key
+    # Guidance is per image; only skipping the unconditional pass (a scale of at most 1) is not.
+    assert check(guidance=5).batch_key == check(guidance=12).batch_key == a.batch_key
+    assert check(guidance=1).batch_key == check(guidance=0).batch_key != a.batch_key
+    assert check(guidance=1.01).batch_key == a.batch_key
+
+
+def test_img2img_key_holds_the_steps_the_strength_leaves_not_the_strength():
+    def image(strength, steps=10):
+        raw = RawOptions("a cat", steps=steps, strength=strength)
+        return validate(raw, LIMITS, "model-x", init_image=("h", 64, 64)).batch_key
+
+    assert image(0.3) == image(0.39) and image(0.3).image_steps == 3
+    assert image(0.3) != image(0.4) and image(0.4).denoising_steps == 4
+    assert image(0.69, 22) == image(0.72, 22) and image(0.72, 22).image_steps == 15
+    assert check(steps=10).batch_key.image_steps is None
+    assert check(steps=10).batch_key.denoising_steps == 10
 
 
 def test_control_characters_are_stripped_from_prompts():

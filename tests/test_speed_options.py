@@ -20,7 +20,7 @@ SPECS = [
     ImageSpec("x", "y", 44),
     ImageSpec("a lighthouse", "", 55),
 ]
-KEY = BatchKey("tiny", "text", 64, 64, steps=3, scheduler="Euler a", guidance=7.5)
+KEY = BatchKey("tiny", "text", 64, 64, steps=3, scheduler="Euler a")
 
 
 def runner_with(model_cache: Path, **options: Any) -> PipelineRunner:

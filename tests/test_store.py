@@ -43,21 +43,25 @@ async def test_admitted_job_keeps_every_parameter(store):
     assert record.job.status == "queued" and record.interaction_id == 10
 
 
-async def test_claim_marks_a_batch_running_and_positions_move(store):
+async def test_claim_marks_the_chosen_jobs_running_and_rechecks_each(store):
     other = replace(REQUEST, width=256, count=1)
     first = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
     odd = await store.write(admission.admit, other, member_id=2, guild_id=1, channel_id=1)
     third = await store.write(admission.admit, REQUEST, member_id=3, guild_id=1, channel_id=1)
-    assert [await store.read(jobs.position, j.id) for j in (first, odd, third)] == [1, 2, 3]
+    assert [j.id for j in await store.read(jobs.pending)] == [first.id, odd.id, third.id]
 
-    batch_id, claimed = await store.write(jobs.claim_batch, 8)
-    assert [j.id for j in claimed] == [first.id, third.id]
+    batch_id, claimed = await store.write(jobs.claim_batch, [third.id, first.id])
+    assert [j.id for j in claimed] == [third.id, first.id]  # in the order the former chose
     for job in claimed:
         record = await store.read(jobs.get, job.id)
         assert record.job.status == "running" and record.job.batch_id == batch_id
         assert record.batch_size == 4 and record.job.attempts == 1 and record.started_at
-    assert await store.read(jobs.position, odd.id) == 1
-    assert await store.read(jobs.position, first.id) == 0
+    assert [j.id for j in await store.read(jobs.running, 1)] == [first.id, third.id]
+    # Claiming again takes only what is still queued; nothing left to take is None.
+    again = await store.write(jobs.claim_batch, [first.id, odd.id])
+    assert [j.id for j in again[1]] == [odd.id]
+    assert await store.write(jobs.claim_batch, [first.id]) is None
+    assert not await store.read(jobs.any_queued)
 
     await store.write(jobs.mark_done, first.id, withheld=1)
     await store.write(jobs.mark_failed, third.id, "boom")
@@ -71,15 +75,19 @@ async def test_claim_marks_a_batch_running_and_positions_move(store):
 async def test_interrupted_jobs_are_queued_again_in_order(store):
     a = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
     b = await store.write(admission.admit, REQUEST, member_id=2, guild_id=1, channel_id=1)
-    await store.write(jobs.claim_batch, 2)  # a alone fills the cap of 2 images
+    await store.write(jobs.claim_batch, [a.id])
     assert await store.write(jobs.recover_interrupted, max_attempts=3) == (1, [])
     assert [j.id for j in await store.read(jobs.pending)] == [a.id, b.id]
 
 
 async def test_concurrent_claims_never_hand_out_a_job_twice(store):
-    for member in range(10):
-        await store.write(admission.admit, REQUEST, member_id=member, guild_id=1, channel_id=1)
-    claims = await asyncio.gather(*(store.write(jobs.claim_batch, 4) for _ in range(8)))
+    queued = [
+        (await store.write(admission.admit, REQUEST, member_id=m, guild_id=1, channel_id=1)).id
+        for m in range(10)
+    ]
+    claims = await asyncio.gather(
+        *(store.write(jobs.claim_batch, queued[i : i + 4]) for i in range(0, 10, 2))
+    )
     seen = [job.id for claim in claims if claim for job in claim[1]]
     assert len(seen) == len(set(seen)) == 10
 
@@ -118,7 +126,7 @@ async def test_status_check_constraint_rejects_unknown_states(store, tmp_path):
 async def test_jobs_claimed_three_times_fail_with_a_refund_at_start_up(store):
     job = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
     for attempt in range(1, 4):
-        assert (await store.write(jobs.claim_batch, 8))[1][0].attempts == attempt
+        assert (await store.write(jobs.claim_batch, [job.id]))[1][0].attempts == attempt
         requeued, failed = await store.write(jobs.recover_interrupted, max_attempts=3)
         if attempt < 3:
             assert (requeued, failed) == (1, [])
@@ -130,7 +138,7 @@ async def test_jobs_claimed_three_times_fail_with_a_refund_at_start_up(store):
 
 async def test_jobs_returned_by_a_shutdown_keep_their_attempts(store):
     job = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
-    await store.write(jobs.claim_batch, 8)
+    await store.write(jobs.claim_batch, [job.id])
     await store.write(jobs.return_to_queue, [job.id])
     record = await store.read(jobs.get, job.id)
     assert (record.job.status, record.job.attempts) == ("queued", 0)
@@ -139,10 +147,18 @@ async def test_jobs_returned_by_a_shutdown_keep_their_attempts(store):
 async def test_a_job_delivered_just_before_a_crash_is_not_run_again(store):
     delivered = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
     blocked = await store.write(admission.admit, REQUEST, member_id=2, guild_id=1, channel_id=1)
-    await store.write(jobs.claim_batch, 4)
+    await store.write(jobs.claim_batch, [delivered.id, blocked.id])
     await store.write(jobs.record_delivery, delivered.id, 5, 6, withheld=0)
     await store.write(jobs.record_delivery, blocked.id, 5, 7, withheld=2)  # all withheld: refund
     assert await store.write(jobs.recover_interrupted, max_attempts=3) == (0, [])
     assert (await store.read(jobs.get, delivered.id)).job.status == "done"
     assert (await store.read(quotas.status, 1, 2, default_limit=5)).used == 0
-    assert (await store.read(quotas.status, 1, 1, default_limit=5)).used == 2
+    assert (await store.read(quotas.status, 1, 1, default_limit=5)).used == REQUEST.cost
+
+
+async def test_a_jobs_fair_share_weight_outlives_a_restart(store):
+    job = await store.write(
+        admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1, weight=2.5
+    )
+    assert job.weight == 2.5
+    assert [j.weight for j in await store.read(jobs.pending)] == [2.5]

@@ -10,7 +10,6 @@ import sqlite3
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from bot.batching import form_batch
 from bot.db import quotas
 from bot.db.connection import Tx
 from bot.requests import GenerationRequest, Job, JobStatus
@@ -18,7 +17,7 @@ from bot.requests import GenerationRequest, Job, JobStatus
 JOB_COLUMNS = (
     "id, member_id, guild_id, channel_id, prompt, negative_prompt, seed, count, steps, guidance,"
     " width, height, scheduler, model, mode, strength, status, queued_at, attempts, batch_id,"
-    " init_image_hash, parent_job_id, parent_image_index"
+    " init_image_hash, parent_job_id, parent_image_index, weight"
 )
 RECORD_COLUMNS = (
     f"{JOB_COLUMNS}, started_at, finished_at, batch_size, withheld, error, result_channel_id,"
@@ -78,6 +77,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         batch_id=row["batch_id"],
         parent_job_id=row["parent_job_id"],
         parent_image_index=row["parent_image_index"],
+        weight=row["weight"],
     )
 
 
@@ -133,25 +133,20 @@ async def pending(tx: Tx) -> list[Job]:
     return [job_from_row(row) for row in rows]
 
 
-async def active(tx: Tx, guild_id: int | None = None) -> list[Job]:
-    """Running then queued jobs, in the order they will finish; all servers when None."""
+async def running(tx: Tx, guild_id: int | None = None) -> list[Job]:
+    """Jobs on the device now (a call or two's worth); all servers when None. Queued jobs are
+    read from the queue index, which knows their order."""
     rows = await tx.all(
         f"""SELECT {JOB_COLUMNS} FROM jobs
-            WHERE status IN ('running', 'queued') AND (? IS NULL OR COALESCE(guild_id, 0) = ?)
-            ORDER BY status = 'queued', queued_at, id""",
+            WHERE status = 'running' AND (? IS NULL OR COALESCE(guild_id, 0) = ?)
+            ORDER BY started_at, id""",
         (guild_id, guild_id),
     )
     return [job_from_row(row) for row in rows]
 
 
-async def position(tx: Tx, job_id: int) -> int:
-    """1 for the next job to run; 0 when the job is already running or finished."""
-    return await tx.value(
-        """SELECT COUNT(*) FROM jobs AS other, jobs AS mine
-           WHERE mine.id = ? AND mine.status = 'queued' AND other.status = 'queued'
-             AND (other.queued_at, other.id) <= (mine.queued_at, mine.id)""",
-        (job_id,),
-    )
+async def any_queued(tx: Tx) -> bool:
+    return bool(await tx.value("SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued')"))
 
 
 async def count(tx: Tx) -> int:
@@ -182,6 +177,7 @@ class JobSource:
     channel_id: int | None
     interaction_id: int | None = None
     parent: tuple[int, int] | None = None
+    weight: float = 1.0  # fair-share weight from the member's roles
 
 
 async def insert(
@@ -198,8 +194,8 @@ async def insert(
         """INSERT INTO jobs (member_id, guild_id, channel_id, interaction_id, prompt,
                negative_prompt, seed, count, steps, guidance, width, height, scheduler,
                model, mode, strength, queued_at, init_image_hash, parent_job_id,
-               parent_image_index)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               parent_image_index, weight)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             source.member_id,
             source.guild_id,
@@ -221,6 +217,7 @@ async def insert(
             request.init_image_hash,
             parent_job_id,
             parent_index,
+            source.weight,
         ),
     )
     return Job(
@@ -233,14 +230,22 @@ async def insert(
         tx.now,
         parent_job_id=parent_job_id,
         parent_image_index=parent_index,
+        weight=source.weight,
     )
 
 
-async def claim_batch(tx: Tx, max_images: int) -> tuple[int, list[Job]] | None:
-    """Mark the next batch running and return (batch id, jobs)."""
-    batch = form_batch(await pending(tx), max_images)
-    if not batch:
+async def claim_batch(tx: Tx, job_ids: list[int]) -> tuple[int, list[Job]] | None:
+    """Mark the chosen jobs running, in one transaction that re-checks each is still queued;
+    returns (batch id, the jobs claimed, in the order asked), or None when none still was.
+    Reads only the rows it takes, however long the queue."""
+    marks = ", ".join("?" * len(job_ids))
+    # By primary key only: filtering on status in SQL lets the planner walk the status
+    # index, which is the whole queue.
+    rows = await tx.all(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ({marks})", job_ids)
+    found = {row["id"]: job_from_row(row) for row in rows if row["status"] == "queued"}
+    if not found:
         return None
+    batch = [found[job_id] for job_id in job_ids if job_id in found]
     images = sum(job.request.count for job in batch)
     cursor = await tx.run(
         "INSERT INTO batches (model, images, started_at) VALUES (?, ?, ?)",

@@ -72,7 +72,7 @@ DERIVED = """
 
 async def forget(tx: Tx, member_id: int) -> int:
     """Delete a member's jobs (prompts and parameters) and their uploads everywhere and return
-    how many jobs; the ledger keeps bare image counts so quotas still hold. Raises
+    how many jobs; the ledger keeps bare amounts (cost units) so quotas still hold. Raises
     JobStillRunning, changing nothing, while a job of theirs, or one derived from theirs,
     runs: its row is still in use. Follow with `Store.checkpoint()` so the text leaves the
     write-ahead log too.

@@ -1,37 +1,42 @@
 """The quota ledger: a charge when a job is admitted, at most one refund when it fails, is
-cancelled or is wholly withheld; limits per member and per server over a rolling 24 hours."""
+cancelled or is wholly withheld; limits per member and per server over a rolling 24 hours.
+
+Amounts are cost units (`bot/quota.py`): the ledger stores them as integer thousandths
+(`milliunits`), so sums stay exact; limits are stored as units, as moderators typed them."""
 
 from __future__ import annotations
 
 from bot.db.connection import Tx
-from bot.quota import WINDOW_SECONDS, QuotaStatus
+from bot.quota import MILLI, WINDOW_SECONDS, QuotaStatus, milliunits
 
 
-async def charge(tx: Tx, guild_id: int, member_id: int, job_id: int, images: int) -> None:
+async def charge(tx: Tx, guild_id: int, member_id: int, job_id: int, cost: float) -> None:
+    """Charge a job's cost, in units."""
     await tx.run(
-        """INSERT INTO ledger (guild_id, member_id, job_id, kind, images, window_at, recorded_at)
+        """INSERT INTO ledger (guild_id, member_id, job_id, kind, milliunits, window_at,
+               recorded_at)
            VALUES (?, ?, ?, 'charge', ?, ?, ?)""",
-        (guild_id, member_id, job_id, images, tx.now, tx.now),
+        (guild_id, member_id, job_id, milliunits(cost), tx.now, tx.now),
     )
 
 
 async def refund(tx: Tx, job_id: int) -> None:
-    """Give a job's images back, once: the unique index makes a second refund a no-op, also
+    """Give a job's charge back, once: the unique index makes a second refund a no-op, also
     when a failure repeats after a restart."""
     await tx.run(
-        """INSERT OR IGNORE INTO ledger (guild_id, member_id, job_id, kind, images, window_at,
-               recorded_at)
-           SELECT guild_id, member_id, job_id, 'refund', -images, window_at, ?
+        """INSERT OR IGNORE INTO ledger (guild_id, member_id, job_id, kind, milliunits,
+               window_at, recorded_at)
+           SELECT guild_id, member_id, job_id, 'refund', -milliunits, window_at, ?
            FROM ledger WHERE job_id = ? AND kind = 'charge'""",
         (tx.now, job_id),
     )
 
 
 async def status(
-    tx: Tx, guild_id: int | None, member_id: int, *, default_limit: int, exempt: bool = False
+    tx: Tx, guild_id: int | None, member_id: int, *, default_limit: float, exempt: bool = False
 ) -> QuotaStatus:
-    """The member's limit (their override, else the server's, else `default_limit`) and what
-    they used in the window since their last reset."""
+    """The member's limit in units (their override, else the server's, else `default_limit`)
+    and the units they used in the window since their last reset."""
     guild = guild_id or 0
     override = await tx.one(
         "SELECT daily_limit, reset_at FROM member_quotas WHERE guild_id = ? AND member_id = ?",
@@ -43,17 +48,17 @@ async def status(
     if override is not None and override["daily_limit"] is not None:
         limit = override["daily_limit"]
     elif server_limit is not None:
-        limit = int(server_limit)
+        limit = float(server_limit)
     else:
         limit = default_limit
     reset_at = override["reset_at"] if override is not None else None
     since = max(tx.now - WINDOW_SECONDS, reset_at or 0.0)
     used = await tx.value(
-        """SELECT COALESCE(SUM(images), 0) FROM ledger
+        """SELECT COALESCE(SUM(milliunits), 0) FROM ledger
            WHERE guild_id = ? AND member_id = ? AND window_at > ?""",
         (guild, member_id, since),
     )
-    # The next image frees up when the oldest unrefunded charge leaves the window.
+    # Units free up when the oldest unrefunded charge leaves the window.
     oldest = await tx.value(
         """SELECT MIN(charge.window_at) FROM ledger AS charge
            WHERE charge.guild_id = ? AND charge.member_id = ? AND charge.kind = 'charge'
@@ -63,11 +68,11 @@ async def status(
         (guild, member_id, since),
     )
     next_free = None if oldest is None else oldest + WINDOW_SECONDS
-    return QuotaStatus(limit=limit, used=used, next_free_at=next_free, exempt=exempt)
+    return QuotaStatus(limit=limit, used=used / MILLI, next_free_at=next_free, exempt=exempt)
 
 
-async def set_member_limit(tx: Tx, guild_id: int, member_id: int, limit: int | None) -> None:
-    """A per-member daily limit (None removes the override; 0 is unlimited)."""
+async def set_member_limit(tx: Tx, guild_id: int, member_id: int, limit: float | None) -> None:
+    """A per-member daily limit in units (None removes the override; 0 is unlimited)."""
     await tx.run(
         """INSERT INTO member_quotas (guild_id, member_id, daily_limit) VALUES (?, ?, ?)
            ON CONFLICT (guild_id, member_id) DO UPDATE SET daily_limit = excluded.daily_limit""",
@@ -84,7 +89,8 @@ async def reset_member_usage(tx: Tx, guild_id: int, member_id: int) -> None:
     )
 
 
-async def set_guild_limit(tx: Tx, guild_id: int, limit: int) -> None:
+async def set_guild_limit(tx: Tx, guild_id: int, limit: float) -> None:
+    """The server's daily limit in units (0 is unlimited)."""
     await tx.run(
         """INSERT INTO guild_settings (guild_id, name, value) VALUES (?, 'daily_limit', ?)
            ON CONFLICT (guild_id, name) DO UPDATE SET value = excluded.value""",

@@ -133,4 +133,19 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # Quotas count cost units (GenerationRequest.cost: one 512×512 image at 25 steps is 1)
+    # instead of images. The ledger keeps them as integer thousandths of a unit: costs are
+    # rounded to thousandths, so integer sums stay exact where REAL sums would drift (0.1 +
+    # 0.2 != 0.3). An old charge of n images becomes n units (n × 1000), and limits, already
+    # numbers, now read as units: nobody's standing changes at the upgrade. The index lets
+    # admission count a member's queued or running jobs without scanning the queue.
+    """
+    ALTER TABLE ledger RENAME COLUMN images TO milliunits;
+    UPDATE ledger SET milliunits = milliunits * 1000;
+    CREATE INDEX jobs_by_member_status ON jobs (member_id, status);
+    """,
+    # Each job's fair-share weight (ROLE_WEIGHTS at admission), so a restart keeps it.
+    """
+    ALTER TABLE jobs ADD COLUMN weight REAL NOT NULL DEFAULT 1;
+    """,
 )

@@ -1,6 +1,8 @@
 """Loading a Stable Diffusion pipeline from a Hub id or a local folder, ready on its device.
 
-A model that is not on this machine fails at start-up with the command that fetches it.
+Loading never downloads (bot/downloads.py does, on start or with `python -m bot download`):
+a Hub model is loaded from its complete cached snapshot, and a model that is not on this
+machine fails at start-up with the command that fetches it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
+from bot.downloads import ModelNotAvailable, cached_model, looks_like_path
 from bot.pipelines.devices import resolve_device
 from bot.pipelines.tiny import TINY_MODEL, build_tiny_model
 
-
-class ModelNotAvailable(RuntimeError):
-    """The weights are not on this machine and cannot be fetched now; the message says how."""
+__all__ = ["ModelNotAvailable", "PipelineOptions", "load_pipeline"]
 
 
 @dataclass
@@ -43,20 +44,10 @@ class PipelineOptions:
     largest_side: int = 1024
 
 
-def _looks_like_path(model_id: str) -> bool:
-    """Hub ids are `owner/name`; anything else with a separator or dot prefix is a folder."""
-    return (
-        Path(model_id).expanduser().exists()
-        or model_id.startswith((".", "~", "/", "\\"))
-        or model_id.count("/") > 1
-        or "\\" in model_id
-    )
-
-
 def _not_available(model_id: str, options: PipelineOptions, reason: str) -> ModelNotAvailable:
     """The error an operator sees at start-up: what is missing and the command that fetches it."""
     cache = options.cache_dir
-    if _looks_like_path(model_id):
+    if looks_like_path(model_id):
         hint = (
             "Point the model setting at a folder written by `save_pretrained` (it holds "
             "model_index.json), or at a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
@@ -82,19 +73,23 @@ def load_pipeline(model_id: str, options: PipelineOptions) -> StableDiffusionPip
     source = model_id
     if model_id == TINY_MODEL:
         source = str(build_tiny_model(Path(options.cache_dir) / "tiny-sd"))
-    elif _looks_like_path(model_id):
+    elif looks_like_path(model_id):
         folder = Path(model_id).expanduser()
         if not folder.is_dir():
             raise _not_available(model_id, options, "no such folder")
         if not (folder / "model_index.json").is_file():
             raise _not_available(model_id, options, "the folder holds no model_index.json")
         source = str(folder)
+    else:
+        snapshot = cached_model(model_id, options.cache_dir)
+        if snapshot is not None:
+            source = str(snapshot)
     extra: dict[str, Any] = {}
     if not options.safety_checker:
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, cache_dir=str(options.cache_dir), **extra
+            source, dtype=dtype, cache_dir=str(options.cache_dir), local_files_only=True, **extra
         )
     except (OSError, HFValidationError, EntryNotFoundError) as exc:
         # huggingface_hub's "not cached", "offline", "not found" and connection errors are all

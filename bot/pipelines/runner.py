@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 from typing import Any
 
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from bot.pipelines.devices import (
     CudaMemory,
@@ -23,6 +24,8 @@ from bot.pipelines.devices import (
     resolve_device,
 )
 from bot.pipelines.loading import PipelineOptions, load_pipeline
+from bot.pipelines.per_image import GuidedImage2Image, GuidedText2Image, strength_for
+from bot.pipelines.prompt_encoding import PromptEncoder, call_groups, tokenize_chunks
 from bot.pipelines.schedulers import with_scheduler
 from bot.requests import BatchKey, ImageSpec
 from bot.results import BLANK_IMAGE_ERROR, GeneratedImage, Interrupted, StepProgress
@@ -90,7 +93,7 @@ class PipelineRunner:
     """Owns the loaded pipelines, one per model id, loaded lazily and kept for the process.
 
     Not thread-safe and needs no lock: a single worker thread per device calls `load` and
-    `generate`. `token_count` uses its own tokenizer copy, so another thread may call it for a
+    `generate`. `prompt_chunks` uses its own tokenizer copy, so another thread may call it for a
     model that is already loaded.
     """
 
@@ -99,6 +102,7 @@ class PipelineRunner:
         self.device, self.dtype = resolve_device(options.device, options.dtype)
         self._pipelines: dict[str, StableDiffusionPipeline] = {}
         self._tokenizers: dict[str, Any] = {}
+        self._encoders: dict[str, PromptEncoder] = {}
         self._memory_fits: dict[str, MemoryFit] = {}
         self._interrupted = threading.Event()
 
@@ -118,6 +122,7 @@ class PipelineRunner:
             pipe = load_pipeline(model, self.options)
             # The pipeline reconfigures its tokenizer on every call; counting uses a copy.
             self._tokenizers[model] = copy.deepcopy(pipe.tokenizer)
+            self._encoders[model] = PromptEncoder.for_pipeline(pipe)
             self._pipelines[model] = pipe
             if self.device.type == "cuda":
                 self.measure_memory(model, CudaMemory(self.device))
@@ -135,7 +140,7 @@ class PipelineRunner:
         call costs. Also warms the kernels up, so the first member does not pay for it.
         `batch_limit` answers from what this finds."""
         side = self.options.largest_side
-        key = BatchKey(model, "text", side, side, steps=1, scheduler="Euler", guidance=7.5)
+        key = BatchKey(model, "text", side, side, steps=1, scheduler="Euler", cfg=True)
         peaks: list[int] = []
         for images in (1, 2):
             before = meter.start()
@@ -187,12 +192,12 @@ class PipelineRunner:
         elif self.device.type == "mps":
             torch.mps.empty_cache()
 
-    def token_count(self, model: str, prompt: str) -> int:
-        """CLIP tokens `prompt` takes without start/end tokens; past MAX_PROMPT_TOKENS is cut."""
+    def prompt_chunks(self, model: str, prompt: str) -> int:
+        """The 75-token chunks `prompt` is encoded in (at least one; `BREAK` starts another).
+        Raises InvalidRequest on a weight syntax error."""
         if model not in self._tokenizers:
             self.load(model)
-        tokenizer = self._tokenizers[model]
-        return len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+        return len(tokenize_chunks(self._tokenizers[model], prompt))
 
     def generate(
         self,
@@ -202,9 +207,10 @@ class PipelineRunner:
         progress: StepProgress | None = None,
         preview_every: int = 0,
     ) -> list[GeneratedImage]:
-        """Run ONE diffusers call for the batch with a generator per image, so each image depends
-        only on its own spec and the key. `progress(done, total, previews)` is called after each
-        step, with a rough preview per image every `preview_every` steps (else None).
+        """Run ONE diffusers call for the batch with a generator and a guidance scale per image,
+        so each image depends only on its own spec and the key. `progress(done, total, previews)`
+        is called after each step, with a rough preview per image every `preview_every` steps
+        (else None).
         Mode "image" starts from each spec's `init_image` and denoises `key.denoising_steps`
         steps. Latents are decoded here, so a NaN image can be retried in float32. A compiled
         UNet runs the call padded to its batch bucket (`padded_batch_size`)."""
@@ -213,6 +219,11 @@ class PipelineRunner:
         if not specs:
             return []
         base = self.load(key.model)
+        encoder = self._encoders[key.model]
+        chunks = encoder.chunk_count
+        groups = call_groups([math.lcm(chunks(s.prompt), chunks(s.negative_prompt)) for s in specs])
+        if len(groups) > 1:  # chunk counts whose common length would be too long for one call
+            return self._generate_groups(key, specs, groups, progress)
         wanted = len(specs)
         if self.options.compile_unet:
             # Copies of the last image fill the bucket; their results are dropped below.
@@ -223,10 +234,10 @@ class PipelineRunner:
         extra: dict[str, Any] = {}
         if key.mode == "image":
             extra = self._image_arguments(key, specs)
-            pipe = with_scheduler(base, key.scheduler, StableDiffusionImg2ImgPipeline)
+            pipe = with_scheduler(base, key.scheduler, GuidedImage2Image)
         else:
             extra = {"width": key.width, "height": key.height}
-            pipe = with_scheduler(base, key.scheduler)
+            pipe = with_scheduler(base, key.scheduler, GuidedText2Image)
         # MPS generators are not reliable across torch versions; diffusers accepts CPU ones.
         gen_device = torch.device("cpu") if self.device.type == "mps" else self.device
 
@@ -241,12 +252,14 @@ class PipelineRunner:
             return kwargs
 
         extra["callback_on_step_end"] = on_step
-        latents = pipe(
-            prompt=[spec.prompt for spec in specs],
-            negative_prompt=[spec.negative_prompt for spec in specs],
+        latents = pipe.guided_call(
+            [spec.guidance for spec in specs],
+            key.cfg,
+            **encoder.arguments(
+                [spec.prompt for spec in specs], [spec.negative_prompt for spec in specs]
+            ),
             generator=[torch.Generator(gen_device).manual_seed(spec.seed) for spec in specs],
             num_inference_steps=key.steps,
-            guidance_scale=key.guidance,
             output_type="latent",
             **extra,
         ).images[:wanted]
@@ -265,17 +278,34 @@ class PipelineRunner:
             for picture, flag, blank in zip(pictures, flags, bad.tolist(), strict=True)
         ]
 
+    def _generate_groups(
+        self,
+        key: BatchKey,
+        specs: list[ImageSpec],
+        groups: list[list[int]],
+        progress: StepProgress | None,
+    ) -> list[GeneratedImage]:
+        """One call per group of `call_groups`, results in the order of `specs`. Previews are
+        left out: they are reported per call, and each call holds only part of the batch."""
+
+        def steps_only(done: int, total: int, _previews: Any = None) -> None:
+            if progress is not None:
+                progress(done, total, None)
+
+        results: dict[int, GeneratedImage] = {}
+        for group in groups:
+            images = self.generate(key, [specs[i] for i in group], progress=steps_only)
+            results.update(zip(group, images, strict=True))
+        return [results[index] for index in range(len(specs))]
+
     @staticmethod
     def _image_arguments(key: BatchKey, specs: list[ImageSpec]) -> dict[str, Any]:
         """The img2img call's own arguments, checked here so a bad batch fails with a reason
         instead of deep inside diffusers."""
-        if key.strength is None or not 0 < key.strength <= 1:
-            raise ValueError(f"mode 'image' needs a strength in (0, 1], got {key.strength!r}.")
-        if key.denoising_steps < 1:
-            raise ValueError(
-                f"{key.steps} steps at strength {key.strength:g} leave no step to run; "
-                "raise the steps or the strength."
-            )
+        if key.image_steps is None:
+            raise ValueError("mode 'image' needs the steps to denoise from the init image.")
+        # Any strength with the key's step count runs the same computation; this is one.
+        strength = strength_for(key.steps, key.image_steps)
         size = (key.width, key.height)
         for spec in specs:
             image = spec.init_image
@@ -284,5 +314,5 @@ class PipelineRunner:
                 raise ValueError(f"mode 'image' needs an init image of {size}, got {got}.")
         return {
             "image": [spec.init_image.convert("RGB") for spec in specs],
-            "strength": key.strength,
+            "strength": strength,
         }

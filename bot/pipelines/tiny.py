@@ -28,7 +28,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-TINY_MODEL = "tiny"
+from bot.downloads import TINY_MODEL as TINY_MODEL  # its name, shared with the downloader
 
 # SD 1.5's scheduler_config.json verbatim; PNDM keeps `clip_sample` as a hidden entry that
 # DDIM picks up, as it does with the real model.

@@ -20,6 +20,7 @@ from .gateway import GatewayClose, GatewayHub, Intent
 from .interactions import InteractionBuilder, InteractionHandle, Upload
 from .models import (
     USER_MENTION,
+    AppFlag,
     FakeChannel,
     FakeGuild,
     FakeMember,
@@ -147,6 +148,15 @@ class FakeDiscord:
         """The IDENTIFY payloads received (token, intents, properties, …)."""
         return self._hub.identifies
 
+    @property
+    def command_syncs(self) -> list[RecordedRequest]:
+        """Every registration of the bot's commands (PUT, global or in a guild), in order."""
+        return [r for r in self.requests if r.method == "PUT" and r.path.endswith("/commands")]
+
+    def registered_commands(self, guild: FakeGuild | None = None) -> list[dict[str, Any]]:
+        """The commands registered globally, or in `guild`."""
+        return self._state.commands.get(None if guild is None else guild.id, [])
+
     def problems(self) -> list[str]:
         """Human-readable list of what should fail a test: unknown routes, rejected
         requests, crashes of the fake."""
@@ -182,6 +192,20 @@ class FakeDiscord:
         self._hub.dispatch_if_connected(
             "CHANNEL_UPDATE", payloads.channel(self._state, channel), intent=Intent.GUILDS
         )
+
+    def deny_in_guild(self, guild: FakeGuild, permissions: int) -> None:
+        """Take `permissions` from @everyone and the bot's own role in `guild`, as an owner
+        who invited the bot with fewer permissions than it asks for."""
+        for role in guild.roles.values():
+            if role.id == guild.id or role.bot_id == self.bot_user_id:
+                role.permissions &= ~permissions
+
+    def set_message_content_intent(self, enabled: bool) -> None:
+        """Switch the privileged Message Content intent on or off in the "developer portal"."""
+        flags = AppFlag.GATEWAY_MESSAGE_CONTENT | AppFlag.GATEWAY_MESSAGE_CONTENT_LIMITED
+        self._state.application_flags &= ~flags
+        if enabled:
+            self._state.application_flags |= AppFlag.GATEWAY_MESSAGE_CONTENT
 
     # ---- the bot's connection ---------------------------------------------------------------
 

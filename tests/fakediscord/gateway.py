@@ -39,10 +39,6 @@ class Op:
     HEARTBEAT_ACK = 11
 
 
-# Typical flags of an unverified bot's application (message content / members "limited").
-APPLICATION_FLAGS = (1 << 19) | (1 << 15) | (1 << 23)
-
-
 @dataclass
 class GatewayClose:
     """A websocket that ended; `by_client` tells who closed it."""
@@ -220,7 +216,10 @@ class GatewayHub:
             "guild_join_requests": [],
             "geo_ordered_rtc_regions": ["fake"],
             "auth": {},
-            "application": {"id": str(self.state.application_id), "flags": APPLICATION_FLAGS},
+            "application": {
+                "id": str(self.state.application_id),
+                "flags": self.state.application_flags,
+            },
             "_trace": ['["gateway-fake-1",{"micros":0}]'],
         }
         sent = [self._dispatch(session, "READY", ready)]

@@ -57,6 +57,19 @@ class Perm:
     BOT = EVERYONE | MANAGE_MESSAGES
 
 
+class AppFlag:
+    """Application flags (`GET /oauth2/applications/@me`, READY): which privileged intents the
+    developer portal has switched on. DEFAULT is a typical unverified bot's ("limited")."""
+
+    GATEWAY_GUILD_MEMBERS_LIMITED = 1 << 15
+    GATEWAY_MESSAGE_CONTENT = 1 << 18
+    GATEWAY_MESSAGE_CONTENT_LIMITED = 1 << 19
+    APPLICATION_COMMAND_BADGE = 1 << 23
+    DEFAULT = (
+        GATEWAY_MESSAGE_CONTENT_LIMITED | GATEWAY_GUILD_MEMBERS_LIMITED | APPLICATION_COMMAND_BADGE
+    )
+
+
 class MessageFlag:
     SUPPRESS_EMBEDS = 1 << 2
     EPHEMERAL = 1 << 6

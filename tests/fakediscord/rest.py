@@ -11,7 +11,7 @@ from aiohttp import web
 
 from . import payloads
 from .bodies import BODY, RequestBody
-from .gateway import APPLICATION_FLAGS, GatewayHub
+from .gateway import GatewayHub
 from .models import FakeChannel, FakeMessage, Perm
 from .state import FakeState
 from .validation import Refusal, check_message
@@ -99,7 +99,7 @@ class RestApi:
                 "bot_public": True,
                 "bot_require_code_grant": False,
                 "verify_key": secrets.token_hex(32),
-                "flags": APPLICATION_FLAGS,
+                "flags": state.application_flags,
                 "owner": payloads.user(state.app_owner),
                 "team": None,
                 "bot": payloads.user(state.bot_user),

@@ -14,6 +14,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from . import payloads
+from .applications import ApplicationApi
 from .bodies import BODY, BadBody, read_body
 from .callbacks import InteractionApi
 from .gateway import GatewayHub
@@ -34,7 +35,12 @@ def _needs_bot_token(path: str) -> bool:
 
 def build_app(state: FakeState, hub: GatewayHub) -> web.Application:
     app = web.Application(middlewares=[_api_middleware(state)], client_max_size=64 * 1024 * 1024)
-    for route in [*RestApi(state, hub).routes(), *InteractionApi(state).routes()]:
+    routes = [
+        *RestApi(state, hub).routes(),
+        *InteractionApi(state).routes(),
+        *ApplicationApi(state).routes(),
+    ]
+    for route in routes:
         app.router.add_route(route.method, API_PREFIX + route.path, route.handler)
     app.router.add_get("/gateway", hub.handle)
     app.router.add_get("/attachments/{channel_id}/{attachment_id}/{filename}", _cdn(state))

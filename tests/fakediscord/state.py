@@ -18,6 +18,7 @@ from .bodies import UploadedFile
 from .models import (
     EVERYONE_MENTION,
     USER_MENTION,
+    AppFlag,
     FakeAttachment,
     FakeChannel,
     FakeGuild,
@@ -138,6 +139,9 @@ class FakeState:
         self.attachments: dict[int, FakeAttachment] = {}
         self.interactions: dict[int, InteractionHandle] = {}
         self.command_ids: dict[tuple[str, int], int] = {}
+        self.application_flags = AppFlag.DEFAULT
+        # Registered application commands: None holds the global ones, else by guild id.
+        self.commands: dict[int | None, list[dict[str, Any]]] = {}
         self.requests: list[RecordedRequest] = []
         self.nonces: dict[tuple[int, str], int] = {}
 

@@ -1,0 +1,314 @@
+"""The queue in memory, in fair order: which call runs next, a job's place, the work ahead.
+
+SQLite stays the truth (bot/db/jobs.py); this index is loaded from it at start-up, kept in
+step by admission, claim and cancel, and rebuilt whenever a claim finds it out of step.
+
+Fair share is start-time fair queuing over members, by cost: a job's turn is
+max(virtual clock, its member's previous finish), and its member's finish moves on by
+cost / weight. The job with the earliest turn heads the next call, which is filled with
+compatible jobs of everyone in turn order. A member who was idle gets the current clock as
+their turn, so they wait for at most the call running now; a big job's turn is fixed when it
+arrives and the clock passes it, so it runs however many small jobs keep coming.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from bot.requests import BatchKey, Job
+
+# Turns are kept in blocks of about this many, each with its cost sum: a job's rank and the
+# work ahead of it take a walk over the blocks plus one bisect, not over the queue.
+BLOCK_SIZE = 256
+
+Turn = tuple[float, int]  # (virtual start, job id): the fair order
+
+
+def milli(cost: float) -> int:
+    """Costs are summed in thousandths of a unit, so sums never drift."""
+    return round(cost * 1000)
+
+
+class RankedTurns:
+    """Turns in order, in blocks with cost sums, so rank and work ahead cost O(√n)."""
+
+    def __init__(self) -> None:
+        self._blocks: list[list[Turn]] = []
+        self._costs: list[list[int]] = []
+        self._sums: list[int] = []
+        self._maxes: list[Turn] = []
+
+    @classmethod
+    def from_sorted(cls, turns: list[tuple[Turn, int]]) -> RankedTurns:
+        """Built at once from (turn, cost) pairs already in order."""
+        ranked = cls()
+        for start in range(0, len(turns), BLOCK_SIZE):
+            part = turns[start : start + BLOCK_SIZE]
+            ranked._blocks.append([turn for turn, _ in part])
+            ranked._costs.append([cost for _, cost in part])
+            ranked._sums.append(sum(ranked._costs[-1]))
+            ranked._maxes.append(part[-1][0])
+        return ranked
+
+    def __len__(self) -> int:
+        return sum(len(block) for block in self._blocks)
+
+    def __iter__(self) -> Iterator[Turn]:
+        for block in self._blocks:
+            yield from block
+
+    def first(self) -> Turn | None:
+        return self._blocks[0][0] if self._blocks else None
+
+    def add(self, turn: Turn, cost: int) -> None:
+        if not self._blocks:
+            self._blocks, self._costs, self._sums, self._maxes = [[turn]], [[cost]], [cost], [turn]
+            return
+        b = min(bisect.bisect_left(self._maxes, turn), len(self._blocks) - 1)
+        block = self._blocks[b]
+        i = bisect.bisect_left(block, turn)
+        block.insert(i, turn)
+        self._costs[b].insert(i, cost)
+        self._sums[b] += cost
+        self._maxes[b] = block[-1]
+        if len(block) > 2 * BLOCK_SIZE:
+            self._split(b)
+
+    def remove(self, turn: Turn) -> None:
+        b = bisect.bisect_left(self._maxes, turn)
+        block = self._blocks[b]
+        i = bisect.bisect_left(block, turn)
+        if block[i] != turn:
+            raise KeyError(turn)
+        del block[i]
+        self._sums[b] -= self._costs[b].pop(i)
+        if block:
+            self._maxes[b] = block[-1]
+        else:
+            del self._blocks[b], self._costs[b], self._sums[b], self._maxes[b]
+
+    def ahead(self, turn: Turn) -> tuple[int, int]:
+        """How many turns come before `turn`, and their cost in thousandths."""
+        count = cost = 0
+        for b, top in enumerate(self._maxes):
+            if top < turn:
+                count += len(self._blocks[b])
+                cost += self._sums[b]
+                continue
+            i = bisect.bisect_left(self._blocks[b], turn)
+            return count + i, cost + sum(self._costs[b][:i])
+        return count, cost
+
+    def page(self, offset: int, limit: int) -> list[Turn]:
+        """`limit` turns from rank `offset` on, skipping whole blocks to get there."""
+        found: list[Turn] = []
+        for block in self._blocks:
+            if offset >= len(block):
+                offset -= len(block)
+                continue
+            found += block[offset : offset + limit - len(found)]
+            offset = 0
+            if len(found) >= limit:
+                break
+        return found
+
+    def _split(self, b: int) -> None:
+        block, costs = self._blocks[b], self._costs[b]
+        half = len(block) // 2
+        self._blocks[b : b + 1] = [block[:half], block[half:]]
+        self._costs[b : b + 1] = [costs[:half], costs[half:]]
+        self._sums[b : b + 1] = [sum(costs[:half]), sum(costs[half:])]
+        self._maxes[b : b + 1] = [block[half - 1], block[-1]]
+
+
+@dataclass(frozen=True)
+class MemberShare:
+    """What one member has waiting and the share of the device the fair order gives them."""
+
+    member_id: int
+    jobs: int
+    units: float
+    weight: float
+    share: float
+
+
+class QueueIndex:
+    """Queued jobs by fair turn, by batch key and by member. Not thread-safe: the event
+    loop owns it."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.clock = 0.0
+        self._images = 0
+        self._jobs: dict[int, Job] = {}
+        self._turns: dict[int, Turn] = {}
+        self._order = RankedTurns()
+        self._by_key: dict[BatchKey, list[Turn]] = {}
+        self._by_member: dict[int, list[Turn]] = {}
+        self._finish: dict[int, float] = {}  # each member's latest finish tag
+        self._member_cost: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    def job(self, job_id: int) -> Job:
+        return self._jobs[job_id]
+
+    def images(self) -> int:
+        """Images waiting in all."""
+        return self._images
+
+    def load(self, queued: Iterable[Job]) -> None:
+        """Replace everything with `queued`, as at start-up: turns are dealt again from a fresh
+        clock in queue order. Built in bulk (one sort per list), so a long backlog loads fast."""
+        self._reset()
+        turns: list[tuple[Turn, int]] = []
+        for job in sorted(queued, key=lambda job: (job.queued_at, job.id)):
+            turn = self._deal(job)
+            cost = milli(job.request.cost)
+            turns.append((turn, cost))
+            self._by_key.setdefault(job.request.batch_key, []).append(turn)
+            self._by_member.setdefault(job.member_id, []).append(turn)
+            self._member_cost[job.member_id] = self._member_cost.get(job.member_id, 0) + cost
+        turns.sort()
+        self._order = RankedTurns.from_sorted(turns)
+        for index in (self._by_key, self._by_member):
+            for listed in index.values():
+                listed.sort()
+
+    def _deal(self, job: Job) -> Turn:
+        """Give a job its member's next turn (later the lighter their weight) and remember it."""
+        member = job.member_id
+        start = max(self.clock, self._finish.get(member, self.clock))
+        self._finish[member] = start + job.request.cost / job.weight
+        turn = (start, job.id)
+        self._jobs[job.id] = job
+        self._turns[job.id] = turn
+        self._images += job.request.count
+        return turn
+
+    def add(self, job: Job) -> None:
+        """A newly queued job takes its member's next turn."""
+        if job.id in self._jobs:
+            return
+        turn = self._deal(job)
+        cost = milli(job.request.cost)
+        self._order.add(turn, cost)
+        bisect.insort(self._by_key.setdefault(job.request.batch_key, []), turn)
+        bisect.insort(self._by_member.setdefault(job.member_id, []), turn)
+        self._member_cost[job.member_id] = self._member_cost.get(job.member_id, 0) + cost
+
+    def remove(self, job_id: int) -> Job | None:
+        """Take a job out (claimed, cancelled, forgotten); unknown ids are ignored."""
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return None
+        turn = self._turns.pop(job_id)
+        self._order.remove(turn)
+        key, member = job.request.batch_key, job.member_id
+        _discard(self._by_key, key, turn)
+        _discard(self._by_member, member, turn)
+        self._member_cost[member] -= milli(job.request.cost)
+        self._images -= job.request.count
+        if member not in self._by_member:
+            del self._member_cost[member]
+            if self._finish.get(member, 0.0) <= self.clock:
+                del self._finish[member]  # idle and owed nothing: forget them
+        return job
+
+    def next_batch(self, cap: Callable[[BatchKey], int]) -> list[Job]:
+        """The next call: the job with the earliest turn, then compatible jobs of everyone in
+        turn order while their images fit under `cap(key)`. The head goes even when it alone
+        is over the cap (the executor runs it in slices), so nobody starves."""
+        first = self._order.first()
+        if first is None:
+            return []
+        head = self._jobs[first[1]]
+        key = head.request.batch_key
+        limit = cap(key)
+        batch, images = [head], head.request.count
+        for _, job_id in self._by_key[key]:
+            if images >= limit:
+                break
+            job = self._jobs[job_id]
+            if job is not head and images + job.request.count <= limit:
+                batch.append(job)
+                images += job.request.count
+        return batch
+
+    def claimed(self, batch: Iterable[Job]) -> None:
+        """The batch left the queue: the virtual clock moves to its head's turn."""
+        turns = [self._turns[job.id] for job in batch if job.id in self._turns]
+        if turns:
+            self.clock = max(self.clock, min(turns)[0])
+        for job in batch:
+            self.remove(job.id)
+
+    def position(self, job_id: int) -> tuple[int, float] | None:
+        """(1 for the next job to run, units of work up to and including it); None when the
+        job is not queued."""
+        turn = self._turns.get(job_id)
+        if turn is None:
+            return None
+        count, cost = self._order.ahead(turn)
+        return count + 1, (cost + milli(self._jobs[job_id].request.cost)) / 1000
+
+    def work_ahead_of_newcomer(self, member_id: int) -> float:
+        """Units a job admitted now by `member_id` would wait behind (for the dry run)."""
+        start = max(self.clock, self._finish.get(member_id, self.clock))
+        return self._order.ahead((start, 2**63))[1] / 1000
+
+    def page(self, offset: int, limit: int, guild_id: int | None = None) -> list[Job]:
+        """Queued jobs in the order they are due to run; with `guild_id`, that server's only
+        (a walk that stops once the page is full)."""
+        if guild_id is None:
+            return [self._jobs[job_id] for _, job_id in self._order.page(offset, limit)]
+        found: list[Job] = []
+        for _, job_id in self._order:
+            job = self._jobs[job_id]
+            if (job.guild_id or 0) != guild_id:
+                continue
+            if offset:
+                offset -= 1
+                continue
+            found.append(job)
+            if len(found) >= limit:
+                break
+        return found
+
+    def jobs_of(self, member_id: int) -> list[Job]:
+        return [self._jobs[job_id] for _, job_id in self._by_member.get(member_id, [])]
+
+    def shares(self) -> list[MemberShare]:
+        """Each waiting member's jobs, units and the device share their weight gives them
+        while they have work queued, largest first."""
+        weights = {
+            member: max(self._jobs[job_id].weight for _, job_id in turns)
+            for member, turns in self._by_member.items()
+        }
+        total = sum(weights.values()) or 1.0
+        found = [
+            MemberShare(
+                member,
+                len(self._by_member[member]),
+                self._member_cost[member] / 1000,
+                weight,
+                weight / total,
+            )
+            for member, weight in weights.items()
+        ]
+        return sorted(found, key=lambda share: (-share.share, -share.units, share.member_id))
+
+
+def _discard(index: dict, name: object, turn: Turn) -> None:
+    turns = index[name]
+    del turns[bisect.bisect_left(turns, turn)]
+    if not turns:
+        del index[name]

@@ -1,0 +1,228 @@
+"""The queue index: the fair former's choices, places and work ahead, kept in step through
+adds, claims and cancels, and checked against a plain recomputation over random operations."""
+
+import random
+from dataclasses import replace
+
+import pytest
+from factories import make_job, make_request
+
+from bot import queue as queue_module
+from bot.queue import QueueIndex, RankedTurns
+
+BASE = make_request(scheduler="DPM++ 2M", steps=25)  # 1 unit
+BIG = replace(BASE, count=4, width=1024, height=1024, steps=50)  # 32 units
+
+
+def job(job_id, member=None, queued_at=None, weight=1.0, **changes):
+    made = make_job(job_id, BASE, queued_at=queued_at, **changes)
+    return replace(made, member_id=job_id if member is None else member, weight=weight)
+
+
+def ids(batch):
+    return [j.id for j in batch]
+
+
+def index_of(*jobs, weights=None):
+    index = QueueIndex()
+    for one in jobs:
+        index.add(replace(one, weight=(weights or {}).get(one.member_id, 1.0)))
+    return index
+
+
+def run_next(index, cap=8):
+    """Claim the next call as the executor does; returns its jobs."""
+    batch = index.next_batch(lambda key: cap)
+    index.claimed(batch)
+    return batch
+
+
+def test_empty_queue_forms_no_batch():
+    assert QueueIndex().next_batch(lambda key: 8) == []
+
+
+def test_incompatible_jobs_never_share_a_batch():
+    pending = [
+        job(1),
+        job(2, width=256),
+        job(3, steps=30),
+        job(4, scheduler="Euler"),
+        job(6, model="other"),
+        job(7, mode="image", strength=0.5),
+        job(8),
+    ]
+    batch = index_of(*pending).next_batch(lambda key: 8)
+    assert ids(batch) == [1, 8]
+
+
+def test_on_load_the_oldest_job_goes_first_whatever_the_order_given():
+    index = QueueIndex()
+    index.load([job(5, queued_at=50), job(4, queued_at=40, width=256), job(1, queued_at=10)])
+    assert ids(index.next_batch(lambda key: 8)) == [1, 5]
+
+
+def test_cap_is_respected_and_later_small_jobs_fill_the_gap():
+    index = index_of(job(1, count=3), job(2, count=4), job(3, count=1), job(4, count=1))
+    batch = index.next_batch(lambda key: 4)
+    assert ids(batch) == [1, 3]
+
+
+def test_the_head_runs_even_when_it_alone_is_over_the_cap():
+    assert ids(index_of(job(1, count=4), job(2)).next_batch(lambda key: 2)) == [1]
+
+
+def test_a_light_member_waits_for_at_most_the_call_running_now():
+    """The flooder queues 200 expensive jobs; the light member's job, queued after the first
+    call started, runs in the very next call."""
+    flooder = [job(i, member=1, **vars_of(BIG)) for i in range(1, 201)]
+    index = index_of(*flooder)
+    first = run_next(index, cap=4)
+    assert ids(first) == [1]
+    index.add(job(500, member=2))
+    assert index.position(500)[0] == 1
+    assert ids(run_next(index, cap=4)) == [500]
+    assert ids(run_next(index, cap=4)) == [2]
+
+
+def vars_of(request):
+    return {
+        "count": request.count,
+        "width": request.width,
+        "height": request.height,
+        "steps": request.steps,
+    }
+
+
+def test_calls_are_filled_with_compatible_jobs_of_everyone():
+    index = index_of(job(1, member=1), job(2, member=1), job(3, member=2), job(4, member=3))
+    assert ids(run_next(index, cap=8)) == [1, 3, 4, 2]
+
+
+def test_members_share_the_device_by_cost_and_weight():
+    """Two members keep four different-shaped jobs queued each; over many calls the device
+    time (units served) splits by their weights, 2:1, not by job counts."""
+    index = QueueIndex()
+    served = {1: 0.0, 2: 0.0}
+    next_id = iter(range(1, 10_000))
+    shapes = {1: {"width": 512}, 2: {"width": 768, "height": 768}}  # 1 and 2.25 units
+
+    def top_up(member):
+        while len(index.jobs_of(member)) < 4:
+            weight = 2.0 if member == 1 else 1.0
+            index.add(job(next(next_id), member=member, weight=weight, **shapes[member]))
+
+    for _ in range(300):
+        top_up(1)
+        top_up(2)
+        for one in run_next(index, cap=1):
+            served[one.member_id] += one.request.cost
+    assert served[1] / served[2] == pytest.approx(2.0, rel=0.05)
+
+
+def test_a_big_job_runs_under_a_steady_stream_of_small_ones():
+    index = index_of(job(1, member=1), job(2, member=2, **vars_of(BIG)))
+    next_id = 3
+    ran_at = None
+    for call in range(1, 500):
+        # Members 3..: a new small job arrives from someone new before every call.
+        index.add(job(next_id, member=next_id))
+        next_id += 1
+        if 2 in ids(run_next(index, cap=4)):
+            ran_at = call
+            break
+    assert ran_at is not None and ran_at < 10
+
+
+def test_positions_and_work_ahead_follow_the_fair_order():
+    index = index_of(job(1, member=1), job(2, member=1), job(3, member=2, count=2))
+    # Turns: job 1 at 0, job 3 at 0 (after 1 by id), job 2 at 1.
+    assert index.position(1) == (1, 1.0)
+    assert index.position(3) == (2, 3.0)
+    assert index.position(2) == (3, 4.0)
+    assert index.position(99) is None
+    index.remove(3)
+    assert index.position(2) == (2, 2.0)
+    assert index.images() == 2 and len(index) == 2
+
+
+def test_a_newcomers_work_ahead_depends_on_what_they_already_queued():
+    index = index_of(job(1, member=1), job(2, member=1), job(3, member=2))
+    assert index.work_ahead_of_newcomer(member_id=9) == pytest.approx(2.0)  # jobs 1 and 3
+    assert index.work_ahead_of_newcomer(member_id=1) == pytest.approx(3.0)  # behind their own
+
+
+def test_pages_and_shares():
+    index = index_of(
+        *[job(i, member=1 + i % 2) for i in range(1, 8)],
+        job(8, member=3, **vars_of(BIG)),
+        weights={3: 3.0},
+    )
+    order = ids(index.page(0, 100))
+    assert ids(index.page(2, 3)) == order[2:5]
+    assert ids(index.page(7, 10)) == order[7:]
+    assert index.page(0, 10, guild_id=2) == []
+    shares = index.shares()
+    assert [s.member_id for s in shares] == [3, 2, 1]  # then by units queued
+    assert shares[0].share == pytest.approx(0.6) and shares[0].units == 32.0
+    assert sum(s.jobs for s in shares) == 8
+
+
+def test_ranked_turns_agree_with_a_sorted_list(monkeypatch):
+    monkeypatch.setattr(queue_module, "BLOCK_SIZE", 4)  # many splits and empty blocks
+    rng = random.Random(7)
+    turns, plain = RankedTurns(), {}
+    for step in range(3000):
+        if plain and rng.random() < 0.45:
+            turn = rng.choice(list(plain))
+            turns.remove(turn)
+            del plain[turn]
+        else:
+            turn = (float(rng.randint(0, 50)), step)
+            cost = rng.randint(1, 9000)
+            turns.add(turn, cost)
+            plain[turn] = cost
+        ordered = sorted(plain)
+        assert list(turns) == ordered
+        if ordered:
+            probe = rng.choice(ordered)
+            rank = ordered.index(probe)
+            assert turns.ahead(probe) == (rank, sum(plain[t] for t in ordered[:rank]))
+            assert turns.page(rank, 3) == ordered[rank : rank + 3]
+            assert turns.first() == ordered[0]
+    with pytest.raises(KeyError):
+        turns.remove((-1.0, -1))
+
+
+def test_the_index_agrees_with_a_recount_after_random_operations():
+    rng = random.Random(3)
+    index = QueueIndex()
+    alive = {}
+    for job_id in range(1, 600):
+        roll = rng.random()
+        if roll < 0.6:
+            one = job(
+                job_id,
+                member=rng.randint(1, 12),
+                count=rng.randint(1, 4),
+                width=rng.choice([256, 512]),
+            )
+            index.add(one)
+            alive[one.id] = one
+        elif roll < 0.8 and alive:
+            gone = rng.choice(list(alive))
+            index.remove(gone)
+            del alive[gone]
+        else:
+            for one in run_next(index, cap=rng.randint(1, 8)):
+                del alive[one.id]
+    order = index.page(0, len(alive))
+    assert sorted(ids(order)) == sorted(alive)
+    work = 0.0
+    for place, one in enumerate(order, start=1):
+        work += one.request.cost
+        assert index.position(one.id) == (place, pytest.approx(work))
+    assert index.images() == sum(one.request.count for one in alive.values())
+    for member in range(1, 13):
+        assert sorted(ids(index.jobs_of(member))) == sorted(
+            one.id for one in alive.values() if one.member_id == member
+        )
