@@ -88,13 +88,16 @@ async def measure_at(
             request_for(service, rng), member_id=rng.randrange(members), guild_id=1, channel_id=1
         )
 
+    # Jobs anywhere in the queue, picked before the clock runs.
+    offsets = rng.sample(range(len(service.queue)), 2 * rounds)
+    picks = [service.queue.page(offset, 1)[0].id for offset in offsets]
+    to_cancel, to_place = iter(picks[:rounds]), iter(picks[rounds:])
+
     async def cancel() -> None:
-        victim = service.queue.page(rng.randrange(len(service.queue)), 1)[0]
-        await service.cancel(victim.id)
+        await service.cancel(next(to_cancel))
 
     async def position() -> None:
-        victim = service.queue.page(rng.randrange(len(service.queue)), 1)[0]
-        await service.queue_estimates([victim.id])
+        await service.queue_estimates([next(to_place)])
 
     # The board shows the newest 1,000 jobs, as if they had all come from Discord.
     board.statuses.clear()

@@ -14,13 +14,14 @@ arrives and the clock passes it, so it runs however many small jobs keep coming.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from bot.requests import BatchKey, Job
 
 # Turns are kept in blocks of about this many, each with its cost sum: a job's rank and the
-# work ahead of it take a walk over the blocks plus one bisect, not over the queue.
+# work ahead of it take two bisects and a block's partial sum, not a walk over the queue.
 BLOCK_SIZE = 256
 
 Turn = tuple[float, int]  # (virtual start, job id): the fair order
@@ -32,13 +33,14 @@ def milli(cost: float) -> int:
 
 
 class RankedTurns:
-    """Turns in order, in blocks with cost sums, so rank and work ahead cost O(√n)."""
+    """Turns in order, in blocks with cost sums, so rank and work ahead cost O(√n) at most."""
 
     def __init__(self) -> None:
         self._blocks: list[list[Turn]] = []
         self._costs: list[list[int]] = []
         self._sums: list[int] = []
         self._maxes: list[Turn] = []
+        self._prefix: tuple[list[int], list[int]] | None = None
 
     @classmethod
     def from_sorted(cls, turns: list[tuple[Turn, int]]) -> RankedTurns:
@@ -63,6 +65,7 @@ class RankedTurns:
         return self._blocks[0][0] if self._blocks else None
 
     def add(self, turn: Turn, cost: int) -> None:
+        self._prefix = None
         if not self._blocks:
             self._blocks, self._costs, self._sums, self._maxes = [[turn]], [[cost]], [cost], [turn]
             return
@@ -77,6 +80,7 @@ class RankedTurns:
             self._split(b)
 
     def remove(self, turn: Turn) -> None:
+        self._prefix = None
         b = bisect.bisect_left(self._maxes, turn)
         block = self._blocks[b]
         i = bisect.bisect_left(block, turn)
@@ -91,15 +95,20 @@ class RankedTurns:
 
     def ahead(self, turn: Turn) -> tuple[int, int]:
         """How many turns come before `turn`, and their cost in thousandths."""
-        count = cost = 0
-        for b, top in enumerate(self._maxes):
-            if top < turn:
-                count += len(self._blocks[b])
-                cost += self._sums[b]
-                continue
-            i = bisect.bisect_left(self._blocks[b], turn)
-            return count + i, cost + sum(self._costs[b][:i])
-        return count, cost
+        counts, costs = self._prefixes()
+        b = bisect.bisect_left(self._maxes, turn)
+        if b == len(self._blocks):
+            return counts[-1], costs[-1]
+        i = bisect.bisect_left(self._blocks[b], turn)
+        return counts[b] + i, costs[b] + sum(self._costs[b][:i])
+
+    def _prefixes(self) -> tuple[list[int], list[int]]:
+        """Turns and cost before each block, summed again after a change: many places are
+        asked between two changes (a status board tick), each then a bisect."""
+        if self._prefix is None:
+            counts = [0, *itertools.accumulate(map(len, self._blocks))]
+            self._prefix = (counts, [0, *itertools.accumulate(self._sums)])
+        return self._prefix
 
     def page(self, offset: int, limit: int) -> list[Turn]:
         """`limit` turns from rank `offset` on, skipping whole blocks to get there."""

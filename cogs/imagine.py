@@ -104,7 +104,8 @@ class ImagineCog(commands.Cog):
         image: PreparedImage | None = None,
     ) -> None:
         """What would run (the parsed prompt and every job it makes), what it costs and when
-        it would be done; nothing is stored. Each job costs what the first does."""
+        it would be done; nothing is stored. Every job costs what the first does, and each is
+        charged on its own: the quota is checked against their total."""
         service = self.bot.service
         request = requests[0]
         quota = await service.quota(
@@ -113,11 +114,15 @@ class ImagineCog(commands.Cog):
             exempt=service.is_exempt(role_ids(interaction.user)),
         )
         wait = await service.estimate_wait(request, interaction.user.id)
-        cost = f"{cost_text(request)}; you have used {standing_text(quota)}"
+        total = round(sum(job.cost for job in requests), 3)
+        cost = cost_text(request)
+        if len(requests) > 1:
+            cost += f" a job, {units_phrase(total)} for all {len(requests)}"
+        cost += f"; you have used {standing_text(quota)}"
         cap = service.settings.max_request_cost
         if request.cost > cap:  # said now rather than only after Confirm
             cost += f". One request may cost at most {units_phrase(cap)}: Confirm will refuse it"
-        elif quota.left is not None and not quota.allows(request.cost):
+        elif quota.left is not None and not quota.allows(total):
             cost += f". You have {units_phrase(quota.left)} left: Confirm will refuse it"
         lines = [
             "**Dry run**: nothing is queued until you press Confirm.",

@@ -1,4 +1,4 @@
-"""The three benchmarks run end to end as their documented commands, at a reduced size, and
+"""The benchmarks run end to end as their documented commands, at a reduced size, and
 write the numbers they print; the figures themselves are for docs/performance.md, not here."""
 
 import json
@@ -70,3 +70,28 @@ def test_gpu_benchmark_runs_on_a_cpu_with_the_small_flag(tmp_path):
     assert runs["MAX_BATCH_SIZE=8, 30-step burst"]["images_per_call"] >= 2  # they batch
     goals = result["executor"]["goals"]
     assert list(goals) == list(executors[:2]) and goals["MAX_BATCH_SIZE=8"]["burst_speedup"] > 0
+
+
+def test_fairness_benchmark_compares_fifo_with_the_fair_former(tmp_path):
+    result = run_bench(
+        "bench.fairness", tmp_path / "fairness.json",
+        "--jobs", "200", "--burst-jobs", "16", "--burst-draws", "5",
+    )  # fmt: skip
+    assert [row["former"] for row in result["flood"]] == ["FIFO (before)", "fair (ours)"]
+    for row in result["flood"] + result["burst"]:
+        assert 0 < row["batch_fill"] <= 1
+    fifo, fair = result["flood"]
+    assert fair["light_wait_p95_s"] < fifo["light_wait_p95_s"]  # a flood is where it shows
+    assert len(result["goals"]) == 3 and set(result["goals"].values()) <= {"PASS", "FAIL"}
+
+
+def test_queue_benchmark_times_every_operation_at_every_size(tmp_path):
+    result = run_bench(
+        "bench.queue", tmp_path / "queue.json",
+        "--sizes", "100,300", "--rounds", "3", "--arrivals", "30",
+    )  # fmt: skip
+    assert [row["queued"] for row in result["results"]] == [100, 300]
+    for row in result["results"]:
+        assert all(row[op] > 0 for op in ("restart", "admission", "claim", "cancel", "position"))
+    assert result["stall_ms"] > 0
+    assert set(result["goals"].values()) <= {"PASS", "FAIL"} and len(result["goals"]) == 11

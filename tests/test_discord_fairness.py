@@ -5,13 +5,17 @@ from dataclasses import replace
 
 import pytest
 
+from bot.db import jobs
+
 # Six sizes: none of the flood's jobs batch with each other or with bob's.
 FLOOD_WIDTHS = (64, 72, 80, 88, 96, 104)
 
 
 @pytest.fixture
-def settings(settings):
-    return replace(settings, max_queued_per_member=10, role_weights={})
+def settings(settings, discord_world):
+    """Room for a flood, and the moderator role weighing three members."""
+    moderator_role = discord_world.mod.role_ids[0]
+    return replace(settings, max_queued_per_member=10, role_weights={moderator_role: 3.0})
 
 
 async def mod(world, *subcommands, **options):
@@ -70,5 +74,27 @@ async def test_the_queue_list_pages_through_a_long_queue(discord_world, imagine_
     assert "1. #" in first and "15. #" in first and "16. #" not in first
     assert "16. #" in second and "19. #" in second and "19 job(s) queued" in second
     assert "Page 3 of the queue is empty." in empty
+    runner.release()
+    await imagine_bot.wait_idle()
+
+
+async def test_a_weighted_role_gets_its_share_of_the_gpu(discord_world, imagine_bot):
+    w, runner = discord_world, imagine_bot.runner
+    runner.hold()
+    await (await imagine_bot.imagine(w.bob, prompt="running", seed=0, width=256)).wait_response(3)
+    await runner.wait_calls(1)
+    for i, member in enumerate((w.alice, w.alice, w.mod, w.mod)):
+        inter = await imagine_bot.imagine(member, prompt=f"job {i}", seed=i, width=64 + 8 * i)
+        await inter.wait_response(3)
+    listing = (await (await mod(w, "queue", "list")).wait_response()).content
+    assert f"{w.mod.mention} 75% (weight 3)" in listing
+    assert f"{w.alice.mention} 25% (weight 1)" in listing
+    # The moderator's second job comes before alice's second: their turns come 3× as often.
+    order = [line.split()[1] for line in listing.splitlines() if line[:1].isdigit()]
+    records = {
+        r.job.request.prompt: f"#{r.job.id}"
+        for r in [await imagine_bot.store.read(jobs.get, i) for i in range(2, 6)]
+    }
+    assert order.index(records["job 3"]) < order.index(records["job 1"])
     runner.release()
     await imagine_bot.wait_idle()

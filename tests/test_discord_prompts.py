@@ -149,6 +149,7 @@ async def test_dry_run_shows_the_parsed_prompt_and_confirm_admits_every_job(
     assert "Flags: `--seed 7` `--no blur`" in shown and "fox ×1.5" in shown
     assert "2 jobs" in shown and "1. red (fox:1.5) · 1 of 4 chunks" in shown
     assert "2. blue (fox:1.5)" in shown and "Negative prompt: blur" in shown
+    assert "= 0.003 units a job, 0.006 units for all 2" in shown  # 64×64 × 4 steps, twice
     assert await imagine_bot.store.read(jobs.count) == 0
     panel = await inter.original()
     confirm = next(c for row in panel.components for c in row["components"])

@@ -1,7 +1,8 @@
 """SIGKILL the real bot process at random moments while members keep asking, restart it, and
 check that every admitted job was delivered exactly once or failed with a notice and a refund.
 
-CI runs KILL_TEST_KILLS=10 (the default); run more by hand, e.g.
+CI runs KILL_TEST_KILLS=7 (the default: each restart imports torch, about ten seconds here);
+run more by hand, e.g.
     KILL_TEST_KILLS=50 .venv/bin/python -m pytest tests/test_kill.py -s
 """
 
@@ -17,7 +18,7 @@ import pytest
 from harness.child_process import BotProcess
 from harness.in_process import build_world
 
-KILLS = int(os.environ.get("KILL_TEST_KILLS", "10"))
+KILLS = int(os.environ.get("KILL_TEST_KILLS", "7"))
 
 
 def headline(message) -> str:
