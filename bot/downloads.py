@@ -1,7 +1,8 @@
 """Which files a Hub model needs, whether they are already in the cache, and fetching the
 missing ones: after a disk-space check, with progress in the log, resumable after an
-interruption (finished files stay in the cache and are not fetched again; within a run the
-Hub client retries a dropped connection from where it stopped).
+interruption, even of the process: each file arrives in `blobs/<etag>.partial` in the Hub
+cache, which the next start continues with an HTTP Range request, and becomes the blob the
+Hub client would have written (size checked, sha256 too for LFS files) once complete.
 
 One rule (`needed_files`) decides what "the model" is, for the download on start, for
 `python -m bot download`, for loading (`bot/pipelines/loading.py` loads the cached snapshot)
@@ -10,6 +11,7 @@ and for `python -m bot doctor`. Torch-free, so a refusal costs no model import.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -24,13 +26,17 @@ from typing import Any
 import huggingface_hub.constants
 from huggingface_hub import (
     HfApi,
+    HfFileMetadata,
     RepoFile,
     get_cached_repo_tree,
+    get_hf_file_metadata,
     hf_hub_download,
+    hf_hub_url,
     snapshot_download,
 )
 from huggingface_hub.errors import CachedRepoTreeNotFoundError
-from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.file_download import http_get, repo_folder_name
+from huggingface_hub.utils import WeakFileLock, build_hf_headers
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,8 @@ TINY_MODEL = "tiny"  # built from code by bot/pipelines/tiny.py, never downloade
 MODEL_INDEX = "model_index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # the etag of an LFS file is the sha256 of its bytes
+PARTIAL = ".partial"  # a blob being downloaded: kept across restarts, unlike the Hub client's
 
 
 class ModelNotAvailable(RuntimeError):
@@ -151,10 +159,11 @@ class DownloadPlan:
     model_id: str
     files: dict[str, int]  # needed path -> size in bytes
     missing: dict[str, int]
+    resumed: int = 0  # bytes already in partial files an earlier download left
 
     @property
     def remaining(self) -> int:
-        return sum(self.missing.values())
+        return max(sum(self.missing.values()) - self.resumed, 0)
 
 
 def plan_download(model_id: str, cache_dir: Path) -> DownloadPlan:
@@ -176,7 +185,12 @@ def plan_download(model_id: str, cache_dir: Path) -> DownloadPlan:
     files = {path: sizes[path] for path in needed_files(sizes, index)}
     snapshot = Path(index_path).parent
     missing = {path: size for path, size in files.items() if not (snapshot / path).is_file()}
-    return DownloadPlan(model_id, files, missing)
+    resumed = sum(p.stat().st_size for p in _partials(model_id, cache_dir))
+    return DownloadPlan(model_id, files, missing, resumed)
+
+
+def _partials(model_id: str, cache_dir: Path) -> list[Path]:
+    return list((_repo_folder(model_id, cache_dir) / "blobs").glob(f"*{PARTIAL}"))
 
 
 class _Quiet(tqdm):
@@ -195,7 +209,7 @@ class _Progress:
         self._baseline = self._on_disk()
 
     def _on_disk(self) -> int:
-        """Finished blobs and the `.incomplete` files being written, in bytes."""
+        """Finished blobs and the partial files being written, in bytes."""
         if not self._blobs.is_dir():
             return 0
         return sum(p.stat().st_size for p in self._blobs.iterdir() if p.is_file())
@@ -231,8 +245,8 @@ def fetch_model(
 ) -> Path:
     """Download what `model_id` needs into `cache_dir` and return its snapshot folder. Refuses
     with `NotEnoughDisk` before fetching anything if the rest will not fit (`free_bytes` says
-    what is free); logs progress every `every` seconds. Interrupted, the next call fetches only
-    the files that were not finished."""
+    what is free); logs progress every `every` seconds. Interrupted, even by the end of the
+    process, the next call fetches only what is missing, from where each file stopped."""
     plan = plan_download(model_id, cache_dir)
     if not plan.missing:
         return _snapshot(model_id, cache_dir, plan)
@@ -245,13 +259,14 @@ def fetch_model(
         )
     present = len(plan.files) - len(plan.missing) - 1  # model_index.json came with the plan
     log.info(
-        "downloading %s into %s: %d files, %s%s",
+        "downloading %s into %s: %d files, %s%s%s",
         model_id, cache_dir, len(plan.missing), size_text(plan.remaining),
         f" ({present} already here from an earlier download)" if present else "",
+        f" (resuming after {size_text(plan.resumed)})" if plan.resumed else "",
     )  # fmt: skip
     progress = _Progress(plan, _repo_folder(model_id, cache_dir) / "blobs")
     try:
-        folder = _in_daemon_thread(lambda: _snapshot(model_id, cache_dir, plan), every, progress)
+        folder = _in_daemon_thread(lambda: _download(model_id, cache_dir, plan), every, progress)
     except Exception as exc:
         raise ModelNotAvailable(
             f"Downloading {model_id} stopped: {_first_line(exc)}. Start again to resume "
@@ -259,6 +274,55 @@ def fetch_model(
         ) from exc
     log.info("%s", progress.summary())
     return folder
+
+
+def _download(model_id: str, cache_dir: Path, plan: DownloadPlan) -> Path:
+    """Each missing file into its blob, resumably, then into the snapshot: the Hub client finds
+    the blob and links it as it links its own. Partial files left by another revision go."""
+    for path in plan.missing:
+        _fetch_blob(model_id, path, Path(cache_dir))
+        hf_hub_download(model_id, path, cache_dir=cache_dir, tqdm_class=_Quiet)
+    folder = _snapshot(model_id, cache_dir, plan)
+    for partial in _partials(model_id, cache_dir):
+        partial.unlink(missing_ok=True)
+    return folder
+
+
+def _fetch_blob(model_id: str, path: str, cache_dir: Path) -> None:
+    """Download `path` into `blobs/<etag>` by way of `<etag>.partial`, asking only for the bytes
+    after those a stopped download left there. Under the Hub client's lock for that blob, so
+    two processes never append to one partial file."""
+    meta = get_hf_file_metadata(hf_hub_url(model_id, path))
+    if meta.etag is None:
+        raise OSError(f"the Hub gave no ETag for {path}")
+    folder = _repo_folder(model_id, cache_dir)
+    lock = cache_dir / ".locks" / folder.name / f"{meta.etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        _resume_blob(meta, folder / "blobs" / meta.etag, path)
+
+
+def _resume_blob(meta: HfFileMetadata, blob: Path, path: str) -> None:
+    if blob.is_file():
+        return
+    partial = blob.with_name(blob.name + PARTIAL)
+    have = partial.stat().st_size if partial.is_file() else 0
+    if meta.size is not None and have > meta.size:
+        have = 0
+        partial.unlink()
+    with partial.open("ab") as file:  # appends; http_get truncates it if the Range is ignored
+        http_get(
+            meta.location, file, resume_size=have, headers=build_hf_headers(),
+            expected_size=meta.size, displayed_filename=path, tqdm_class=_Quiet,
+        )  # fmt: skip
+    if meta.etag is not None and _SHA256.fullmatch(meta.etag):
+        with partial.open("rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+        if digest != meta.etag:
+            partial.unlink()
+            raise OSError(f"{path} arrived damaged (its sha256 does not match); start again")
+    partial.replace(blob)
 
 
 def _snapshot(model_id: str, cache_dir: Path, plan: DownloadPlan) -> Path:
@@ -271,7 +335,7 @@ def _snapshot(model_id: str, cache_dir: Path, plan: DownloadPlan) -> Path:
 
 def _in_daemon_thread(work: Callable[[], Path], every: float, progress: _Progress) -> Path:
     """Run `work` in a daemon thread, logging progress until it ends. A daemon, so Ctrl-C or
-    SIGTERM ends the process at once; the files finished so far stay for the next start."""
+    SIGTERM ends the process at once; what arrived so far stays for the next start."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:

@@ -7,9 +7,10 @@ by setting `huggingface_hub.constants.ENDPOINT` (this process).
         env["HF_ENDPOINT"] = hub.url
 
 `chunk_delay` slows every file down (so progress can be watched); `cut_once(path, n)` drops
-the connection after n bytes of that file, once (the client resumes with a Range request);
-`failing[path] = status` answers that file's GET with an error (a run that stops there);
-`requests` records what the client asked for."""
+the connection after n bytes of that file, once (the client resumes with a Range request),
+and with `then=status` fails that file from then on (a run that stops mid-file, as if the
+process had been killed there); `failing[path] = status` answers that file's GET with an error
+(a run that stops there); `requests` records what the client asked for."""
 
 from __future__ import annotations
 
@@ -47,12 +48,12 @@ class FakeHub:
         self.chunk_delay = chunk_delay
         self.requests: list[HubRequest] = []
         self.failing: dict[str, int] = {}
-        self._cuts: dict[str, int] = {}
+        self._cuts: dict[str, tuple[int, int | None]] = {}
         self._runner: web.AppRunner | None = None
         self.url = ""
 
-    def cut_once(self, path: str, count: int) -> None:
-        self._cuts[path] = count
+    def cut_once(self, path: str, count: int, *, then: int | None = None) -> None:
+        self._cuts[path] = (count, then)
 
     def downloads(self) -> list[str]:
         """Files whose bytes were asked for (GET of a file), in order."""
@@ -144,9 +145,11 @@ class FakeHub:
         response = web.StreamResponse(status=206 if start else 200, headers=headers)
         response.content_length = len(data) - start
         await response.prepare(request)
-        cut = self._cuts.pop(path, None)
+        cut, then = self._cuts.pop(path, (None, None))
         for offset in range(start, len(data), CHUNK):
             if cut is not None and offset - start >= cut:
+                if then is not None:
+                    self.failing[path] = then
                 assert request.transport is not None
                 request.transport.close()  # the connection drops mid-file
                 return response

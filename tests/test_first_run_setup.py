@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from bot import doctor
 from bot.__main__ import make_bot, offline_bot, open_service
 from bot.discord_setup import register_commands
 from bot.downloads import (
+    PARTIAL,
     ModelNotAvailable,
     NotEnoughDisk,
     cached_model,
@@ -119,6 +121,31 @@ async def test_an_interrupted_download_keeps_its_finished_files_and_resumes_with
     assert all(" MB (" in line and "%), " in line and "/s, " in line for line in progress)
     assert any(line.endswith(" s left") for line in progress)
     assert lines[-1].startswith(f"downloaded {REPO}: ")
+
+
+async def test_a_download_stopped_mid_file_resumes_from_its_partial_file_after_a_restart(
+    hub, repo_files, tmp_path
+):
+    hub.cut_once(BIG, 300_000, then=503)  # the connection drops and the run ends mid-file,
+    with pytest.raises(ModelNotAvailable):  # as when the process is killed there
+        await asyncio.to_thread(fetch_model, REPO, tmp_path)
+    blobs = tmp_path / "models--imagine-test--tiny-sd" / "blobs"
+    [partial] = blobs.glob(f"*{PARTIAL}")
+    kept = partial.stat().st_size
+    assert 0 < kept < len(repo_files[BIG])
+    assert partial.read_bytes() == repo_files[BIG][:kept]
+
+    del hub.failing[BIG]
+    hub.requests.clear()
+    folder = await asyncio.to_thread(fetch_model, REPO, tmp_path)  # a new call, as on restart
+
+    ranges = [r.range for r in hub.requests if r.method == "GET" and r.path.endswith(BIG)]
+    assert ranges == [f"bytes={kept}-"]  # only the rest of the file was asked for
+    assert folder == cached_model(REPO, tmp_path)
+    needed = needed_files(repo_files, json.loads(repo_files["model_index.json"]))
+    assert folder_files(folder) == {path: repo_files[path] for path in needed}
+    assert (folder / BIG).resolve().parent == blobs.resolve()  # linked as the Hub client does
+    assert list(blobs.glob(f"*{PARTIAL}")) == []
 
 
 async def test_a_model_the_hub_does_not_have_fails_with_one_line(hub, tmp_path):
