@@ -29,7 +29,7 @@ from bench.common import (
     run_jobs,
     start_service,
 )
-from bench.report import table, write_json
+from bench.report import print_goals, table, verdict, write_json
 from bot.executor import Runner
 from bot.queue import QueueIndex
 from bot.requests import BatchKey, GenerationRequest, ImageSpec, Job, RawOptions
@@ -187,14 +187,7 @@ def check_goals(report: list[dict]) -> dict[str, str]:
             max(e["max_stall_s"] for e in report) < GOAL_STALL
         ),
     }
-    print()
-    for goal, result in goals.items():
-        print(f"{result}  {goal}")
-    return goals
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+    return print_goals(goals)
 
 
 def main() -> None:

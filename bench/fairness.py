@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.mix import CostModel, pick, sample_requests
-from bench.report import percentile, table, write_json
+from bench.report import percentile, print_goals, table, verdict, write_json
 from bot.queue import QueueIndex
 from bot.requests import GenerationRequest, Job
 
@@ -251,14 +251,7 @@ def check_goals(flooded: list[dict], bursts: list[dict]) -> dict[str, str]:
             fill_gain >= GOAL_FILL_GAIN
         ),
     }
-    print()
-    for goal, result in goals.items():
-        print(f"{result}  {goal}")
-    return goals
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+    return print_goals(goals)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.common import StallMeter, bench_settings, environment, quiet_libraries
-from bench.report import table, write_json
+from bench.report import print_goals, table, verdict, write_json
 from bot.__main__ import open_service
 from bot.db import Tx, jobs
 from bot.requests import GenerationRequest, RawOptions
@@ -224,14 +224,7 @@ def check_goals(report: list[dict], stall: float, arrivals: int) -> dict[str, st
     goals[
         f"stall under {GOAL_STALL_MS:g} ms while {arrivals} admissions arrive ({stall:.1f} ms)"
     ] = verdict(stall < GOAL_STALL_MS)
-    print()
-    for goal, result in goals.items():
-        print(f"{result}  {goal}")
-    return goals
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+    return print_goals(goals)
 
 
 def main() -> None:

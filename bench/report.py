@@ -37,3 +37,15 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def print_goals(goals: dict[str, str]) -> dict[str, str]:
+    """The goal lines, PASS or FAIL first, after a blank line; returned for the JSON."""
+    print()
+    for goal, result in goals.items():
+        print(f"{result}  {goal}")
+    return goals

@@ -155,8 +155,6 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
     try:
         await service.start()
         admission = await service.submit(request, member_id=0)
-        for note in admission.notes:
-            print(f"note: {note}", file=sys.stderr)
         result = await done
         await service.executor.wait_idle()  # the job is marked done after its delivery
     finally:

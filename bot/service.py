@@ -11,7 +11,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
@@ -61,11 +61,10 @@ def prompt_chunks(runner: ModelRunner, request: GenerationRequest, limit: int) -
 
 @dataclass(frozen=True)
 class Admission:
-    """What a member is told right after asking: the job, where it stands, and any caveats."""
+    """What a member is told right after asking: the job and where it stands."""
 
     job: Job
     position: int
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

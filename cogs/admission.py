@@ -13,7 +13,7 @@ import io
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import discord
@@ -72,7 +72,6 @@ class Status:
     arrived: float  # time.monotonic() when the request arrived: a token lives 15 minutes
     headline: str
     detail: str = ""
-    notes: list[str] = field(default_factory=list)
     private: bool = False
     preview: bytes | None = None
     dirty: bool = False
@@ -95,7 +94,7 @@ class Status:
 
     def render(self) -> str:
         headline = f"{self.headline}: {self.detail}" if self.detail else self.headline
-        return "\n".join([headline, *self.notes])
+        return headline
 
 
 class StatusBoard:
@@ -344,7 +343,6 @@ class AdmissionDesk:
             time.monotonic() if arrived is None else arrived,
             headline=f"Queued as job #{job.id}",
             detail=position_text(admission.position, None),
-            notes=admission.notes,
             private=private,
             origin=None if interaction else origin,
         )
