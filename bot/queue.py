@@ -54,9 +54,6 @@ class RankedTurns:
             ranked._maxes.append(part[-1][0])
         return ranked
 
-    def __len__(self) -> int:
-        return sum(len(block) for block in self._blocks)
-
     def __iter__(self) -> Iterator[Turn]:
         for block in self._blocks:
             yield from block

@@ -253,14 +253,15 @@ class ImagineService:
     async def estimate_wait(self, request: GenerationRequest, member_id: int) -> float | None:
         """Seconds until a request `member_id` makes now would be done, from measured speed."""
         units = self.queue.work_ahead_of_newcomer(member_id) + request.cost
-        return wait_seconds(units, await self._seconds_per_unit(request.model), self._busy_for())
+        per_unit = await self._seconds_per_unit(request.model)
+        return wait_seconds(units, per_unit, self.executor.expected_remaining())
 
     async def queue_estimates(self, job_ids: list[int]) -> dict[int, tuple[int, float | None]]:
         """For each still-queued job: its place (1 = next) and the seconds until it is done,
         from the work ahead of it in the queue index; one speed lookup for them all."""
         found: dict[int, tuple[int, float | None]] = {}
         per_unit: dict[str, float | None] = {}
-        busy_for = self._busy_for()
+        busy_for = self.executor.expected_remaining()
         for job_id in job_ids:
             place = self.queue.position(job_id)
             if place is None:
@@ -275,9 +276,6 @@ class ImagineService:
         """At the batch size calls are running at: full when the queue is long."""
         images = min(self.settings.max_batch_size, self.queue.images())
         return seconds_per_unit(await self.store.read(speeds.measured), model, images)
-
-    def _busy_for(self) -> float:
-        return self.executor.expected_remaining()
 
     async def quota(self, guild_id: int | None, member_id: int, *, exempt: bool = False):
         return await self.store.read(
