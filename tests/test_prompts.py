@@ -1,6 +1,9 @@
 """The prompt language's parsers (bot/prompts.py): flags, permutations, weights, and every way
 they refuse. Pure Python: no model, no Discord."""
 
+import random
+import time
+
 import pytest
 from conftest import TEST_LIMITS
 
@@ -252,3 +255,24 @@ def test_weight_syntax_errors_point_at_the_position(text, expected):
     message = refusal(parse_weights, text, "negative_prompt")
     assert message.startswith("`negative_prompt`") and expected in message
     assert "literal" in message or "weight" in message
+
+
+def test_garbage_prompts_end_in_a_prompt_or_a_refusal_quickly():
+    """Hostile text built from the language's own symbols (flags, brackets, braces, colons,
+    escapes, BREAK) at full length: every one parses or is refused with InvalidRequest, and
+    no parse takes long, whatever nesting or flag soup it holds."""
+    rng = random.Random(16)
+    pieces = [*"()[]{},:\\- ", "--", "--ar ", "--no ", "--seed ", "--repeat ", "BREAK"]
+    pieces += ["fox", "1.5", "9" * 30, "3:2", "é", "\x00"]
+    slowest = 0.0
+    for _ in range(400):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 600)))[:MAX_PROMPT_CHARS]
+        started = time.perf_counter()
+        try:
+            parsed = parse_prompt(text, 4)
+            parsed.requests(RawOptions(prompt=text), SD15)
+            parse_weights(parsed.text)
+        except InvalidRequest:
+            pass
+        slowest = max(slowest, time.perf_counter() - started)
+    assert slowest < 0.5, f"one prompt took {slowest:.2f} s to parse"
