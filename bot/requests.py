@@ -65,6 +65,9 @@ class BatchKey:
     # Mode "image": the steps denoised from the init image, int(steps × strength). The strength
     # decides nothing else in diffusers' img2img, so strengths with the same count share a call.
     image_steps: int | None = None
+    # The LoRAs fused into the model for this call, (name, weight) sorted by name: one set per
+    # call, applied once per call, never per image.
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def denoising_steps(self) -> int:
@@ -94,8 +97,17 @@ class GenerationRequest:
     negative_prompt: str = ""
     mode: str = "text"
     strength: float | None = None
-    # For mode "image": the SHA-256 of the stored init image (PNG), which varies per image.
+    # For mode "image" and "inpaint": the SHA-256 of the stored init image (PNG), which varies
+    # per image.
     init_image_hash: str | None = None
+    # LoRAs as (name, weight), sorted by name; part of the batch key.
+    loras: tuple[tuple[str, float], ...] = ()
+    # For mode "inpaint": (left, top, right, bottom) of the pixels kept from the init image;
+    # everything outside the box is painted anew (Zoom Out, Pan).
+    keep_box: tuple[int, int, int, int] | None = None
+    # What made this request from its parent ("upscale-subtle", "zoom-2", "pan-right", ...), or
+    # None for a plain generation or variation; shown in history and on the result.
+    operation: str | None = None
 
     @cached_property  # a request never changes; the queue index asks for these often
     def batch_key(self) -> BatchKey:
@@ -109,6 +121,7 @@ class GenerationRequest:
             scheduler=self.scheduler,
             cfg=self.guidance > 1,
             image_steps=image_steps,
+            loras=self.loras,
         )
 
     @cached_property
@@ -136,6 +149,8 @@ class ImageSpec:
     # A PIL image (RGB, the batch key's size) for mode "image"; Any keeps PIL out of here.
     # Left out of the hash: images are unhashable, and specs differ by seed anyway.
     init_image: Any = field(default=None, hash=False)
+    # Mode "inpaint": the box of `init_image` kept as it is (see GenerationRequest.keep_box).
+    keep_box: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -152,6 +167,8 @@ class RawOptions:
     scheduler: Any = None
     count: Any = None
     strength: Any = None
+    model: Any = None  # a name from the owner's allowlist (bot/models.py)
+    loras: Any = None  # LoRAs as "name:weight" words, or (name, weight) pairs
 
 
 def _integer(option: str, value: Any, low: int, high: int) -> int:
@@ -301,4 +318,7 @@ class Job:
     @property
     def image_specs(self) -> list[ImageSpec]:
         r = self.request
-        return [ImageSpec(r.prompt, r.negative_prompt, seed, r.guidance) for seed in r.seeds]
+        return [
+            ImageSpec(r.prompt, r.negative_prompt, seed, r.guidance, keep_box=r.keep_box)
+            for seed in r.seeds
+        ]

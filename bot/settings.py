@@ -24,6 +24,7 @@ class SettingsError(ValueError):
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,22 @@ class Settings:
     max_permutations: int = 4
     auto_download: bool = True
     dev_guild_id: int | None = None
+    # Models and LoRAs (bot/models.py): the owner's allowlist, and the memory the resident
+    # models may take (None: from the device).
+    models_file: Path = Path("models.toml")
+    model_memory_gb: float | None = None
+    # Upscale ×2: image-to-image strengths of the high-resolution pass; Pan: pixels added.
+    upscale_subtle: float = 0.3
+    upscale_creative: float = 0.55
+    pan_step: int = 256
+    # Results above this many pixels are encoded and decoded by the VAE in tiles.
+    vae_tiling_pixels: int = 1024 * 1024
+    # Where diffusers calls run: "local" (a thread of this process) or "ray" (bot/workers).
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    worker_timeout: float = 600.0
+    metrics_port: int | None = None
     limits: Limits = field(default_factory=Limits)
 
     def __repr__(self) -> str:  # never let the token reach a log line or traceback
@@ -179,6 +196,17 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MAX_PERMUTATIONS": ("max_permutations", _parse_int(1, 16)),
     "AUTO_DOWNLOAD": ("auto_download", _parse_bool),
     "DEV_GUILD_ID": ("dev_guild_id", _parse_int(1, 2**63 - 1)),
+    "MODELS_FILE": ("models_file", lambda n, raw: Path(_parse_text(n, raw))),
+    "MODEL_MEMORY_GB": ("model_memory_gb", _parse_float(0.01, 4096.0)),
+    "UPSCALE_SUBTLE": ("upscale_subtle", _parse_float(0.05, 1.0)),
+    "UPSCALE_CREATIVE": ("upscale_creative", _parse_float(0.05, 1.0)),
+    "PAN_STEP": ("pan_step", _parse_side),
+    "VAE_TILING_PIXELS": ("vae_tiling_pixels", _parse_int(64 * 64, 100_000_000)),
+    "EXECUTOR": ("executor", _parse_choice(EXECUTORS)),
+    "RAY_ADDRESS": ("ray_address", _parse_text),
+    "RAY_WORKERS": ("ray_workers", _parse_int(1, 64)),
+    "WORKER_TIMEOUT": ("worker_timeout", _parse_float(1.0, 86_400.0)),
+    "METRICS_PORT": ("metrics_port", _parse_int(1, 65535)),
     "LOG_LEVEL": ("log_level", lambda n, raw: _parse_choice(LOG_LEVELS)(n, raw.upper())),
 }
 _LIMIT_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {

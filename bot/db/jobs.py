@@ -6,6 +6,7 @@ open transaction (see `bot.db.connection`).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -17,7 +18,7 @@ from bot.requests import GenerationRequest, Job, JobStatus
 JOB_COLUMNS = (
     "id, member_id, guild_id, channel_id, prompt, negative_prompt, seed, count, steps, guidance,"
     " width, height, scheduler, model, mode, strength, status, queued_at, attempts, batch_id,"
-    " init_image_hash, parent_job_id, parent_image_index, weight"
+    " init_image_hash, parent_job_id, parent_image_index, weight, loras, keep_box, operation"
 )
 RECORD_COLUMNS = (
     f"{JOB_COLUMNS}, started_at, finished_at, batch_size, withheld, error, result_channel_id,"
@@ -64,6 +65,9 @@ def job_from_row(row: sqlite3.Row) -> Job:
         mode=row["mode"],
         strength=row["strength"],
         init_image_hash=row["init_image_hash"],
+        loras=tuple((name, float(weight)) for name, weight in json.loads(row["loras"])),
+        keep_box=tuple(json.loads(row["keep_box"])) if row["keep_box"] else None,
+        operation=row["operation"],
     )
     return Job(
         id=row["id"],
@@ -194,8 +198,8 @@ async def insert(
         """INSERT INTO jobs (member_id, guild_id, channel_id, interaction_id, prompt,
                negative_prompt, seed, count, steps, guidance, width, height, scheduler,
                model, mode, strength, queued_at, init_image_hash, parent_job_id,
-               parent_image_index, weight)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               parent_image_index, weight, loras, keep_box, operation)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             source.member_id,
             source.guild_id,
@@ -218,6 +222,9 @@ async def insert(
             parent_job_id,
             parent_index,
             source.weight,
+            json.dumps([list(lora) for lora in request.loras]),
+            None if request.keep_box is None else json.dumps(list(request.keep_box)),
+            request.operation,
         ),
     )
     return Job(

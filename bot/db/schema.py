@@ -148,4 +148,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN weight REAL NOT NULL DEFAULT 1;
     """,
+    # A job's LoRAs (JSON [[name, weight], ...], sorted by name), the box of its init image kept
+    # as it is when it paints around it (JSON [left, top, right, bottom]: Zoom Out, Pan), and
+    # what made it from its parent (Upscale, Zoom Out, Pan), for history and the result.
+    """
+    ALTER TABLE jobs ADD COLUMN loras TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN keep_box TEXT;
+    ALTER TABLE jobs ADD COLUMN operation TEXT;
+    """,
 )
