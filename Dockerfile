@@ -20,7 +20,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY cogs ./cogs
-RUN pip install .
+# With the ray extra, the same image also serves as an EXECUTOR=ray GPU worker (README).
+RUN pip install '.[ray]'
 
 USER bot
 VOLUME /data

@@ -47,6 +47,7 @@ def bench_settings(
         "MODEL_ID": model_id,
         "DATABASE_PATH": str(folder / "bench.sqlite3"),
         "MODEL_CACHE": str(folder / "models"),
+        "MODELS_FILE": str(folder / "models.toml"),  # none: the one model MODEL_ID
         "DEVICE": device,
         "SAFETY_CHECKER": "false",
         "MIN_SIZE": "64",

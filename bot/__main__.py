@@ -4,7 +4,8 @@ python -m bot                      run the bot (downloads the model and register
                                    the first time)
 python -m bot generate "a prompt" --seed 42 --out panda.png
 python -m bot sync [--guild ID]    register the commands now, even if unchanged
-python -m bot download [MODEL_ID]
+python -m bot download [MODEL_ID]  fetch every model and LoRA of models.toml (else MODEL_ID),
+                                   or the one named
 python -m bot invite               print the link that adds the bot to a server
 python -m bot doctor               check token, intents, permissions, commands, model, disk
 """
@@ -32,11 +33,14 @@ log = logging.getLogger("bot")
 
 
 async def open_service(settings: Settings):
-    """The store, the model runner and the executor, wired together but not yet started."""
+    """The store, the model runner and the executor, wired together but not yet started; the
+    runner and the service share the one catalog of models (models.toml, else MODEL_ID)."""
     from bot.db import Store
+    from bot.models import load_catalog
     from bot.pipelines import PipelineOptions, PipelineRunner
     from bot.service import ImagineService
 
+    catalog = load_catalog(settings.models_file, settings.model_id)  # before the store opens
     store = await Store.open(settings.database_path)
     runner = PipelineRunner(
         PipelineOptions(
@@ -50,9 +54,14 @@ async def open_service(settings: Settings):
             max_batch_size=settings.max_batch_size,
             largest_side=settings.limits.max_side,
             safety_checker=settings.safety_checker,
-        )
+            memory_budget_bytes=(
+                None if settings.model_memory_gb is None else int(settings.model_memory_gb * 2**30)
+            ),
+            vae_tiling_pixels=settings.vae_tiling_pixels,
+        ),
+        catalog,
     )
-    return ImagineService(settings, store, runner)
+    return ImagineService(settings, store, runner, catalog)
 
 
 def make_bot(settings: Settings, service):
@@ -138,6 +147,8 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
         args.height,
         args.scheduler,
         args.count,
+        model=args.model,
+        loras=args.lora,
     )
     try:
         request = service.validate(raw)
@@ -176,24 +187,46 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def download(settings: Settings, model_id: str) -> None:
-    """Fetch a model into the cache, so the bot can start offline (HF_HUB_OFFLINE=1)."""
-    from bot.downloads import fetch_model, is_hub_model
+def download(settings: Settings, model_id: str | None) -> int:
+    """Fetch `model_id`, or every model and LoRA of the allowlist (without one: MODEL_ID), into
+    the cache, so the bot can start offline (HF_HUB_OFFLINE=1). Models of the allowlist and
+    LoRAs are taken as safetensors only. Returns 1 if any could not be fetched."""
+    from bot.downloads import (
+        ModelNotAvailable,
+        fetch_lora,
+        fetch_model,
+        is_hub_model,
+        source_available,
+    )
+    from bot.models import load_catalog
 
-    if not is_hub_model(model_id):
-        print(f"{model_id} is not a Hub id: nothing to download")
-        return
-    print(f"{model_id} is in {fetch_model(model_id, settings.model_cache)}")
+    allowlist = model_id is None and settings.models_file.is_file()
+    catalog = load_catalog(settings.models_file, model_id or settings.model_id)
+    sources = catalog.sources() if model_id is None else [("model", model_id)]
+    cache, failed = settings.model_cache, 0
+    for kind, source in sources:
+        try:
+            if not is_hub_model(source):
+                if not source_available(kind, source, cache):
+                    raise ModelNotAvailable(f"{source} is not a Hub id, and no such path exists")
+                print(f"{source} is built in or on disk: nothing to download")
+            elif kind == "lora":
+                print(f"{source} is in {fetch_lora(source, cache)}")
+            else:
+                print(f"{source} is in {fetch_model(source, cache, safetensors_only=allowlist)}")
+        except ModelNotAvailable as problem:
+            print(f"error: {problem}", file=sys.stderr)
+            failed = 1
+    return failed
 
 
-def _interruptible(fetch: Callable[[], None]) -> int:
+def _interruptible(fetch: Callable[[], int | None]) -> int:
     """Run a download; Ctrl-C ends it with a line instead of a traceback (it resumes)."""
     try:
-        fetch()
+        return fetch() or 0
     except KeyboardInterrupt:
         print("interrupted; the download resumes where it stopped next time", file=sys.stderr)
         return 130
-    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,11 +243,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--height", type=int)
     gen.add_argument("--scheduler")
     gen.add_argument("--count", type=int)
+    gen.add_argument("--model", help="a name from models.toml (default: its default)")
+    gen.add_argument("--lora", help='LoRAs as "name:weight other", from models.toml')
     gen.add_argument("--out", default="image.png", help="PNG path (several images get -SEED)")
     sync = sub.add_parser("sync", help="register the slash commands with Discord")
     sync.add_argument("--guild", type=int, help="sync to one server at once instead of globally")
-    dl = sub.add_parser("download", help="fetch a model into MODEL_CACHE")
-    dl.add_argument("model_id", nargs="?", help="Hub id (default: MODEL_ID)")
+    dl = sub.add_parser("download", help="fetch the models and LoRAs into MODEL_CACHE")
+    dl.add_argument(
+        "model_id", nargs="?", help="one Hub id (default: all of models.toml, else MODEL_ID)"
+    )
     sub.add_parser("invite", help="print the link that adds the bot to a server")
     sub.add_parser("doctor", help="check the set-up, one line per check; exit 1 if one fails")
     return parser.parse_args(argv)
@@ -243,16 +280,19 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "invite":
             asyncio.run(print_invite(settings))
         elif command == "download":
-            return _interruptible(lambda: download(settings, args.model_id or settings.model_id))
+            return _interruptible(lambda: download(settings, args.model_id))
         else:
-            # Before the model and Discord: a refusal (no disk space) costs nothing else.
+            # Before the model and Discord: a refusal (no disk space) costs nothing else. With
+            # an allowlist, start-up never downloads: `python -m bot download` fetches it all.
             model, cache = settings.model_id, settings.model_cache
-            stopped = _interruptible(
-                lambda: fetch_if_missing(model, cache, allowed=settings.auto_download)
-            )
+            allowed = settings.auto_download and not settings.models_file.is_file()
+            stopped = _interruptible(lambda: fetch_if_missing(model, cache, allowed=allowed))
             if stopped:
                 return stopped
             asyncio.run(run_bot(settings))
+    except SettingsError as problem:  # models.toml, read when the service is built
+        print(f"configuration error: {problem}", file=sys.stderr)
+        return 2
     except ModelNotAvailable as problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1

@@ -17,13 +17,14 @@ from cogs.admission import AdmissionDesk, StatusBoard
 from cogs.buttons import PERSISTENT_BUTTONS, answer_stray_click
 from cogs.common import answer_failure
 from cogs.delivery import Delivery
+from cogs.result_tools import RESULT_BUTTONS
 
 if TYPE_CHECKING:
     from bot.db import Store
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine", "cogs.variations", "cogs.member", "cogs.moderation")
+EXTENSIONS = ("cogs.imagine", "cogs.variations", "cogs.member", "cogs.moderation", "cogs.models")
 
 
 class ImagineTree(app_commands.CommandTree):
@@ -72,7 +73,7 @@ class ImagineBot(commands.Bot):
         """Listen to the service and load the cogs. The command tree is not synced here:
         bot/lifecycle.py registers it after login, and only when it changed (syncing is rate
         limited), or `python -m bot sync` does."""
-        self.add_dynamic_items(*PERSISTENT_BUTTONS)
+        self.add_dynamic_items(*PERSISTENT_BUTTONS, *RESULT_BUTTONS)
         self.add_listener(answer_stray_click, "on_interaction")
         self.service.add_listener(self.delivery.deliver)
         self.service.add_progress_listener(self.status_board.on_progress)

@@ -26,7 +26,8 @@ from bot.discord_setup import (
     permission_names,
     registered_names,
 )
-from bot.downloads import cached_model, disk_free, is_hub_model, size_text
+from bot.downloads import disk_free, size_text, source_available
+from bot.models import ModelsFileError, load_catalog
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -62,7 +63,7 @@ async def run(
             await check_discord(settings, bot, report)
     else:
         report.fail("discord", "not checked", "make the database usable first (see above)")
-    await asyncio.to_thread(check_model, settings, report)
+    await asyncio.to_thread(check_models, settings, report)
     check_device(settings, report)
     check_disk(settings, report)
     return 1 if report.failed else 0
@@ -180,18 +181,33 @@ async def check_commands(settings: Settings, bot: ImagineBot, report: Report) ->
         report.ok("commands", f"{len(expected)} registered {where}: {', '.join(sorted(expected))}")
 
 
-def check_model(settings: Settings, report: Report) -> None:
-    """Present in the cache (nothing is downloaded) and loadable on the chosen device."""
+def check_models(settings: Settings, report: Report) -> None:
+    """Each model and LoRA of the allowlist (else MODEL_ID) on this machine, one line each;
+    nothing is downloaded. The default model also loads on the chosen device."""
+    try:
+        catalog = load_catalog(settings.models_file, settings.model_id)
+    except ModelsFileError as problem:
+        report.fail("models", str(problem), "correct it (models.example.toml shows the keys)")
+        return
+    allowlist = settings.models_file.is_file()
+    fetch = "run `python -m bot download`"
+    if not allowlist:
+        fetch = f"start the bot (it downloads it) or {fetch}"
+    entries = [("model", m) for m in catalog.models.values()]
+    entries += [("lora", lora) for lora in catalog.loras.values()]
+    for kind, entry in entries:
+        name = f"{'model' if kind == 'model' else 'LoRA'} {entry.name}" if allowlist else kind
+        if not source_available(kind, entry.source, settings.model_cache):
+            report.fail(name, f"{entry.source} is not in {settings.model_cache}", fetch)
+        elif entry.name == catalog.default and kind == "model":
+            check_loads(settings, entry.source, name, report)
+        else:
+            report.ok(name, f"{entry.source} is here")
+
+
+def check_loads(settings: Settings, source: str, name: str, report: Report) -> None:
     from bot.pipelines import ModelNotAvailable, PipelineOptions, load_pipeline
 
-    model_id = settings.model_id
-    if is_hub_model(model_id) and cached_model(model_id, settings.model_cache) is None:
-        report.fail(
-            "model",
-            f"{model_id} is not in {settings.model_cache}",
-            "start the bot (it downloads it) or run `python -m bot download`",
-        )
-        return
     options = PipelineOptions(
         device=settings.device,
         dtype=None if settings.dtype == "auto" else settings.dtype,
@@ -200,12 +216,12 @@ def check_model(settings: Settings, report: Report) -> None:
     )
     started = time.monotonic()
     try:
-        pipe = load_pipeline(model_id, options)
+        pipe = load_pipeline(source, options)
     except (ModelNotAvailable, ValueError, OSError, RuntimeError) as problem:
-        report.fail("model", str(problem).splitlines()[0], "see the message; `download` fetches")
+        report.fail(name, str(problem).splitlines()[0], "see the message; `download` fetches")
         return
     seconds = time.monotonic() - started
-    report.ok("model", f"{model_id} loads on {pipe.device} in {seconds:.1f} s")
+    report.ok(name, f"{source} loads on {pipe.device} in {seconds:.1f} s")
     del pipe
 
 

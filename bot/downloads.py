@@ -1,8 +1,6 @@
-"""Which files a Hub model needs, whether they are already in the cache, and fetching the
-missing ones: after a disk-space check, with progress in the log, resumable after an
-interruption, even of the process: each file arrives in `blobs/<etag>.partial` in the Hub
-cache, which the next start continues with an HTTP Range request, and becomes the blob the
-Hub client would have written (size checked, sha256 too for LFS files) once complete.
+"""Which files a Hub model or LoRA needs, whether they are already in the cache, and fetching
+the missing ones: after a disk-space check, with progress in the log, resumable after an
+interruption, even of the process (bot/hub_transfer.py).
 
 One rule (`needed_files`) decides what "the model" is, for the download on start, for
 `python -m bot download`, for loading (`bot/pipelines/loading.py` loads the cached snapshot)
@@ -11,13 +9,10 @@ and for `python -m bot doctor`. Torch-free, so a refusal costs no model import.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import shutil
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,27 +21,32 @@ from typing import Any
 import huggingface_hub.constants
 from huggingface_hub import (
     HfApi,
-    HfFileMetadata,
     RepoFile,
     get_cached_repo_tree,
-    get_hf_file_metadata,
     hf_hub_download,
-    hf_hub_url,
     snapshot_download,
 )
 from huggingface_hub.errors import CachedRepoTreeNotFoundError
-from huggingface_hub.file_download import http_get, repo_folder_name
-from huggingface_hub.utils import WeakFileLock, build_hf_headers
-from tqdm.auto import tqdm
+
+from bot.hub_transfer import (
+    PARTIAL,
+    Progress,
+    Quiet,
+    fetch_blob,
+    repo_folder,
+    run_reporting,
+    size_text,
+)
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny"  # built from code by bot/pipelines/tiny.py, never downloaded
+# Every source built from code by bot/pipelines/tiny.py: usable offline, never downloaded.
+BUILTIN_SOURCES = {TINY_MODEL, "tiny-sdxl", "tiny-inpaint", "tiny-lora"}
+SAFETENSORS = ".safetensors"  # the one weight format taken from models.toml: a pickle can run code
 MODEL_INDEX = "model_index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
-_SHA256 = re.compile(r"[0-9a-f]{64}")  # the etag of an LFS file is the sha256 of its bytes
-PARTIAL = ".partial"  # a blob being downloaded: kept across restarts, unlike the Hub client's
 
 
 class ModelNotAvailable(RuntimeError):
@@ -58,17 +58,19 @@ class NotEnoughDisk(ModelNotAvailable):
 
 
 def looks_like_path(model_id: str) -> bool:
-    """Hub ids are `owner/name`; anything else with a separator or dot prefix is a folder."""
+    """Hub ids are `owner/name`; anything else with a separator or dot prefix is a folder,
+    and a name ending in .safetensors a file (a LoRA)."""
     return (
         Path(model_id).expanduser().exists()
         or model_id.startswith((".", "~", "/", "\\"))
         or model_id.count("/") > 1
         or "\\" in model_id
+        or model_id.endswith(SAFETENSORS)
     )
 
 
 def is_hub_model(model_id: str) -> bool:
-    return model_id != TINY_MODEL and not looks_like_path(model_id)
+    return model_id not in BUILTIN_SOURCES and not looks_like_path(model_id)
 
 
 def _weight(name: str) -> tuple[str, str] | None:
@@ -115,25 +117,70 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
 
 
-def _repo_folder(model_id: str, cache_dir: Path) -> Path:
-    return Path(cache_dir) / repo_folder_name(repo_id=model_id, repo_type="model")
+def lora_files(paths: Iterable[str]) -> list[str]:
+    """What a LoRA repo is to the bot: its .safetensors files, nothing else."""
+    return sorted(path for path in paths if path.endswith(SAFETENSORS))
+
+
+def _cached_listing(repo_id: str, cache_dir: Path) -> tuple[Path, list[str]] | None:
+    """The cached snapshot folder of `repo_id` and the repo's file listing, from disk only:
+    the Hub client keeps the listing beside the snapshot."""
+    try:
+        listing = get_cached_repo_tree(repo_id, cache_dir=cache_dir)
+        commit = (repo_folder(repo_id, cache_dir) / "refs" / "main").read_text().strip()
+    except (CachedRepoTreeNotFoundError, OSError, ValueError):
+        return None
+    return repo_folder(repo_id, cache_dir) / "snapshots" / commit, [f.path for f in listing]
 
 
 def cached_model(model_id: str, cache_dir: Path) -> Path | None:
-    """The cached snapshot folder of `model_id` if it holds every needed file, else None.
-    Reads only the disk: the Hub client keeps the repo's file listing beside the snapshot."""
-    try:
-        listing = get_cached_repo_tree(model_id, cache_dir=cache_dir)
-        commit = (_repo_folder(model_id, cache_dir) / "refs" / "main").read_text().strip()
-    except (CachedRepoTreeNotFoundError, OSError, ValueError):
+    """The cached snapshot folder of `model_id` if it holds every needed file, else None."""
+    found = _cached_listing(model_id, cache_dir)
+    if found is None:
         return None
-    folder = _repo_folder(model_id, cache_dir) / "snapshots" / commit
+    folder, paths = found
     try:
         index = json.loads((folder / MODEL_INDEX).read_text())
     except (OSError, ValueError):
         return None
-    needed = needed_files((f.path for f in listing), index)
+    needed = needed_files(paths, index)
     return folder if all((folder / path).is_file() for path in needed) else None
+
+
+def cached_lora(source: str, cache_dir: Path) -> Path | None:
+    """The cached snapshot folder of a LoRA repo if it holds its .safetensors files, else None."""
+    found = _cached_listing(source, cache_dir)
+    if found is None:
+        return None
+    folder, paths = found
+    needed = lora_files(paths)
+    return folder if needed and all((folder / path).is_file() for path in needed) else None
+
+
+def source_available(kind: str, source: str, cache_dir: Path) -> bool:
+    """Whether a model (`kind` "model") or a LoRA ("lora") can load without a download:
+    built in, an existing local path, or complete in the Hub cache."""
+    if source in BUILTIN_SOURCES:
+        return True
+    if looks_like_path(source):
+        return Path(source).expanduser().exists()
+    cached = cached_model if kind == "model" else cached_lora
+    return cached(source, cache_dir) is not None
+
+
+def missing_sources(sources: Iterable[tuple[str, str]], cache_dir: Path) -> set[str]:
+    """The sources of (kind, source) pairs that are not on this machine, each logged with the
+    command that fetches it: start-up never downloads what models.toml names."""
+    missing = set()
+    for kind, source in sources:
+        if not source_available(kind, source, cache_dir):
+            log.warning(
+                "%s %s is not in %s: members are refused it until `python -m bot download` "
+                "fetches it",
+                kind, source, cache_dir,
+            )  # fmt: skip
+            missing.add(source)
+    return missing
 
 
 def disk_free(folder: Path) -> int:
@@ -142,14 +189,6 @@ def disk_free(folder: Path) -> int:
     while not folder.exists():
         folder = folder.parent
     return shutil.disk_usage(folder).free
-
-
-def size_text(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(count) < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -190,50 +229,7 @@ def plan_download(model_id: str, cache_dir: Path) -> DownloadPlan:
 
 
 def _partials(model_id: str, cache_dir: Path) -> list[Path]:
-    return list((_repo_folder(model_id, cache_dir) / "blobs").glob(f"*{PARTIAL}"))
-
-
-class _Quiet(tqdm):
-    """The Hub client's progress bars, silenced: progress goes to the log instead."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{**kwargs, "disable": True})
-
-
-class _Progress:
-    """Bytes on disk in the repo's blob folder, as a line with the rate and the time left."""
-
-    def __init__(self, plan: DownloadPlan, blobs: Path) -> None:
-        self._plan, self._blobs = plan, blobs
-        self._started = time.monotonic()
-        self._baseline = self._on_disk()
-
-    def _on_disk(self) -> int:
-        """Finished blobs and the partial files being written, in bytes."""
-        if not self._blobs.is_dir():
-            return 0
-        return sum(p.stat().st_size for p in self._blobs.iterdir() if p.is_file())
-
-    def done(self) -> int:
-        return self._on_disk() - self._baseline
-
-    def line(self) -> str:
-        total = self._plan.remaining
-        done = min(self.done(), total)
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        rate = done / elapsed
-        left = f"about {(total - done) / rate:.0f} s left" if rate > 0 else "waiting for data"
-        return (
-            f"downloading {self._plan.model_id}: {size_text(done)} of {size_text(total)} "
-            f"({100 * done / max(total, 1):.0f}%), {size_text(rate)}/s, {left}"
-        )
-
-    def summary(self) -> str:
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        return (
-            f"downloaded {self._plan.model_id}: {size_text(self._plan.remaining)} "
-            f"in {elapsed:.1f} s ({size_text(self.done() / elapsed)}/s)"
-        )
+    return list((repo_folder(model_id, cache_dir) / "blobs").glob(f"*{PARTIAL}"))
 
 
 def fetch_model(
@@ -242,12 +238,20 @@ def fetch_model(
     *,
     free_bytes: Callable[[Path], int] = disk_free,
     every: float = 5.0,
+    safetensors_only: bool = False,
 ) -> Path:
     """Download what `model_id` needs into `cache_dir` and return its snapshot folder. Refuses
     with `NotEnoughDisk` before fetching anything if the rest will not fit (`free_bytes` says
     what is free); logs progress every `every` seconds. Interrupted, even by the end of the
-    process, the next call fetches only what is missing, from where each file stopped."""
+    process, the next call fetches only what is missing, from where each file stopped.
+    `safetensors_only` refuses a model whose weights come only pickled (they can run code)."""
     plan = plan_download(model_id, cache_dir)
+    pickled = [p for p in plan.files if (w := _weight(p)) is not None and w[0] != SAFETENSORS]
+    if safetensors_only and pickled:
+        raise ModelNotAvailable(
+            f"{model_id} has weights only in a pickle format ({pickled[0]}); models.toml takes "
+            "safetensors only. Choose a repo that has .safetensors weights."
+        )
     if not plan.missing:
         return _snapshot(model_id, cache_dir, plan)
     free = free_bytes(Path(cache_dir))
@@ -264,9 +268,9 @@ def fetch_model(
         f" ({present} already here from an earlier download)" if present else "",
         f" (resuming after {size_text(plan.resumed)})" if plan.resumed else "",
     )  # fmt: skip
-    progress = _Progress(plan, _repo_folder(model_id, cache_dir) / "blobs")
+    progress = Progress(model_id, plan.remaining, repo_folder(model_id, cache_dir) / "blobs")
     try:
-        folder = _in_daemon_thread(lambda: _download(model_id, cache_dir, plan), every, progress)
+        folder = run_reporting(lambda: _download(model_id, cache_dir, plan), every, progress, log)
     except Exception as exc:
         raise ModelNotAvailable(
             f"Downloading {model_id} stopped: {_first_line(exc)}. Start again to resume "
@@ -276,84 +280,57 @@ def fetch_model(
     return folder
 
 
+def fetch_lora(
+    source: str, cache_dir: Path, *, free_bytes: Callable[[Path], int] = disk_free
+) -> Path:
+    """Download a LoRA repo's .safetensors files (nothing else) and return its snapshot folder;
+    refused, before fetching anything, when it has none or they would not fit on the disk."""
+    try:
+        sizes = {
+            f.path: f.size
+            for f in HfApi().list_repo_tree(source, recursive=True)
+            if isinstance(f, RepoFile)
+        }
+    except Exception as exc:  # the Hub client's errors: HTTP, connection, offline, not found
+        raise ModelNotAvailable(
+            f"LoRA {source!r} could not be downloaded: {_first_line(exc)}. Check the id and the "
+            "network."
+        ) from exc
+    files = lora_files(sizes)
+    if not files:
+        raise ModelNotAvailable(
+            f"LoRA {source!r} holds no .safetensors file; LoRAs are taken as safetensors only."
+        )
+    total, free = sum(sizes[path] for path in files), free_bytes(Path(cache_dir))
+    if total > free:
+        raise NotEnoughDisk(
+            f"Not enough disk space to download {source}: it needs {size_text(total)} in "
+            f"{cache_dir} and {size_text(free)} is free."
+        )
+    log.info("downloading LoRA %s: %s", source, size_text(total))
+    return Path(
+        snapshot_download(source, cache_dir=cache_dir, allow_patterns=files, tqdm_class=Quiet)
+    )
+
+
 def _download(model_id: str, cache_dir: Path, plan: DownloadPlan) -> Path:
     """Each missing file into its blob, resumably, then into the snapshot: the Hub client finds
     the blob and links it as it links its own. Partial files left by another revision go."""
     for path in plan.missing:
-        _fetch_blob(model_id, path, Path(cache_dir))
-        hf_hub_download(model_id, path, cache_dir=cache_dir, tqdm_class=_Quiet)
+        fetch_blob(model_id, path, Path(cache_dir))
+        hf_hub_download(model_id, path, cache_dir=cache_dir, tqdm_class=Quiet)
     folder = _snapshot(model_id, cache_dir, plan)
     for partial in _partials(model_id, cache_dir):
         partial.unlink(missing_ok=True)
     return folder
 
 
-def _fetch_blob(model_id: str, path: str, cache_dir: Path) -> None:
-    """Download `path` into `blobs/<etag>` by way of `<etag>.partial`, asking only for the bytes
-    after those a stopped download left there. Under the Hub client's lock for that blob, so
-    two processes never append to one partial file."""
-    meta = get_hf_file_metadata(hf_hub_url(model_id, path))
-    if meta.etag is None:
-        raise OSError(f"the Hub gave no ETag for {path}")
-    folder = _repo_folder(model_id, cache_dir)
-    lock = cache_dir / ".locks" / folder.name / f"{meta.etag}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    (folder / "blobs").mkdir(parents=True, exist_ok=True)
-    with WeakFileLock(lock):
-        _resume_blob(meta, folder / "blobs" / meta.etag, path)
-
-
-def _resume_blob(meta: HfFileMetadata, blob: Path, path: str) -> None:
-    if blob.is_file():
-        return
-    partial = blob.with_name(blob.name + PARTIAL)
-    have = partial.stat().st_size if partial.is_file() else 0
-    if meta.size is not None and have > meta.size:
-        have = 0
-        partial.unlink()
-    with partial.open("ab") as file:  # appends; http_get truncates it if the Range is ignored
-        http_get(
-            meta.location, file, resume_size=have, headers=build_hf_headers(),
-            expected_size=meta.size, displayed_filename=path, tqdm_class=_Quiet,
-        )  # fmt: skip
-    if meta.etag is not None and _SHA256.fullmatch(meta.etag):
-        with partial.open("rb") as file:
-            digest = hashlib.file_digest(file, "sha256").hexdigest()
-        if digest != meta.etag:
-            partial.unlink()
-            raise OSError(f"{path} arrived damaged (its sha256 does not match); start again")
-    partial.replace(blob)
-
-
 def _snapshot(model_id: str, cache_dir: Path, plan: DownloadPlan) -> Path:
     return Path(
         snapshot_download(
-            model_id, cache_dir=cache_dir, allow_patterns=list(plan.files), tqdm_class=_Quiet
+            model_id, cache_dir=cache_dir, allow_patterns=list(plan.files), tqdm_class=Quiet
         )
     )
-
-
-def _in_daemon_thread(work: Callable[[], Path], every: float, progress: _Progress) -> Path:
-    """Run `work` in a daemon thread, logging progress until it ends. A daemon, so Ctrl-C or
-    SIGTERM ends the process at once; what arrived so far stays for the next start."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["folder"] = work()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="model-download", daemon=True)
-    thread.start()
-    while True:
-        thread.join(every)
-        if not thread.is_alive():
-            break
-        log.info("%s", progress.line())
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["folder"]
 
 
 def fetch_if_missing(model_id: str, cache_dir: Path, *, allowed: bool) -> None:

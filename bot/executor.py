@@ -1,108 +1,64 @@
-"""The device worker: drains the queue in batches, one diffusers call per batch.
+"""The device workers' driver: drains the queue in batches, one diffusers call per batch and
+one call in flight per worker.
 
-The asyncio side claims batches from the store and resolves jobs; the diffusers call runs in
-the executor's own thread, so the event loop (and Discord's heartbeat) never waits on torch.
-A failed call is split in halves and retried, so one bad image or an out-of-memory error
-fails only the jobs it must, and the batch cap for that key shrinks until calls fit again.
+The asyncio side claims batches from the store and resolves jobs; each worker runs its calls
+off the event loop (a thread of this process, or a Ray actor: bot/workers.py), so the loop (and
+Discord's heartbeat) never waits on torch. The bot stays the only scheduler: each worker's lane
+claims from the same queue index, its claims serialized by the store's write transaction, and
+prefers keys whose model the worker already holds. A failed call is split in halves and
+retried, so one bad image or an out-of-memory error fails only the jobs it must, and the batch
+cap for that key shrinks until calls fit again. A worker lost mid-call returns its jobs to the
+queue, where another worker claims them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Protocol
-
-import PIL.Image
+from typing import Any
 
 from bot.background import cancel_and_wait
 from bot.batching import BatchCaps
 from bot.db import Store, Tx, jobs, speeds
 from bot.eta import SpeedKey
 from bot.handoff import RETRY_SECONDS, Deliver, Handoff, JobResult
-from bot.images import png_bytes, read_png
+from bot.images import read_png
+from bot.metrics import Metrics
 from bot.queue import QueueIndex
 from bot.requests import BatchKey, ImageSpec, Job
-from bot.results import GeneratedImage, Interrupted, StepProgress
+from bot.results import GeneratedImage, Interrupted
+from bot.workers import (
+    Call,
+    Lane,
+    Lanes,
+    LocalWorker,
+    Progress,
+    ProgressListeners,
+    Runner,
+    Worker,
+    WorkerLost,
+    describe_error,
+    is_out_of_memory,
+    lane_reporter,
+    preview_pngs,
+)
+
+__all__ = [
+    "Executor",
+    "JobResult",
+    "Progress",
+    "ProgressListeners",
+    "Runner",
+    "describe_error",
+    "is_out_of_memory",
+    "preview_pngs",
+]
 
 log = logging.getLogger(__name__)
-
-
-class Runner(Protocol):
-    """What the executor needs from the pipelines: one call, one image per spec, in order;
-    `progress(done, total, previews)` after each step, with previews every few steps."""
-
-    def generate(
-        self,
-        key: BatchKey,
-        specs: list[ImageSpec],
-        *,
-        progress: StepProgress | None = None,
-        preview_every: int = 0,
-    ) -> Sequence[GeneratedImage]: ...
-
-    def release_memory(self) -> None: ...
-
-    def batch_limit(self, key: BatchKey) -> int | None: ...
-
-    def interrupt(self) -> None: ...
-
-    def resume(self) -> None: ...
-
-
-# (job ids in the call, steps done, steps in all, PNG preview per job id or None): called on
-# the event loop after each step.
-Progress = Callable[[list[int], int, int, dict[int, bytes] | None], None]
-
-
-class ProgressListeners:
-    """Fans one executor's progress out to whoever listens (status boards); with nobody
-    listening it is empty, and the executor then skips encoding previews."""
-
-    def __init__(self) -> None:
-        self._listeners: list[Progress] = []
-
-    def add(self, listener: Progress) -> None:
-        self._listeners.append(listener)
-
-    def remove(self, listener: Progress) -> None:
-        self._listeners.remove(listener)
-
-    def __len__(self) -> int:
-        return len(self._listeners)
-
-    def __call__(
-        self, job_ids: list[int], done: int, total: int, previews: dict[int, bytes] | None
-    ) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(job_ids, done, total, previews)
-            except Exception:
-                log.exception("a progress listener failed")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError and its MPS/CPU cousins, without importing torch here."""
-    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
-
-
-def preview_pngs(owners: list[int], previews: list[PIL.Image.Image]) -> dict[int, bytes]:
-    """Each job's first preview image as a PNG; `owners[i]` is the job of image i."""
-    firsts: dict[int, PIL.Image.Image] = {}
-    for owner, image in zip(owners, previews, strict=True):
-        firsts.setdefault(owner, image)
-    return {owner: png_bytes(image) for owner, image in firsts.items()}
-
-
-def describe_error(error: BaseException) -> str:
-    if is_out_of_memory(error):
-        return "the image did not fit in GPU memory even alone; try a smaller size"
-    return f"{type(error).__name__}: {error}"
 
 
 async def image_specs(store: Store, batch: list[Job]) -> list[ImageSpec]:
@@ -139,8 +95,19 @@ def job_results(
     return results
 
 
+async def return_lost(store: Store, batch: list[Job], max_attempts: int) -> list[JobResult]:
+    """A lost worker's jobs go back to the queue with the attempt counted (as after a crash);
+    those claimed `max_attempts` times fail instead, with a refund: returned as results."""
+    again = [job.id for job in batch if job.attempts < max_attempts]
+    await store.write(jobs.return_to_queue, again, count_attempt=True)
+    problem = f"the worker running it was lost {max_attempts} times"
+    return [JobResult(job, [], problem, 0.0, 0, 0) for job in batch if job.id not in again]
+
+
 class Executor:
-    """Hands each finished job to `deliver`, and each step to `progress` when it is not empty."""
+    """Hands each finished job to `deliver`, and each step to `progress` when it is not empty.
+    Runs calls on `workers` (default: one thread around `runner`); `runner` itself serves
+    `run_in_worker` (the bot's own model loading and prompt counting)."""
 
     def __init__(
         self,
@@ -152,75 +119,81 @@ class Executor:
         deliver: Deliver,
         progress: Progress | None = None,
         preview_every: int = 0,
+        workers: Callable[[], Sequence[Worker]] | None = None,
+        metrics: Metrics | None = None,
+        max_attempts: int = 3,
     ) -> None:
         self._store = store
         self._runner = runner
         self._queue = queue
         self._max_batch_size = max_batch_size
-        self._deliver = deliver
         self._progress = progress
         self._preview_every = preview_every
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-worker")
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._home = LocalWorker(runner)
+        self._open_workers = workers or (lambda: [self._home])
+        self.lanes = Lanes()
+        self.metrics = metrics or Metrics()
+        self._max_attempts = max_attempts
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._in_flight: list[int] = []  # the jobs of the diffusers call running now
         self._undelivered: list[int] = []  # claimed jobs not yet delivered and marked
         # Results wait in the handoff, so uploads to Discord never hold up the device: the
         # next batch starts while the last one is still being posted.
         self._handoff = Handoff(store, deliver, self._delivered)
         self._cancelled: set[int] = set()
-        self._steps: tuple[int, int] = (0, 0)
         self.caps = BatchCaps(self.ceiling_for)
-        self.busy_since: float | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._drain_forever(), name="executor")
+        self._tasks = [asyncio.create_task(self._open_and_drain(), name="executor")]
         self._handoff.start()
+
+    async def _open_and_drain(self) -> None:
+        """Open the workers (a Ray cluster takes seconds to join), then drain on each."""
+        await self.lanes.open(self._open_workers)
+        self.metrics.watch_workers(self.lanes.all)
+        self._tasks += [
+            asyncio.create_task(self._drain_forever(lane), name=f"executor {lane.worker.name}")
+            for lane in self.lanes.all
+        ]
         self.wake()
 
     def wake(self) -> None:
         """Called after admission: the jobs table is the queue, this is only the doorbell."""
-        self._idle.clear()
-        self._wake.set()
+        self.lanes.wake()
 
     async def wait_idle(self) -> None:
         """Wait until every queued job has been run and delivered."""
-        await self._idle.wait()
+        await self.lanes.idle.wait()
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Claim nothing more; give the running batch and the pending deliveries `grace`
+        """Claim nothing more; give the running calls and the pending deliveries `grace`
         seconds, then interrupt and put the undelivered jobs back in the queue for the next
         start."""
         self._stopping = True
-        self._wake.set()
-        if self._task is not None and not self._task.done() and self._undelivered:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), grace)
-            except TimeoutError:
-                self._runner.interrupt()
-        await cancel_and_wait(self._task)
+        self.lanes.wake()
+        running = [task for task in self._tasks if not task.done()]
+        if running and self._undelivered:
+            _, late = await asyncio.wait([asyncio.shield(t) for t in running], timeout=grace)
+            if late:
+                self.lanes.interrupt(None, self._cancelled)
+        for task in self._tasks:
+            await cancel_and_wait(task)
         await self._handoff.stop()
         if self._undelivered:
             log.info("returning %d interrupted job(s) to the queue", len(self._undelivered))
             await self._store.write(jobs.return_to_queue, self._undelivered)
-        await asyncio.to_thread(self._thread.shutdown, wait=True, cancel_futures=True)
+        for worker in {lane.worker for lane in self.lanes.all} | {self._home}:
+            await worker.close()
 
     def expected_remaining(self) -> float:
-        """Seconds the running call still needs, extrapolated from its steps so far."""
-        done, total = self._steps
-        if self.busy_since is None or done == 0:
-            return 0.0
-        elapsed = time.monotonic() - self.busy_since
-        return elapsed * (total - done) / done
+        """Seconds until the first worker is free for the next call."""
+        return self.lanes.expected_remaining()
 
     def note_cancelled(self, job_id: int) -> None:
-        """A running job was cancelled: when every job in the call is, stop the call at the
-        next step instead of finishing images nobody wants."""
+        """A running job was cancelled: when every job in its call is, stop the call at the
+        next step, on its worker, instead of finishing images nobody wants."""
         self._cancelled.add(job_id)
-        if self._in_flight and self._cancelled.issuperset(self._in_flight):
-            self._runner.interrupt()
+        self.lanes.interrupt(job_id, self._cancelled)
 
     def ceiling_for(self, key: BatchKey) -> int:
         """The most images one call of this key may hold: MAX_BATCH_SIZE, or fewer where the
@@ -229,38 +202,40 @@ class Executor:
         return self._max_batch_size if limit is None else min(limit, self._max_batch_size)
 
     async def run_in_worker(self, func: Callable[..., Any], *args: Any) -> Any:
-        """Run blocking device work (model loading, a diffusers call) in the worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, func, *args)
+        """Run blocking work on the bot's own runner (model loading) in its thread."""
+        return await self._home.run(func, *args)
 
-    async def _drain_forever(self) -> None:
-        """Claim and run batches until stopped. A failure outside the diffusers call (a
-        database error) is logged and the drain resumes: the batch it hit fails its jobs with
-        a refund (see `_run_claimed`), and a failed claim is tried again shortly."""
+    async def _drain_forever(self, lane: Lane) -> None:
+        """Claim and run batches on one worker until stopped. A failure outside the diffusers
+        call (a database error) is logged and the drain resumes: the batch it hit fails its
+        jobs with a refund (see `_run_claimed`), and a failed claim is tried again shortly."""
         while not self._stopping:
-            await self._wake.wait()
-            self._wake.clear()
+            await lane.wake.wait()
+            lane.wake.clear()
+            self.lanes.set_idle(lane, False, self._queue)
             try:
-                while not self._stopping and (claimed := await self.claim_next()):
-                    await self._run_claimed(*claimed)
+                while not self._stopping and (claimed := await self.claim_next(lane)):
+                    await self._run_claimed(lane, *claimed)
                 await self._handoff.join()
             except Exception:
                 log.exception("the executor's drain failed; retrying in %g s", RETRY_SECONDS)
                 await asyncio.sleep(RETRY_SECONDS)
-                self._wake.set()
+                lane.wake.set()
                 continue
-            if not self._wake.is_set():  # a job admitted during the last claim is still due
-                self._idle.set()
+            self.lanes.set_idle(lane, True, self._queue)
 
-    async def claim_next(self) -> tuple[int, list[Job]] | None:
-        """Claim the call the fair former chose. It chooses inside the claim's transaction,
-        so admissions already waiting for the database land first and can share the call;
-        where the store disagrees with the index (a job cancelled, changed or queued behind
-        its back), the index is rebuilt from the store and the choice made again."""
+    async def claim_next(self, lane: Lane | None = None) -> tuple[int, list[Job]] | None:
+        """Claim the call the fair former chose for `lane`'s worker. It chooses inside the
+        claim's transaction, so admissions already waiting for the database land first and can
+        share the call; where the store disagrees with the index (a job cancelled, changed or
+        queued behind its back), the index is rebuilt from the store and the choice made
+        again."""
         if not self._queue and await self._store.read(jobs.any_queued):
             await self.reload_queue(out_of_step=True)
+        resident = frozenset() if lane is None else lane.worker.resident()
         while True:
             chosen: list[Job] = []
-            claimed = await self._store.write(self._choose_and_claim, chosen)
+            claimed = await self._store.write(self._choose_and_claim, chosen, resident)
             if not chosen:
                 return None
             if claimed is None or len(claimed[1]) != len(chosen):
@@ -268,10 +243,13 @@ class Executor:
             else:
                 self._queue.claimed(chosen)
             if claimed is not None:
+                self.metrics.claimed(claimed[1], self.caps.cap(chosen[0].request.batch_key))
                 return claimed
 
-    async def _choose_and_claim(self, tx: Tx, chosen: list[Job]) -> tuple[int, list[Job]] | None:
-        chosen.extend(self._queue.next_batch(self.caps.cap))
+    async def _choose_and_claim(
+        self, tx: Tx, chosen: list[Job], resident: frozenset[str]
+    ) -> tuple[int, list[Job]] | None:
+        chosen.extend(self._queue.next_batch(self.caps.cap, resident=resident))
         return await jobs.claim_batch(tx, [job.id for job in chosen]) if chosen else None
 
     async def reload_queue(self, out_of_step: bool = False) -> None:
@@ -280,13 +258,22 @@ class Executor:
             log.warning("the queue index was out of step with the database; rebuilding it")
         self._queue.load(await self._store.read(jobs.pending))
 
-    async def _run_claimed(self, batch_id: int, batch: list[Job]) -> None:
+    async def _run_claimed(self, lane: Lane, batch_id: int, batch: list[Job]) -> None:
         """Run a claimed batch and hand its results to the delivery task; if anything but the
-        diffusers call fails, its jobs fail (and are refunded) rather than stay running."""
+        diffusers call fails, its jobs fail (and are refunded) rather than stay running. A lost
+        worker's jobs go back to the queue for the others while it recovers."""
         job_ids = [job.id for job in batch]
         self._undelivered += job_ids
         try:
-            results = await self._run_batch(batch_id, batch)
+            results = await self._run_batch(lane, batch_id, batch)
+        except WorkerLost as lost:
+            log.warning("%s; returning jobs %s to the queue", lost, job_ids)
+            results = await return_lost(self._store, batch, self._max_attempts)
+            failed = {result.job.id for result in results}
+            self._undelivered = [i for i in self._undelivered if i not in job_ids or i in failed]
+            self.metrics.worker_lost(lane.worker.name)
+            await self.reload_queue()
+            await self.lanes.recover(lane, self._queue)
         except Exception as error:
             log.exception("batch %s (jobs %s) failed; failing its jobs", batch_id, job_ids)
             problem = f"an internal error stopped it ({type(error).__name__})"
@@ -294,53 +281,31 @@ class Executor:
         for result in results:
             self._handoff.put(result)
 
-    def _progress_reporter(self, owners: list[int]) -> StepProgress:
-        """A step callback for the worker thread: `owners[i]` is the job of image i. Previews
-        are encoded there (small PNGs), then progress is handed to the event loop."""
-        loop = asyncio.get_running_loop()
-        job_ids = list(dict.fromkeys(owners))
-
-        def report(done: int, total: int, previews: list[PIL.Image.Image] | None = None) -> None:
-            self._steps = (done, total)
-            if not self._progress:  # None, or nobody listening: encode nothing
-                return
-            pngs = preview_pngs(owners, previews) if previews else None
-            loop.call_soon_threadsafe(self._progress, job_ids, done, total, pngs)
-
-        return report
-
     async def _generate(
-        self, key: BatchKey, specs: list[ImageSpec], owners: list[int]
+        self, lane: Lane, key: BatchKey, specs: list[ImageSpec], owners: list[int]
     ) -> list[GeneratedImage | BaseException]:
         """One result per spec: an image, or the exception that image could not get past.
         Calls run at the key's cap; a failed call is split in halves until the culprit is
-        alone, so the other members' images still come out."""
+        alone, so the other members' images still come out. WorkerLost is raised as it is."""
         cap = self.caps.cap(key)
         if len(specs) > cap:
             results: list[GeneratedImage | BaseException] = []
             for start in range(0, len(specs), cap):
                 end = start + cap
-                results += await self._generate(key, specs[start:end], owners[start:end])
+                results += await self._generate(lane, key, specs[start:end], owners[start:end])
             return results
-        report = self._progress_reporter(owners)
+        call = Call(key, specs, owners, self._preview_every, bool(self._progress))
         started = time.perf_counter()
         try:
-            images = list(
-                await self.run_in_worker(
-                    functools.partial(
-                        self._runner.generate,
-                        key,
-                        specs,
-                        progress=report,
-                        preview_every=self._preview_every,
-                    )
-                )
-            )
+            report = lane_reporter(lane, owners, self._progress)
+            images = list(await lane.worker.generate(call, report))
+        except WorkerLost:
+            raise
         except Exception as error:
             if isinstance(error, Interrupted):  # asked to stop: no retry, no split
                 return [error] * len(specs)
             if is_out_of_memory(error):
-                await self.run_in_worker(self._runner.release_memory)
+                await lane.worker.release_memory()
                 cap = self.caps.shrink(key, len(specs))
                 log.warning(
                     "out of memory at %d images; cap for this size is now %d", len(specs), cap
@@ -350,28 +315,30 @@ class Executor:
             if len(specs) == 1:
                 return [error]
             half = len(specs) // 2
-            first = await self._generate(key, specs[:half], owners[:half])
-            return first + await self._generate(key, specs[half:], owners[half:])
+            first = await self._generate(lane, key, specs[:half], owners[:half])
+            return first + await self._generate(lane, key, specs[half:], owners[half:])
         self.caps.succeeded(key)
+        seconds = time.perf_counter() - started
+        self.metrics.called(lane.worker.name, len(specs), seconds)
         speed_key = SpeedKey(key.model, key.width * key.height, len(specs))
-        seconds_per_step = (time.perf_counter() - started) / key.denoising_steps
-        await self._store.write(speeds.record, speed_key, seconds_per_step)
+        await self._store.write(speeds.record, speed_key, seconds / key.denoising_steps)
         return images
 
-    async def _run_batch(self, batch_id: int, batch: list[Job]) -> list[JobResult]:
+    async def _run_batch(self, lane: Lane, batch_id: int, batch: list[Job]) -> list[JobResult]:
         key = batch[0].request.batch_key
         specs = await image_specs(self._store, batch)
         owners = [job.id for job in batch for _ in range(job.request.count)]
-        self._in_flight = [job.id for job in batch]
-        self._runner.resume()  # an interrupt meant for an earlier batch does not stop this one
-        self._steps = (0, 0)
-        self.busy_since = time.monotonic()
+        lane.in_flight = [job.id for job in batch]
+        lane.worker.resume()  # an interrupt meant for an earlier batch does not stop this one
+        lane.steps = (0, 0)
+        lane.busy_since = time.monotonic()
         started = time.perf_counter()
         try:
-            outcomes = await self._generate(key, specs, owners)
+            outcomes = await self._generate(lane, key, specs, owners)
         finally:
-            self.busy_since = None
-            self._in_flight = []
+            lane.busy_since = None
+            lane.in_flight = []
+            self.metrics.busy(lane.worker.name, time.perf_counter() - started)
         seconds = time.perf_counter() - started
         await self._store.write(jobs.finish_batch, batch_id)
         cancelled = await self._store.read(jobs.cancel_requested, [job.id for job in batch])

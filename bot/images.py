@@ -149,8 +149,10 @@ def _quote(value: str) -> str:
 
 
 def parameters_text(request: GenerationRequest, seed: int) -> str:
-    """The `parameters` text AUTOMATIC1111 writes, so other tools can read our PNGs back."""
-    lines = [request.prompt]
+    """The `parameters` text AUTOMATIC1111 writes, so other tools can read our PNGs back: the
+    LoRAs as its `<lora:name:weight>` tags after the prompt, the model as `Model:`."""
+    tags = "".join(f" <lora:{name}:{weight:g}>" for name, weight in request.loras)
+    lines = [request.prompt + tags]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     fields = [
@@ -201,6 +203,8 @@ MAX_PARAMETERS_CHARS = 20_000
 _KEY_CHARS = re.compile(r"[\w \-/+.]*")  # matched on the reversed text before a colon
 _VALUE = re.compile(r'\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
+# A1111's LoRA tag; bounded runs without `<`, `>` or `:` in the name, so it matches in linear time.
+_LORA_TAG = re.compile(r"<lora:([^<>:\s]{1,100})(?::(-?\d{1,3}(?:\.\d{1,6})?))?>")
 _FIELDS: dict[str, tuple[str, Any]] = {
     "Steps": ("steps", int),
     "Sampler": ("sampler", str),
@@ -230,7 +234,8 @@ def _fields(line: str) -> list[tuple[str, str]]:
 
 def parse_parameters(text: str) -> dict[str, Any]:
     """Parse AUTOMATIC1111's `parameters` text: prompt lines, optional `Negative prompt:` lines,
-    then one line of `Key: value` fields. Unknown fields land in `extra` as text."""
+    then one line of `Key: value` fields. Unknown fields land in `extra` as text; the prompt's
+    `<lora:name:weight>` tags in `loras`, as (name, weight) pairs, unchecked."""
     *lines, last = text.strip().split("\n")
     fields = _fields(last)
     if len(fields) < 3:  # no fields line: it is all prompt
@@ -242,10 +247,14 @@ def parse_parameters(text: str) -> dict[str, Any]:
             negative.append(line.removeprefix("Negative prompt:").strip())
         else:
             (negative if negative else prompt).append(line.strip())
+    text = "\n".join(prompt)
+    loras = [(name, float(weight or 1)) for name, weight in _LORA_TAG.findall(text)]
     result: dict[str, Any] = {
-        "prompt": "\n".join(prompt).strip(),
+        "prompt": _LORA_TAG.sub("", text).strip(),
         "negative_prompt": "\n".join(negative).strip(),
     }
+    if loras:
+        result["loras"] = loras
     extra: dict[str, str] = {}
     for name, raw in fields:
         value = raw.strip()

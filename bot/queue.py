@@ -9,6 +9,11 @@ cost / weight. The job with the earliest turn heads the next call, which is fill
 compatible jobs of everyone in turn order. A member who was idle gets the current clock as
 their turn, so they wait for at most the call running now; a big job's turn is fixed when it
 arrives and the clock passes it, so it runs however many small jobs keep coming.
+
+Loading a model costs seconds to minutes, so a job on a model the worker holds may go before
+a head whose model it would have to load: only if its turn is within RESIDENT_SLACK units of
+the head's, and at most MAX_PASSES calls in a row, so the head waits a bounded time and the
+switch, when it comes, costs one load.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from bot.requests import BatchKey, Job
 # Turns are kept in blocks of about this many, each with its cost sum: a job's rank and the
 # work ahead of it take two bisects and a block's partial sum, not a walk over the queue.
 BLOCK_SIZE = 256
+# How far (in virtual time: cost units over weight) a job's turn may be behind the fair head's
+# for its model being loaded already to put it first, and how many calls in a row may do so.
+RESIDENT_SLACK = 4.0
+MAX_PASSES = 3
 
 Turn = tuple[float, int]  # (virtual start, job id): the fair order
 
@@ -157,6 +166,7 @@ class QueueIndex:
         self._by_member: dict[int, list[Turn]] = {}
         self._finish: dict[int, float] = {}  # each member's latest finish tag
         self._member_cost: dict[int, int] = {}
+        self._passed = (0, 0)  # (fair head's job id, calls that went before it)
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -229,14 +239,19 @@ class QueueIndex:
                 del self._finish[member]  # idle and owed nothing: forget them
         return job
 
-    def next_batch(self, cap: Callable[[BatchKey], int]) -> list[Job]:
+    def next_batch(
+        self, cap: Callable[[BatchKey], int], resident: frozenset[str] = frozenset()
+    ) -> list[Job]:
         """The next call: the job with the earliest turn, then compatible jobs of everyone in
         turn order while their images fit under `cap(key)`. The head goes even when it alone
-        is over the cap (the executor runs it in slices), so nobody starves."""
+        is over the cap (the executor runs it in slices), so nobody starves. With `resident`
+        (the models the worker holds), see `_resident_head`."""
         first = self._order.first()
         if first is None:
             return []
         head = self._jobs[first[1]]
+        if resident and head.request.model not in resident:
+            head = self._resident_head(first, resident) or head
         key = head.request.batch_key
         limit = cap(key)
         batch, images = [head], head.request.count
@@ -249,8 +264,26 @@ class QueueIndex:
                 images += job.request.count
         return batch
 
+    def _resident_head(self, first: Turn, resident: frozenset[str]) -> Job | None:
+        """The earliest job on a resident model, if its turn is within RESIDENT_SLACK of the
+        fair head's (`first`) and the head has been passed over fewer than MAX_PASSES times."""
+        head_id, passes = self._passed
+        if head_id == first[1] and passes >= MAX_PASSES:
+            return None
+        turns = [turns[0] for key, turns in self._by_key.items() if key.model in resident]
+        best = min(turns, default=None)
+        if best is None or best[0] > first[0] + RESIDENT_SLACK:
+            return None
+        return self._jobs[best[1]]
+
     def claimed(self, batch: Iterable[Job]) -> None:
-        """The batch left the queue: the virtual clock moves to its head's turn."""
+        """The batch left the queue: the virtual clock moves to its head's turn. A fair head
+        left behind (for a resident model) counts the time it was passed over."""
+        batch = list(batch)
+        first = self._order.first()
+        if first is not None and all(job.id != first[1] for job in batch):
+            head_id, passes = self._passed
+            self._passed = (first[1], passes + 1 if head_id == first[1] else 1)
         turns = [self._turns[job.id] for job in batch if job.id in self._turns]
         if turns:
             self.clock = max(self.clock, min(turns)[0])

@@ -11,10 +11,22 @@ import random
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bot.models import Catalog
 
 # Names a member understands, in the order shown in Discord's choice list.
-SCHEDULERS: tuple[str, ...] = ("DPM++ 2M", "Euler a", "Euler", "DDIM", "PNDM", "LMS", "UniPC")
+SCHEDULERS: tuple[str, ...] = (
+    "DPM++ 2M",
+    "Euler a",
+    "Euler",
+    "DDIM",
+    "PNDM",
+    "LMS",
+    "UniPC",
+    "LCM",
+)
 DEFAULT_SCHEDULER = "DPM++ 2M"
 
 MAX_SEED = 2**32 - 1
@@ -47,6 +59,7 @@ class Limits:
     default_width: int = 512
     default_height: int = 512
     default_strength: float = 0.6
+    default_scheduler: str = DEFAULT_SCHEDULER
 
 
 @dataclass(frozen=True)
@@ -211,20 +224,35 @@ def _side(option: str, value: Any, default: int, limits: Limits) -> int:
     return side
 
 
+def _negative(prefix: str, member: str) -> str:
+    """The model's negative prompt before the member's; a request made from one that has it
+    already (a variation, an image's parameters) does not get it twice."""
+    if not prefix or member == prefix or member.startswith(f"{prefix}, "):
+        return member
+    return f"{prefix}, {member}" if member else prefix
+
+
 def validate(
     raw: RawOptions,
     limits: Limits,
-    model: str,
+    catalog: Catalog,
     rng: random.Random | None = None,
     *,
     init_image: tuple[str, int, int] | None = None,
 ) -> GenerationRequest:
     """Check every option against the limits and fill defaults; raise InvalidRequest on the first
-    problem so the member sees exactly which option to fix. With `init_image` (hash, width,
-    height) the request is image-to-image: the size is the prepared image's, and `strength`
-    (default limits.default_strength) must leave at least one denoising step."""
+    problem so the member sees exactly which option to fix. The model (from `catalog`, the
+    owner's allowlist) brings its own defaults and limits, negative prompt and LoRAs. With
+    `init_image` (hash, width, height) the request is image-to-image: the size is the prepared
+    image's, and `strength` (default limits.default_strength) must leave at least one
+    denoising step."""
+    model = catalog.entry(raw.model)
+    loras = catalog.check_loras(model.name, raw.loras)
+    limits = catalog.limits_for(model.name, limits)
     prompt = _text("prompt", raw.prompt, required=True)
-    negative = _text("negative_prompt", raw.negative_prompt, required=False)
+    negative = _negative(
+        model.negative_prompt, _text("negative_prompt", raw.negative_prompt, required=False)
+    )
     count = 1 if raw.count is None else _integer("count", raw.count, 1, limits.max_count)
     if raw.seed is None:
         seed = (rng or random.SystemRandom()).randint(0, MAX_SEED - count + 1)
@@ -248,7 +276,7 @@ def validate(
         guidance = round(guidance, 2)
     width = _side("width", raw.width, limits.default_width, limits)
     height = _side("height", raw.height, limits.default_height, limits)
-    scheduler = DEFAULT_SCHEDULER if raw.scheduler is None else raw.scheduler
+    scheduler = limits.default_scheduler if raw.scheduler is None else raw.scheduler
     if scheduler not in SCHEDULERS:
         raise InvalidRequest("scheduler", f"must be one of: {', '.join(SCHEDULERS)}.")
     request = GenerationRequest(
@@ -261,7 +289,8 @@ def validate(
         height=height,
         scheduler=scheduler,
         count=count,
-        model=model,
+        model=model.name,
+        loras=loras,
     )
     if init_image is None:
         if raw.strength is not None:

@@ -16,13 +16,17 @@ from typing import Protocol
 
 from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
 from bot.db.members import MemberDefaults
+from bot.downloads import missing_sources
 from bot.eta import seconds_per_unit, wait_seconds
 from bot.executor import Executor, JobResult, Progress, ProgressListeners, Runner
 from bot.handoff import Undeliverable
 from bot.images import decode_upload, fit_for_model, png_bytes, read_parameters
+from bot.metrics import Metrics, counting_refusals
+from bot.models import Catalog, load_catalog
 from bot.prompts import parse_weights
 from bot.queue import QueueIndex
 from bot.quota import MemberBanned, PromptBlocked, ShuttingDown
+from bot.ray_workers import workers_for
 from bot.requests import GenerationRequest, InvalidRequest, Job, RawOptions, validate
 from bot.settings import Settings
 
@@ -59,6 +63,18 @@ def prompt_chunks(runner: ModelRunner, request: GenerationRequest, limit: int) -
     return counts[0], counts[1]
 
 
+def saved_defaults(raw: RawOptions, saved: MemberDefaults, own: frozenset[str]) -> RawOptions:
+    """`raw` with the options the member left out taken from their /settings, except those the
+    chosen model sets itself (`own`: a Turbo model's steps, an SDXL model's size), which a
+    default saved for another model would only make fail."""
+    missing = {
+        name: getattr(saved, name)
+        for name in ("steps", "width", "height", "scheduler", "negative_prompt", "count")
+        if getattr(raw, name) is None and name not in own
+    }
+    return replace(raw, **missing)
+
+
 @dataclass(frozen=True)
 class Admission:
     """What a member is told right after asking: the job and where it stands."""
@@ -76,20 +92,29 @@ class PreparedImage:
     width: int
     height: int
 
+    @property
+    def shape(self) -> tuple[str, int, int]:
+        """What validation needs of it: (hash, width, height)."""
+        return self.hash, self.width, self.height
+
 
 Listener = Callable[[JobResult], Awaitable[None]]
 
 
 class ImagineService:
-    def __init__(self, settings: Settings, store: Store, runner: ModelRunner) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, runner: ModelRunner, catalog: Catalog | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.runner = runner
+        self.catalog = catalog or load_catalog(settings.models_file, settings.model_id)
         self._listeners: list[Listener] = []
         self._progress = ProgressListeners()
         self.accepting = True
         self._closed = False
         self.queue = QueueIndex()
+        self.metrics = Metrics(self.queue)
         self.executor = Executor(
             store,
             runner,
@@ -98,6 +123,9 @@ class ImagineService:
             deliver=self._announce,
             progress=self._progress,
             preview_every=settings.preview_every,
+            workers=workers_for(settings, runner, self.catalog),
+            metrics=self.metrics,
+            max_attempts=MAX_ATTEMPTS,
         )
 
     def add_listener(self, listener: Listener) -> None:
@@ -114,8 +142,11 @@ class ImagineService:
         self._progress.remove(listener)
 
     async def load_model(self) -> None:
-        """Load the model in the worker thread; a second call costs nothing."""
-        await self.executor.run_in_worker(self.runner.load, self.settings.model_id)
+        """Note the allowlisted models and LoRAs not on this machine (members are refused them),
+        then load the default model in the worker thread; a second call costs nothing."""
+        sources, cache = self.catalog.sources(), self.settings.model_cache
+        self.catalog.missing = await asyncio.to_thread(missing_sources, sources, cache)
+        await self.executor.run_in_worker(self.runner.load, self.catalog.default)
 
     async def start(self) -> None:
         """Load the model in the worker thread (a missing model fails here, not on a member's
@@ -129,6 +160,8 @@ class ImagineService:
             record = await self.store.read(jobs.get, job.id)
             await self._announce(JobResult(job, [], record.error, 0.0, job.batch_id or 0, 0))
         self.executor.start()
+        if self.settings.metrics_port is not None:
+            await self.metrics.serve(self.settings.metrics_port)
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop admitting, let the running batch finish within `grace` seconds (or return its
@@ -138,17 +171,17 @@ class ImagineService:
         self._closed = True
         self.accepting = False
         await self.executor.stop(grace)
+        await self.metrics.close()
         await self.store.close()
 
+    @counting_refusals
     def validate(
         self, raw: RawOptions, init_image: PreparedImage | None = None
     ) -> GenerationRequest:
         """Raise InvalidRequest before anything is stored or charged: an option out of bounds,
         a weight syntax error, or a prompt longer than MAX_PROMPT_CHUNKS chunks."""
-        shape = (
-            None if init_image is None else (init_image.hash, init_image.width, init_image.height)
-        )
-        request = validate(raw, self.settings.limits, self.settings.model_id, init_image=shape)
+        shape = init_image and init_image.shape
+        request = validate(raw, self.settings.limits, self.catalog, init_image=shape)
         prompt_chunks(self.runner, request, self.settings.max_prompt_chunks)
         return request
 
@@ -179,6 +212,7 @@ class ImagineService:
         bounded and parsed in linear time, but a PNG can still carry a megabyte of it."""
         return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, read_parameters, data)
 
+    @counting_refusals
     async def check_member(self, guild_id: int, member_id: int, prompt: str | None) -> None:
         """Raise MemberBanned (or PromptBlocked, when the prompt is known) before any slow work
         on a request; admission checks again, in its transaction."""
@@ -190,22 +224,13 @@ class ImagineService:
     async def with_member_defaults(
         self, raw: RawOptions, member_id: int
     ) -> tuple[RawOptions, MemberDefaults]:
-        """Fill options the member left out from their /settings; the rest fall through to the
-        server's defaults in validation."""
+        """Fill options the member left out from their /settings (see `saved_defaults`); the
+        rest fall through to the model's and the server's defaults in validation."""
         defaults = await self.store.read(members.defaults, member_id)
-        filled = replace(
-            raw,
-            steps=defaults.steps if raw.steps is None else raw.steps,
-            width=defaults.width if raw.width is None else raw.width,
-            height=defaults.height if raw.height is None else raw.height,
-            scheduler=defaults.scheduler if raw.scheduler is None else raw.scheduler,
-            negative_prompt=(
-                defaults.negative_prompt if raw.negative_prompt is None else raw.negative_prompt
-            ),
-            count=defaults.count if raw.count is None else raw.count,
-        )
+        filled = saved_defaults(raw, defaults, self.catalog.own_defaults(raw.model))
         return filled, defaults
 
+    @counting_refusals
     async def submit(
         self,
         request: GenerationRequest,

@@ -13,6 +13,7 @@ import io
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,11 +234,13 @@ class AdmissionDesk:
         *,
         guild_id: int | None = None,
         prompt: str | None = None,
+        prepare: Callable[[bytes], Awaitable[PreparedImage]] | None = None,
     ) -> PreparedImage | None:
         """Download (after checking the announced size, the ban list and, when `prompt` is
-        known, the blocklist) and prepare an image, or tell the member why not and return
-        None. An interaction is deferred first, privately: downloading and decoding can
-        outlast Discord's 3 seconds."""
+        known, the blocklist) and prepare an image (as an upload for the model, unless
+        `prepare` says otherwise: Upscale, Zoom Out and Pan make their own start picture), or
+        tell the member why not and return None. An interaction is deferred first, privately:
+        downloading and decoding can outlast Discord's 3 seconds."""
         limit = self.service.settings.max_upload_bytes
         if attachment.size > limit:
             await refuse(
@@ -258,7 +261,7 @@ class AdmissionDesk:
         if isinstance(origin, discord.Interaction) and not origin.response.is_done():
             await origin.response.defer(ephemeral=True, thinking=True)
         try:
-            return await self.service.prepare_init_image(await attachment.read())
+            return await (prepare or self.service.prepare_init_image)(await attachment.read())
         except ImageRejected as problem:
             await refuse(origin, f"{problem} Nothing was queued.")
         except discord.HTTPException:

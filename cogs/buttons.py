@@ -1,5 +1,6 @@
-"""Every persistent button (a DynamicItem: its custom_id carries what it acts on, so it works
-after a restart), the views built from them, and the dry run's Confirm view.
+"""The persistent buttons (a DynamicItem: its custom_id carries what it acts on, so it works
+after a restart) and the views built from them, and the dry run's Confirm view; the tools
+under a result (Upscale, Zoom Out, Pan) and its layout are in cogs/result_tools.py.
 
 discord.py only logs an exception raised in a button's callback; here each one goes to the
 same funnel as a slash command's (`answer_failure`), so the member always gets an answer."""
@@ -9,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import discord
 
+from bot import canvas
 from bot.db import jobs, members
 from bot.requests import GenerationRequest, InvalidRequest
 from bot.service import PreparedImage
@@ -93,6 +96,23 @@ def rules_of(record: jobs.JobRecord, interaction: discord.Interaction) -> int | 
     return interaction.guild_id or record.job.guild_id
 
 
+async def parent_image(
+    interaction: discord.Interaction[ImagineBot], job_id: int, index: int
+) -> tuple[jobs.JobRecord, discord.Attachment] | None:
+    """The job of a result button and the file of its image `index` on the pressed message;
+    or None after telling the member why not."""
+    record = await interaction.client.store.read(jobs.get, job_id)
+    if record is None or index >= record.job.request.count:
+        await refuse(interaction, "That image's job is gone (its owner deleted their data).")
+        return None
+    seed = record.job.request.seeds[index]
+    attachment = image_attachment(interaction.message, f"seed-{seed}.png")
+    if attachment is None:
+        await refuse(interaction, "That image is no longer attached to the message.")
+        return None
+    return record, attachment
+
+
 class CancelButton(
     Persistent,
     discord.ui.DynamicItem[discord.ui.Button],
@@ -168,21 +188,17 @@ class VaryButton(
 
     async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
         desk = interaction.client.desk
-        record = await interaction.client.store.read(jobs.get, self.job_id)
-        if record is None or self.index >= record.job.request.count:
-            await refuse(interaction, "That image's job is gone (its owner deleted their data).")
+        found = await parent_image(interaction, self.job_id, self.index)
+        if found is None:
             return
-        seed = record.job.request.seeds[self.index]
-        attachment = image_attachment(interaction.message, f"seed-{seed}.png")
-        if attachment is None:
-            await refuse(interaction, "That image is no longer attached to the message.")
-            return
+        record, attachment = found
         guild_id = rules_of(record, interaction)
         prompt = record.job.request.prompt
         image = await desk.read_image(interaction, attachment, guild_id=guild_id, prompt=prompt)
         if image is None:
             return
         raw = raw_from_request(record.job.request)
+        raw.model = canvas.drawing_model(record.job.request, interaction.client.service.catalog)
         raw.strength = desk.strength(self.kind)
         parent = (self.job_id, self.index)
         await desk.queue(interaction, raw, image, parent=parent, guild_id=guild_id)
@@ -230,8 +246,28 @@ class RerollButton(
                 await refuse(interaction, "The image this job started from is gone.")
                 return
             image = PreparedImage(png, request.init_image_hash, request.width, request.height)
-            raw.strength = request.strength
-            await bot.desk.queue(interaction, raw, image, parent=parent, guild_id=guild_id)
+            raw.strength = 1.0 if request.strength is None else request.strength
+            checked = await bot.desk.checked(interaction, raw, image)
+            if checked is None:
+                return
+            # An Upscale, Zoom Out or Pan again: its mode, model, kept box and name as they were.
+            new = replace(
+                checked[0],
+                mode=request.mode,
+                strength=request.strength,
+                keep_box=request.keep_box,
+                operation=request.operation,
+                model=request.model,
+                loras=request.loras,
+            )
+            await bot.desk.admit(
+                interaction,
+                new,
+                private=checked[1],
+                parent=parent,
+                init_image=image,
+                guild_id=guild_id,
+            )
             return
         try:  # as the job asked, without the member's current /settings (but their privacy)
             new = bot.service.validate(raw)
@@ -299,19 +335,6 @@ def cancel_view(job_id: int) -> discord.ui.View:
 
 def forget_me_view(member_id: int) -> discord.ui.View:
     return persistent_view(ForgetMeButton(member_id))
-
-
-def result_view(job_id: int, indexes: list[int], *, reroll: bool = True) -> discord.ui.View | None:
-    """Vary (Subtle) and Vary (Strong) for each delivered image, and one Reroll (on the
-    first message of a result). Up to four images get a row each; more fill the first four
-    rows five buttons at a time, so the most a request may ask for (ten) fits Discord's five
-    rows of five."""
-    if not indexes:
-        return None
-    varies = [VaryButton(job_id, i, kind) for i in indexes for kind in ("subtle", "strong")]
-    for number, button in enumerate(varies):
-        button.row = number // 2 if len(indexes) <= 4 else number // 5
-    return persistent_view(*varies, *([RerollButton(job_id)] if reroll else []))
 
 
 class ConfirmView(discord.ui.View):

@@ -96,6 +96,11 @@ def _what(interaction: discord.Interaction) -> str:
     return f"component {data.get('custom_id', '?')!r}"
 
 
+def loras_text(loras: tuple[tuple[str, float], ...]) -> str:
+    """LoRAs as members type them in `lora:`: "pixel-art:0.8 other:1"."""
+    return " ".join(f"{name}:{weight:g}" for name, weight in loras)
+
+
 def role_ids(user: discord.abc.User) -> list[int]:
     return [role.id for role in getattr(user, "roles", [])]
 

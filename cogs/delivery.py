@@ -12,12 +12,14 @@ from typing import Any
 
 import discord
 
+from bot import canvas
 from bot.db import Store, jobs, members
 from bot.handoff import JobResult, Undeliverable
 from bot.images import grid, parameters_text, png_bytes
 from bot.requests import GenerationRequest, Job
 from cogs.admission import StatusBoard
-from cogs.buttons import result_view
+from cogs.common import loras_text
+from cogs.result_tools import operations_for, result_view
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,12 @@ def describe(request: GenerationRequest, seconds: float | None = None) -> discor
     embed.add_field(name="Size", value=f"{request.width}×{request.height}")
     embed.add_field(name="Scheduler", value=request.scheduler)
     embed.add_field(name="Model", value=request.model[:1024])
+    if request.loras:
+        embed.add_field(name="LoRAs", value=loras_text(request.loras)[:1024])
     if request.strength is not None:
         embed.add_field(name="Strength", value=f"{request.strength:g} (from an image)")
+    if request.operation is not None:
+        embed.add_field(name="Made with", value=canvas.label(request.operation))
     if seconds is not None:
         embed.set_footer(text=f"Generated in {seconds:.1f} s")
     return embed
@@ -225,12 +231,13 @@ class Delivery:
             "embed": describe(request, result.seconds),
             "allowed_mentions": place.requester,
         }
+        operations = operations_for(request, self.client.settings)
         number = 0
         while parts:
             part = parts.pop(0)
             indexes = [u.index for u in part if u.index is not None]
             message = first if number == 0 else {"content": f"Job #{job.id}, continued."}
-            view = result_view(job.id, indexes, reroll=number == 0)
+            view = result_view(job.id, indexes, reroll=number == 0, operations=operations)
             try:
                 sent = await self._post(
                     place,

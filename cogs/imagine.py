@@ -10,13 +10,15 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.models import MAX_LORAS_TEXT, MAX_NAME_CHARS
 from bot.prompts import ParsedPrompt
 from bot.quota import cost_text, units_phrase
 from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
 from bot.service import PreparedImage
 from cogs.admission import eta_text
 from cogs.buttons import ConfirmView
-from cogs.common import role_ids, server_only, standing_text
+from cogs.common import loras_text, role_ids, server_only, standing_text
+from cogs.models import lora_choices, model_choices
 from cogs.prompting import admit_jobs, checked_jobs, dry_run_lines, parsed_or_refuse
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ class ImagineCog(commands.Cog):
         image="A picture to start from (PNG, JPEG or WebP) instead of noise",
         strength="With an image: how far to move from it, 0.05 (barely) to 1 (completely)",
         preview="Only show what would run, its cost and ETA, with a Confirm button",
+        model="The model to draw with (see /models)",
+        lora="LoRAs to add, as name:weight (weight from -2 to 2), separated by spaces",
     )
     @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in SCHEDULERS])
     async def imagine(
@@ -60,6 +64,8 @@ class ImagineCog(commands.Cog):
         image: discord.Attachment | None = None,
         strength: float | None = None,
         preview: bool | None = None,
+        model: app_commands.Range[str, 1, MAX_NAME_CHARS] | None = None,
+        lora: app_commands.Range[str, 1, MAX_LORAS_TEXT] | None = None,
     ) -> None:
         arrived = time.monotonic()
         desk = self.bot.desk
@@ -74,6 +80,8 @@ class ImagineCog(commands.Cog):
             scheduler,
             count,
             strength,
+            model,
+            lora,
         )
         parsed = await parsed_or_refuse(interaction, self.bot.service, prompt)
         if parsed is None:
@@ -93,6 +101,20 @@ class ImagineCog(commands.Cog):
             await admit_jobs(
                 desk, interaction, requests, private=private, arrived=arrived, init_image=prepared
             )
+
+    @imagine.autocomplete("model")
+    async def model_autocomplete(
+        self, interaction: discord.Interaction[ImagineBot], typed: str
+    ) -> list[app_commands.Choice[str]]:
+        return model_choices(self.bot.service.catalog, typed)
+
+    @imagine.autocomplete("lora")
+    async def lora_autocomplete(
+        self, interaction: discord.Interaction[ImagineBot], typed: str
+    ) -> list[app_commands.Choice[str]]:
+        model = interaction.namespace.model
+        chosen = model[:MAX_NAME_CHARS].strip() if isinstance(model, str) else None
+        return lora_choices(self.bot.service.catalog, chosen or None, typed)
 
     async def dry_run(
         self,
@@ -129,6 +151,8 @@ class ImagineCog(commands.Cog):
             *dry_run_lines(service, parsed, requests),
             f"Seeds {', '.join(map(str, request.seeds))} · {request.steps} steps · guidance "
             f"{request.guidance:g} · {request.width}×{request.height} · {request.scheduler}",
+            f"Model {request.model}"
+            + (f" · LoRAs {loras_text(request.loras)}" if request.loras else ""),
             f"Cost: {cost}",
             f"Ready in {eta_text(wait)} after you confirm.",
         ]

@@ -10,6 +10,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot import canvas
 from bot.db import admission, members
 from bot.db.members import MemberDefaults
 from bot.quota import units_phrase
@@ -85,10 +86,12 @@ class MemberCog(commands.Cog):
             request = record.job.request
             link = jump_url(record.job.guild_id, record.result_channel_id, record.result_message_id)
             where = f" [result]({link})" if link else ""
+            made = "" if request.operation is None else f" · {canvas.label(request.operation)}"
             lines.append(
                 f"**#{record.job.id}** {relative_time(record.job.queued_at)} · {record.job.status}"
-                f" · seed {request.seed} · {request.steps} steps · {request.width}×{request.height}"
-                f" · {request.scheduler}{where}\n> {request.prompt[:150]}"
+                f"{made} · seed {request.seed} · {request.steps} steps · "
+                f"{request.width}×{request.height} · {request.scheduler}{where}\n"
+                f"> {request.prompt[:150]}"
             )
         await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
 

@@ -14,6 +14,7 @@ from discord.ext import commands
 
 from bot.blocklist import normalize_term
 from bot.db import admission, jobs, moderation, quotas
+from bot.metrics import Figures
 from bot.quota import units_phrase
 from bot.requests import Job
 from cogs.common import frees_up_text, relative_time, role_ids
@@ -52,6 +53,21 @@ SHARES_SHOWN = 10
 
 def seconds_text(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds:.1f} s"
+
+
+def live_text(figures: Figures) -> str:
+    """Since the bot started, all servers: the same counters the metrics endpoint serves."""
+    fill = "n/a" if figures.mean_fill is None else f"{figures.mean_fill:.0%}"
+    busy = ", ".join(f"{w} {share:.0%}" for w, share in sorted(figures.busy_share.items()))
+    models = "; ".join(f"{w}: {', '.join(m)}" for w, m in sorted(figures.resident.items()))
+    refused = ", ".join(f"{r} {n}" for r, n in sorted(figures.refusals.items())) or "none"
+    return (
+        f"Since the bot started: {figures.images} images in {figures.calls} calls, batches "
+        f"{fill} full on average; mean wait {seconds_text(figures.mean_wait)}, mean call "
+        f"{seconds_text(figures.mean_generation)}.\n"
+        f"Workers busy: {busy or 'none yet'}. Loaded: {models or 'nothing yet'}.\n"
+        f"Refused: {refused}."
+    )
 
 
 class ModerationCog(commands.Cog):
@@ -253,7 +269,8 @@ class ModerationCog(commands.Cog):
             f"Top members this week: {top}\n"
             f"Mean wait {seconds_text(stats.mean_wait)}, "
             f"mean generation {seconds_text(stats.mean_generation)}.\n"
-            f"The GPU was busy {stats.busy_share:.0%} of the last 24 hours."
+            f"The GPU was busy {stats.busy_share:.0%} of the last 24 hours.\n"
+            f"{live_text(self.service.metrics.figures())}"
         )
         await self._done(interaction, text)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import discord
 
+from bot.models import Catalog
 from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -29,23 +30,37 @@ def image_attachment(
 
 
 def raw_from_request(request: GenerationRequest) -> RawOptions:
-    """The options to ask again for what an earlier job asked."""
+    """The options to ask again for what an earlier job asked, on its model with its LoRAs."""
     return RawOptions(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         steps=request.steps,
         guidance=request.guidance,
         scheduler=request.scheduler,
+        model=request.model,
+        loras=request.loras,
     )
 
 
-def raw_from_parameters(parameters: dict) -> RawOptions:
-    """Options read from a PNG's A1111 `parameters`; a sampler we do not have is dropped."""
-    sampler = parameters.get("sampler")
+def raw_from_parameters(parameters: dict, catalog: Catalog) -> RawOptions:
+    """Options read from a PNG's A1111 `parameters`. What this server does not have is
+    dropped rather than refused (the PNG may come from another tool): a sampler, a model
+    outside the allowlist (the default draws instead), LoRAs that do not fit the model."""
+    sampler, model = parameters.get("sampler"), parameters.get("model")
+    if model not in catalog.models:
+        model = None
+    drawn_by = model or catalog.default
+    loras = tuple(
+        (name, weight)
+        for name, weight in parameters.get("loras") or ()
+        if name in catalog.loras and drawn_by in catalog.loras[name].models
+    )
     return RawOptions(
         prompt=parameters.get("prompt"),
         negative_prompt=parameters.get("negative_prompt"),
         steps=parameters.get("steps"),
         guidance=parameters.get("cfg_scale"),
         scheduler=sampler if sampler in SCHEDULERS else None,
+        model=model,
+        loras=loras or None,
     )

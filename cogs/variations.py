@@ -11,17 +11,47 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot import canvas
 from bot.db import jobs
 from bot.images import ImageRejected
-from bot.requests import RawOptions
-from cogs.common import ONLY_IN_SERVERS, refuse, server_only
+from bot.requests import InvalidRequest, RawOptions
+from cogs.common import ONLY_IN_SERVERS, refusal_text, refuse, server_only
 from cogs.prompting import admit_jobs, checked_jobs, parsed_or_refuse
+from cogs.result_tools import queue_operation
 from cogs.sources import image_attachment, raw_from_parameters, raw_from_request
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 REUSE_PROMPT = ".."
+
+# Reply flags that make an Upscale, Zoom Out or Pan of the image replied to, and their values.
+OPERATION_FLAGS: dict[str, dict[str, str]] = {
+    "upscale": {"subtle": "upscale-subtle", "creative": "upscale-creative"},
+    "zoom": {"1.5": "zoom-1.5", "2": "zoom-2"},
+    "pan": {side: f"pan-{side}" for side in ("left", "right", "up", "down")},
+}
+# `--upscale subtle`, as the prompt language writes flags (a phone's em dash too); the value
+# is one word, cut short so a hostile one stays short in the refusal.
+_OPERATION_FLAG = re.compile(r"(?:(?<=\s)|^)(?:--|—)(upscale|zoom|pan)\b[ \t]*(\S{0,20})", re.I)
+
+
+def operation_flag(text: str) -> tuple[str | None, str]:
+    """The operation a reply's `--upscale`, `--zoom` or `--pan` asks for (None without one)
+    and the text left around it. InvalidRequest for a value not offered, or two of them."""
+    found = list(_OPERATION_FLAG.finditer(text))
+    if not found:
+        return None, text
+    if len(found) > 1:
+        raise InvalidRequest(
+            f"--{found[1][1].lower()}", "use one of --upscale, --zoom or --pan at a time."
+        )
+    flag, value = found[0][1].lower(), found[0][2].lower()
+    choices = OPERATION_FLAGS[flag]
+    if value not in choices:
+        raise InvalidRequest(f"--{flag}", f"must be one of: {', '.join(choices)}; got {value!r}.")
+    rest = (text[: found[0].start()] + text[found[0].end() :]).strip()
+    return choices[value], rest
 
 
 class VariationsCog(commands.Cog):
@@ -76,14 +106,16 @@ class VariationsCog(commands.Cog):
                 (i for i, s in enumerate(request.seeds) if attachment.filename == f"seed-{s}.png"),
                 0,
             )
-            return raw_from_request(request), (record.job.id, index)
+            raw = raw_from_request(request)
+            raw.model = canvas.drawing_model(request, self.bot.service.catalog)
+            return raw, (record.job.id, index)
         if attachment.size <= self.bot.settings.max_upload_bytes:
             try:
                 parameters = await self.bot.service.image_parameters(await attachment.read())
             except (ImageRejected, discord.HTTPException, OSError, ValueError):
                 parameters = None
             if parameters and parameters.get("prompt"):
-                return raw_from_parameters(parameters), None
+                return raw_from_parameters(parameters, self.bot.service.catalog), None
         return None, None
 
     # --- replies --------------------------------------------------------------------------
@@ -118,6 +150,14 @@ class VariationsCog(commands.Cog):
         self, message: discord.Message, source: discord.Message, attachment: discord.Attachment
     ) -> None:
         text = re.sub(rf"<@!?{self.bot.user.id}>", "", message.content).strip()
+        try:
+            operation, rest = operation_flag(text)
+        except InvalidRequest as problem:
+            await refuse(message, refusal_text(problem))
+            return
+        if operation is not None:
+            await self.operate_reply(message, source, operation, rest)
+            return
         parsed = await parsed_or_refuse(message, self.bot.service, text)
         if parsed is None:
             return
@@ -147,6 +187,47 @@ class VariationsCog(commands.Cog):
         )
         if checked is not None:
             await admit_jobs(self.desk, message, checked[0], parent=parent, init_image=image)
+
+    async def operate_reply(
+        self, message: discord.Message, source: discord.Message, operation: str, rest: str
+    ) -> None:
+        """`--upscale`, `--zoom` or `--pan` in a reply to one of our results with one image:
+        the same job as its button makes. It keeps the image's prompt, seed and model, so any
+        other text or flag is refused rather than silently ignored."""
+        if rest not in ("", REUSE_PROMPT):
+            await refuse(
+                message,
+                "`--upscale`, `--zoom` and `--pan` keep the image's prompt, seed and model: "
+                "reply with the flag alone, like `--upscale subtle`. Nothing was queued.",
+            )
+            return
+        record = None
+        if source is not message:
+            record = await self.bot.store.read(jobs.for_message, source.id)
+        if record is None:
+            await refuse(
+                message,
+                "`--upscale`, `--zoom` and `--pan` work on my results: reply to one of them. "
+                "Nothing was queued.",
+            )
+            return
+        seeds = record.job.request.seeds
+        found = [
+            (index, attachment)
+            for index, seed in enumerate(seeds)
+            if (attachment := image_attachment(source, f"seed-{seed}.png")) is not None
+        ]
+        if len(found) != 1:
+            await refuse(
+                message,
+                "That message holds several images: press 🔎 under the one you want, or reply "
+                "to a single image. Nothing was queued.",
+            )
+            return
+        index, attachment = found[0]
+        await queue_operation(
+            self.bot, message, record, index, attachment, operation, guild_id=message.guild.id
+        )
 
 
 async def setup(bot: ImagineBot) -> None:

@@ -56,6 +56,7 @@ def settings(tmp_path, model_cache):
         discord_token="",
         model_id="tiny",
         database_path=tmp_path / "bot.sqlite3",
+        models_file=tmp_path / "models.toml",  # none: the one model "tiny", as before allowlists
         model_cache=model_cache,
         device="cpu",
         max_batch_size=4,

@@ -20,6 +20,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub.constants
+import pytest
 from aiohttp import web
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -158,3 +160,14 @@ class FakeHub:
                 await asyncio.sleep(self.chunk_delay)
         await response.write_eof()
         return response
+
+
+def point_client_at(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's Hub client asks `hub`, online, for the rest of the test."""
+    constants = huggingface_hub.constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    # Written to disk in 64 KB pieces instead of 10 MB, so a 4 MB file shows progress.
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)

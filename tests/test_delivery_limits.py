@@ -50,9 +50,9 @@ async def test_many_images_fit_discords_rows_and_attachments(discord_world, ten_
     names = attachment_names(result)
     assert len(names) <= 10
     assert {f"seed-{seed}.png" for seed in range(1, count + 1)} <= set(names)
+    # Past four images, each gets the 🔎 button that opens it alone with Vary and the tools.
     ids = button_ids(result)
-    assert len(ids) == 2 * count + 1 and ids[-1] == f"reroll:{job_id}"
-    assert f"vary:{job_id}:{count - 1}:strong" in ids
+    assert ids == [f"tools:{job_id}:{i}" for i in range(count)] + [f"reroll:{job_id}"]
     await ten_bot.wait_idle()
     assert (await ten_bot.store.read(jobs.get, job_id)).job.status == "done"
     assert (await inter.original()).deleted  # the result replaced the status message

@@ -49,8 +49,10 @@ async def test_result_buttons_vary_each_image_and_reroll(discord_world, imagine_
     assert ids == [
         f"vary:{parent_id}:0:subtle",
         f"vary:{parent_id}:0:strong",
+        f"tools:{parent_id}:0",
         f"vary:{parent_id}:1:subtle",
         f"vary:{parent_id}:1:strong",
+        f"tools:{parent_id}:1",
         f"reroll:{parent_id}",
     ]
     press = await w.fake.click_button(w.bob, result, f"vary:{parent_id}:1:strong")

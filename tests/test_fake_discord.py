@@ -94,6 +94,21 @@ def make_bot(seen: Seen, *, message_content: bool = False) -> commands.Bot:
         except discord.NotFound as exc:
             seen.events["slow_error"] = exc
 
+    @bot.tree.command(name="pick", description="Choose from as many choices as typed")
+    async def pick(interaction: discord.Interaction, flavour: str, note: str = "") -> None:
+        await interaction.response.send_message(flavour, ephemeral=True)
+
+    @pick.autocomplete("flavour")
+    async def flavours(interaction: discord.Interaction, typed: str) -> list[app_commands.Choice]:
+        count = int(typed) if typed.isdigit() else 1
+        try:
+            await interaction.response.autocomplete(
+                [app_commands.Choice(name=f"flavour {i}", value=str(i)) for i in range(count)]
+            )
+        except discord.HTTPException as exc:
+            seen.events["autocomplete_error"] = exc
+        return []
+
     @bot.tree.context_menu(name="Vary")
     async def vary(interaction: discord.Interaction, message: discord.Message) -> None:
         seen.events["vary"] = message
@@ -252,6 +267,21 @@ async def test_late_acknowledgement_is_refused(world: World) -> None:
     assert inter.responses == []
     assert [r.error["code"] for r in world.fake.rejected] == [10062]
     world.fake.rejected.clear()  # provoked on purpose
+
+
+async def test_autocomplete_takes_only_choices_within_discords_limits(world: World) -> None:
+    fake, channel = world.fake, world.guild.channel
+    await world.bot.tree.sync()  # Discord asks only about options registered with autocomplete
+    inter = await fake.autocomplete(world.alice, channel, "pick", {"flavour": "3"}, "flavour")
+    assert [c["value"] for c in await inter.wait_choices()] == ["0", "1", "2"]
+    assert inter.original_message_id is None  # choices make no message
+    with pytest.raises(LookupError):
+        await fake.autocomplete(world.alice, channel, "pick", {}, "note")
+
+    await fake.autocomplete(world.alice, channel, "pick", {"flavour": "26"}, "flavour")
+    await fake.wait_until(lambda: world.seen.events.get("autocomplete_error"), 5, "a refusal")
+    assert (world.seen.events["autocomplete_error"].status, fake.rejected[0].status) == (400, 400)
+    fake.rejected.clear()  # provoked on purpose
 
 
 # ---- messages -------------------------------------------------------------------------------

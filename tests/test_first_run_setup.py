@@ -12,9 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import discord
-import huggingface_hub.constants
 import pytest
-from fakehub import FakeHub, folder_files
+from fakehub import FakeHub, folder_files, point_client_at
 from harness.in_process import running_bot
 
 from bot import doctor
@@ -44,13 +43,7 @@ def repo_files(model_cache: Path) -> dict[str, bytes]:
 async def hub(repo_files, monkeypatch):
     """The stand-in Hub, with this process's Hub client pointed at it and allowed online."""
     async with FakeHub({REPO: repo_files}) as hub:
-        constants = huggingface_hub.constants
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        # Written to disk in 64 KB pieces instead of 10 MB, so a 4 MB file shows progress.
-        monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+        point_client_at(hub, monkeypatch)
         yield hub
 
 

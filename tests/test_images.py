@@ -255,6 +255,7 @@ def request(**changes: object) -> GenerationRequest:
         request(),
         request(negative_prompt="", mode="image", strength=0.55),
         request(model="C:\\models\\my, model", guidance=0.0),
+        request(model="sd15", loras=(("ink", -1.5), ("pixel-art", 0.8))),
     ],
 )
 def test_parameters_round_trip_through_a_png(req: GenerationRequest) -> None:
@@ -274,8 +275,19 @@ def test_parameters_round_trip_through_a_png(req: GenerationRequest) -> None:
         "height": req.height,
         "model": req.model,
         **({} if req.strength is None else {"strength": req.strength}),
+        **({"loras": list(req.loras)} if req.loras else {}),
         "extra": {},
     }
+
+
+def test_lora_tags_are_read_from_anywhere_in_the_prompt() -> None:
+    parsed = parse_parameters(
+        "<lora:detail:0.6> a castle, <lora:style-v2> at dusk <lora:bad name:1> <lora:x:nan>\n"
+        "Steps: 30, Sampler: Euler, Seed: 3"
+    )
+    assert parsed["loras"] == [("detail", 0.6), ("style-v2", 1.0)]
+    assert "<lora:detail" not in parsed["prompt"] and "<lora:style" not in parsed["prompt"]
+    assert parsed["prompt"].startswith("a castle,") and "at dusk" in parsed["prompt"]
 
 
 def test_automatic1111_text_parses() -> None:
@@ -327,7 +339,14 @@ def test_prompt_only_and_missing_parameters() -> None:
 @pytest.mark.timeout(60)  # the old regex took minutes on these; fail rather than wait
 @pytest.mark.parametrize(
     "last_line",
-    ["w" * 40_000, "a " * 20_000, "-" * 20_000 + "w" * 20_000, "Key: " + '"\\' * 20_000],
+    [
+        "w" * 40_000,
+        "a " * 20_000,
+        "-" * 20_000 + "w" * 20_000,
+        "Key: " + '"\\' * 20_000,
+        "<lora:" * 7_000,  # LoRA tags are looked for in the prompt lines
+        "<lora:" + "a:1" * 13_000,
+    ],
 )
 def test_parameters_parse_in_linear_time(last_line: str) -> None:
     started = time.perf_counter()

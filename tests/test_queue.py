@@ -226,3 +226,32 @@ def test_the_index_agrees_with_a_recount_after_random_operations():
         assert sorted(ids(index.jobs_of(member))) == sorted(
             one.id for one in alive.values() if one.member_id == member
         )
+
+
+def test_a_call_on_a_resident_model_goes_first_within_the_slack():
+    """Alice's job on model b heads the fair order; Bob's, on the model the worker holds, has
+    nearly the same turn and goes first. Carol's is too far behind (her earlier job on b
+    pushed her turn past the slack) and waits her turn."""
+    alice, bob = job(1, member=1, model="b"), job(2, member=2, model="a")
+    assert ids(index_of(alice, bob).next_batch(lambda key: 8)) == [1]
+    assert ids(index_of(alice, bob).next_batch(lambda key: 8, resident=frozenset({"a"}))) == [2]
+    assert ids(index_of(alice, bob).next_batch(lambda key: 8, resident=frozenset({"b"}))) == [1]
+    carol_big = job(3, member=3, model="b", width=1024, height=1024, steps=50, count=4)
+    far = index_of(alice, carol_big, job(4, member=3, model="a"))
+    assert carol_big.request.cost == 32 > queue_module.RESIDENT_SLACK
+    assert ids(far.next_batch(lambda key: 8, resident=frozenset({"a"}))) == [1]
+
+
+def test_preferring_the_resident_model_never_starves_the_head():
+    """Newcomers keep queueing jobs on the resident model with turns level with the head's;
+    the head on the other model still runs after at most MAX_PASSES calls."""
+    index = index_of(job(1, member=1, model="b"))
+    calls = []
+    for n in range(2, 20):
+        index.add(job(n, member=n, model="a"))  # an idle member: the current clock as turn
+        batch = index.next_batch(lambda key: 1, resident=frozenset({"a"}))
+        index.claimed(batch)
+        calls.append(ids(batch))
+        if calls[-1] == [1]:
+            break
+    assert calls[-1] == [1] and len(calls) == queue_module.MAX_PASSES + 1

@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from bot.models import Catalog
 from bot.requests import (
     DEFAULT_SCHEDULER,
     MAX_PROMPT_CHARS,
@@ -15,11 +16,12 @@ from bot.requests import (
 )
 
 LIMITS = Limits(max_steps=50, min_side=256, max_side=1024, max_count=4)
+CATALOG = Catalog.single("model-x")
 
 
 def check(**options):
     options.setdefault("prompt", "photo of a panda surfing")
-    return validate(RawOptions(**options), LIMITS, "model-x", random.Random(1))
+    return validate(RawOptions(**options), LIMITS, CATALOG, random.Random(1))
 
 
 def test_defaults_fill_every_parameter():
@@ -91,7 +93,7 @@ def test_batch_key_ignores_what_varies_per_image():
 def test_img2img_key_holds_the_steps_the_strength_leaves_not_the_strength():
     def image(strength, steps=10):
         raw = RawOptions("a cat", steps=steps, strength=strength)
-        return validate(raw, LIMITS, "model-x", init_image=("h", 64, 64)).batch_key
+        return validate(raw, LIMITS, CATALOG, init_image=("h", 64, 64)).batch_key
 
     assert image(0.3) == image(0.39) and image(0.3).image_steps == 3
     assert image(0.3) != image(0.4) and image(0.4).denoising_steps == 4

@@ -343,13 +343,15 @@ async def recover_interrupted(tx: Tx, max_attempts: int) -> tuple[int, list[Job]
     return cursor.rowcount, failed
 
 
-async def return_to_queue(tx: Tx, job_ids: list[int]) -> None:
+async def return_to_queue(tx: Tx, job_ids: list[int], *, count_attempt: bool = False) -> None:
     """Put jobs that a shutdown interrupted back in the queue; the attempt does not count,
-    since the job did nothing wrong."""
+    since the job did nothing wrong. A worker lost mid-call counts it (`count_attempt`), as a
+    crash does: a job that keeps killing workers must fail in the end."""
     await tx.run_many(
-        """UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(attempts - 1, 0)
+        """UPDATE jobs SET status = 'queued', started_at = NULL,
+               attempts = CASE WHEN ? THEN attempts ELSE MAX(attempts - 1, 0) END
            WHERE id = ? AND status = 'running'""",
-        [(job_id,) for job_id in job_ids],
+        [(count_attempt, job_id) for job_id in job_ids],
     )
 
 

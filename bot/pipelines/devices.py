@@ -1,4 +1,5 @@
-"""Which device and dtype pipelines run on, and how much of its memory a batch may take.
+"""Which device and dtype pipelines run on, how much of its memory a batch may take, and how
+much resident models may take.
 
 The start-up probe measures memory through `MemoryMeter`, so its arithmetic is testable
 without a GPU; `CudaMemory` is the real meter.
@@ -6,8 +7,10 @@ without a GPU; `CudaMemory` is the real meter.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -119,3 +122,34 @@ def padded_batch_size(images: int, cap: int) -> int:
     while bucket < images:
         bucket *= 2
     return max(images, min(bucket, cap))
+
+
+# Of a GPU's memory, what resident models may not take: room for the calls' activations (an
+# SDXL batch at 1024×1024) and the allocator's fragmentation.
+CALL_RESERVE_BYTES = 6 * 2**30
+# Of a CPU's (or Apple's unified) memory, the share resident models may take.
+RAM_SHARE_FOR_MODELS = 0.5
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes resident models' weights may take on `device` when MODEL_MEMORY_GB is unset: a
+    CUDA device's total memory less room for calls, else a share of the machine's RAM."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(total // 4, int(total * MEMORY_HEADROOM) - CALL_RESERVE_BYTES)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume a small machine
+        ram = 16 * 2**30
+    return int(ram * RAM_SHARE_FOR_MODELS)
+
+
+def module_bytes(modules: Iterable[Any]) -> int:
+    """The bytes of the parameters and buffers of every torch module among `modules` (a
+    pipeline's components: tokenizers and schedulers hold no tensors)."""
+    total = 0
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            tensors = [*module.parameters(), *module.buffers()]
+            total += sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    return total

@@ -1,26 +1,60 @@
-"""Loading a Stable Diffusion pipeline from a Hub id or a local folder, ready on its device.
+"""Loading a Stable Diffusion pipeline (SD 1.x/2.x, SDXL, their Turbo and LCM variants) from a
+Hub id, a local folder or a built-in source, ready on its device; finding a LoRA's file.
 
 Loading never downloads (bot/downloads.py does, on start or with `python -m bot download`):
 a Hub model is loaded from its complete cached snapshot, and a model that is not on this
-machine fails at start-up with the command that fetches it.
+machine fails with the command that fetches it. The pipeline class comes from the model's own
+model_index.json.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub.constants
 import torch
-from diffusers import StableDiffusionPipeline
+import transformers
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-from bot.downloads import ModelNotAvailable, cached_model, looks_like_path
+from bot.downloads import (
+    MODEL_INDEX,
+    WEIGHT_SUFFIXES,
+    ModelNotAvailable,
+    cached_lora,
+    cached_model,
+    looks_like_path,
+    needed_files,
+)
 from bot.pipelines.devices import resolve_device
-from bot.pipelines.tiny import TINY_MODEL, build_tiny_model
+from bot.pipelines.tiny import BUILT_IN_LORAS, LORA_WEIGHT_NAME, built_in
 
-__all__ = ["ModelNotAvailable", "PipelineOptions", "load_pipeline"]
+__all__ = [
+    "PIPELINE_FAMILIES",
+    "ModelNotAvailable",
+    "PipelineOptions",
+    "load_pipeline",
+    "load_tokenizer",
+    "lora_file",
+]
+
+# The class a model loads as, by the `_class_name` of its model_index.json. The runner builds
+# every mode (text, image, inpaint) from the loaded pipeline's modules, so a family appears
+# once: Turbo models are SD or SDXL loaded the same way (their guidance 0 and 1–4 steps come
+# from the allowlist entry), and an LCM model is SD 1.x with a guidance embedding in its UNet
+# (the "LCM" scheduler runs it).
+PIPELINE_FAMILIES: dict[str, type[DiffusionPipeline]] = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionImg2ImgPipeline": StableDiffusionPipeline,
+    "StableDiffusionInpaintPipeline": StableDiffusionPipeline,
+    "LatentConsistencyModelPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    "StableDiffusionXLInpaintPipeline": StableDiffusionXLPipeline,
+}
 
 
 @dataclass
@@ -42,6 +76,11 @@ class PipelineOptions:
     max_batch_size: int = 8
     # The GPU memory probe runs at the largest square size members may ask for.
     largest_side: int = 1024
+    # Bytes the resident models' weights may take together; None: from the device
+    # (`devices.memory_budget`). The least recently used model is unloaded to make room.
+    memory_budget_bytes: int | None = None
+    # Results above this many pixels are encoded and decoded by the VAE in tiles.
+    vae_tiling_pixels: int = 1024 * 1024
 
 
 def _not_available(model_id: str, options: PipelineOptions, reason: str) -> ModelNotAvailable:
@@ -66,29 +105,85 @@ def _not_available(model_id: str, options: PipelineOptions, reason: str) -> Mode
     return ModelNotAvailable(f"Model {model_id!r} is not available: {reason}. {hint}")
 
 
-def load_pipeline(model_id: str, options: PipelineOptions) -> StableDiffusionPipeline:
-    """Load a text-to-image pipeline from a Hub id or a local folder, ready to call on the device;
-    `tiny` is built locally first and then loaded exactly like a real model."""
-    device, dtype = resolve_device(options.device, options.dtype)
-    source = model_id
-    if model_id == TINY_MODEL:
-        source = str(build_tiny_model(Path(options.cache_dir) / "tiny-sd"))
-    elif looks_like_path(model_id):
+def _model_folder(model_id: str, options: PipelineOptions) -> str:
+    """Where `model_id` loads from: a built-in's built folder, a local folder, a Hub id's cached
+    snapshot, or the Hub id itself when nothing is cached (loading then fails and says so)."""
+    built = built_in(model_id, options.cache_dir)
+    if built is not None:
+        return str(built)
+    if looks_like_path(model_id):
         folder = Path(model_id).expanduser()
         if not folder.is_dir():
             raise _not_available(model_id, options, "no such folder")
-        if not (folder / "model_index.json").is_file():
+        if not (folder / MODEL_INDEX).is_file():
             raise _not_available(model_id, options, "the folder holds no model_index.json")
-        source = str(folder)
-    else:
-        snapshot = cached_model(model_id, options.cache_dir)
-        if snapshot is not None:
-            source = str(snapshot)
+        return str(folder)
+    snapshot = cached_model(model_id, options.cache_dir)
+    return model_id if snapshot is None else str(snapshot)
+
+
+def _model_index(source: str) -> dict[str, Any]:
+    index = Path(source) / MODEL_INDEX
+    return json.loads(index.read_text()) if index.is_file() else {}
+
+
+def pipeline_family(model_id: str, source: str) -> type[DiffusionPipeline]:
+    """The pipeline class `source` loads as, from its model_index.json; a source with none
+    (a Hub id not cached) loads as SD, which then fails with the reason."""
+    name = _model_index(source).get("_class_name", "StableDiffusionPipeline")
+    family = PIPELINE_FAMILIES.get(name)
+    if family is None:
+        raise ModelNotAvailable(
+            f"Model {model_id!r} is a {name}, which the bot does not run; it runs "
+            f"{', '.join(PIPELINE_FAMILIES)}."
+        )
+    return family
+
+
+def weights_bytes(model_id: str, options: PipelineOptions) -> int:
+    """What `model_id`'s weights will take once loaded in the configured dtype, read from its
+    safetensors headers (other formats by file size) before loading; 0 if not on disk."""
+    source = Path(_model_folder(model_id, options))
+    index = _model_index(str(source))
+    if not index:
+        return 0
+    _, dtype = resolve_device(options.device, options.dtype)
+    paths = [str(p.relative_to(source)) for p in source.glob("*/*") if p.is_file()]
+    total = 0
+    for name in needed_files(paths, index):
+        path = source / name
+        if path.suffix == ".safetensors":
+            with path.open("rb") as file:
+                header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+            shapes = [v["shape"] for k, v in header.items() if k != "__metadata__"]
+            total += sum(math.prod(shape) for shape in shapes) * dtype.itemsize
+        elif path.suffix in WEIGHT_SUFFIXES:
+            total += path.stat().st_size
+    return total
+
+
+def load_tokenizer(model_id: str, options: PipelineOptions) -> Any:
+    """The model's (first) tokenizer alone, for counting a prompt's chunks without loading
+    the weights."""
+    source = _model_folder(model_id, options)
+    kind = _model_index(source).get("tokenizer")
+    if not kind:
+        raise _not_available(model_id, options, "its tokenizer is not on this machine")
+    return getattr(transformers, kind[1]).from_pretrained(Path(source) / "tokenizer")
+
+
+def load_pipeline(model_id: str, options: PipelineOptions) -> DiffusionPipeline:
+    """Load a text-to-image pipeline from a Hub id, a local folder or a built-in source
+    (`tiny`, `tiny-sdxl`: built locally first, then loaded exactly like a real model), ready
+    to call on the device; its class comes from the model's model_index.json."""
+    device, dtype = resolve_device(options.device, options.dtype)
+    source = _model_folder(model_id, options)
+    family = pipeline_family(model_id, source)
     extra: dict[str, Any] = {}
-    if not options.safety_checker:
+    if family is StableDiffusionPipeline and not options.safety_checker:
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = family.from_pretrained(
             source, dtype=dtype, cache_dir=str(options.cache_dir), local_files_only=True, **extra
         )
     except (OSError, HFValidationError, EntryNotFoundError) as exc:
@@ -111,3 +206,30 @@ def load_pipeline(model_id: str, options: PipelineOptions) -> StableDiffusionPip
         pipe.unet.compile(backend=options.compile_backend, dynamic=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def lora_file(source: str, options: PipelineOptions) -> Path:
+    """The .safetensors file of a LoRA: a built-in (built on first use), a local file or
+    folder, or a Hub id's cached snapshot. Never downloads; safetensors only."""
+    built = built_in(source, options.cache_dir, BUILT_IN_LORAS)
+    if built is not None:
+        return built
+    if looks_like_path(source):
+        path = Path(source).expanduser()
+    else:
+        snapshot = cached_lora(source, options.cache_dir)
+        if snapshot is None:
+            raise ModelNotAvailable(
+                f"LoRA {source!r} is not on this machine; fetch it with `python -m bot download`."
+            )
+        path = snapshot
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    preferred = [file for file in files if file.name == LORA_WEIGHT_NAME]
+    if len(preferred or files) != 1:
+        found = ", ".join(file.name for file in files) or "none"
+        raise ModelNotAvailable(
+            f"LoRA {source!r} needs one .safetensors file (or {LORA_WEIGHT_NAME}); found {found}."
+        )
+    return (preferred or files)[0]

@@ -1,10 +1,11 @@
 """What else may differ per image inside one diffusers call: the guidance scale, and for
 image-to-image any strength that starts at the same step.
 
-diffusers' Stable Diffusion pipelines take one `guidance_scale` per call. The pipeline classes
-here keep diffusers' `__call__`, scheduler steps included, and change only the two properties
-it reads the scale through, so a batch mixing scales computes for each image what a call of
-that image alone computes.
+diffusers' Stable Diffusion pipelines (SD 1.x/2.x and SDXL alike) take one `guidance_scale` per
+call. The pipeline classes here keep diffusers' `__call__`, scheduler steps included, and
+change only the two properties it reads the scale through, so a batch mixing scales computes
+for each image what a call of that image alone computes. SDXL's extra conditioning (pooled
+embeddings, time ids from the one size a key has) is per image already.
 """
 
 from __future__ import annotations
@@ -12,8 +13,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import PIL.Image
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from bot.canvas import paste_back, repaint_mask
+from bot.requests import BatchKey, ImageSpec
 
 
 class PerImageGuidance:
@@ -81,6 +95,31 @@ class GuidedImage2Image(PerImageGuidance, StableDiffusionImg2ImgPipeline):
     """Image-to-image with a guidance scale per image."""
 
 
+class GuidedXLText2Image(PerImageGuidance, StableDiffusionXLPipeline):
+    """SDXL text-to-image with a guidance scale per image."""
+
+
+class GuidedXLImage2Image(PerImageGuidance, StableDiffusionXLImg2ImgPipeline):
+    """SDXL image-to-image with a guidance scale per image."""
+
+
+# The class a runner mode calls, by the family of the loaded (text-to-image) pipeline.
+GUIDED_CLASSES: dict[tuple[type[DiffusionPipeline], str], type[PerImageGuidance]] = {
+    (StableDiffusionPipeline, "text"): GuidedText2Image,
+    (StableDiffusionPipeline, "image"): GuidedImage2Image,
+    (StableDiffusionXLPipeline, "text"): GuidedXLText2Image,
+    (StableDiffusionXLPipeline, "image"): GuidedXLImage2Image,
+}
+
+
+def guided_class(base: DiffusionPipeline, mode: str) -> type[PerImageGuidance]:
+    """The per-image-guidance class that runs `mode` with `base`'s modules."""
+    for (family, known_mode), cls in GUIDED_CLASSES.items():
+        if mode == known_mode and isinstance(base, family):
+            return cls
+    raise ValueError(f"no {mode!r} pipeline for a {type(base).__name__}")
+
+
 def strength_for(steps: int, image_steps: int) -> float:
     """A strength for which diffusers' img2img denoises exactly the last `image_steps` of
     `steps`. It computes min(int(steps × strength), steps) and nothing else from the strength;
@@ -91,3 +130,67 @@ def strength_for(steps: int, image_steps: int) -> float:
             f"mode 'image' denoises from 1 to {steps} steps from the init image, got {image_steps}."
         )
     return 1.0 if image_steps == steps else (image_steps + 0.5) / steps
+
+
+class GuidedInpaint(PerImageGuidance, StableDiffusionInpaintPipeline):
+    """Inpainting (Zoom Out, Pan) with a guidance scale per image. diffusers runs a 9-channel
+    inpainting UNet with the mask and masked image as input, and a 4-channel base UNet by
+    putting the kept latents back after every step; both keep one generator per image."""
+
+
+class GuidedXLInpaint(PerImageGuidance, StableDiffusionXLInpaintPipeline):
+    """SDXL inpainting with a guidance scale per image."""
+
+
+GUIDED_CLASSES[(StableDiffusionPipeline, "inpaint")] = GuidedInpaint
+GUIDED_CLASSES[(StableDiffusionXLPipeline, "inpaint")] = GuidedXLInpaint
+
+
+def init_images(key: BatchKey, specs: list[ImageSpec]) -> list[PIL.Image.Image]:
+    """Each spec's init image (modes "image" and "inpaint"), checked to be the key's size, so
+    a bad batch fails with a reason instead of deep inside diffusers."""
+    size = (key.width, key.height)
+    for spec in specs:
+        image = spec.init_image
+        if not isinstance(image, PIL.Image.Image) or image.size != size:
+            got = getattr(image, "size", None)
+            raise ValueError(f"mode {key.mode!r} needs an init image of {size}, got {got}.")
+    return [spec.init_image.convert("RGB") for spec in specs]
+
+
+def inpaint_arguments(key: BatchKey, specs: list[ImageSpec]) -> dict[str, Any]:
+    """Zoom Out and Pan: everything outside each image's keep box, and the feather band
+    inside it, is painted from noise (strength 1); the runner pastes the kept pixels back."""
+    if any(spec.keep_box is None for spec in specs):
+        raise ValueError("mode 'inpaint' needs the box of the init image kept, per image.")
+    size = (key.width, key.height)
+    return {
+        "image": init_images(key, specs),
+        "mask_image": [repaint_mask(size, spec.keep_box) for spec in specs],
+        "strength": 1.0,
+        "width": key.width,
+        "height": key.height,
+    }
+
+
+def pasted_back(
+    pictures: list[PIL.Image.Image],
+    specs: list[ImageSpec],
+    withheld: list[bool],
+    blank: list[bool],
+) -> list[PIL.Image.Image]:
+    """Mode "inpaint": each painted picture with its parent's pixels where they were, past the
+    feather; a withheld or blank image stays as it is."""
+    return [
+        picture if hidden or empty else paste_back(picture, spec.init_image, spec.keep_box)
+        for picture, spec, hidden, empty in zip(pictures, specs, withheld, blank, strict=True)
+    ]
+
+
+def use_vae_tiles(vae: AutoencoderKL, tiled: bool) -> None:
+    """Set per call: above VAE_TILING_PIXELS the VAE encodes and decodes in tiles, since its
+    activations at full size, not the UNet's, are what a 2048² image would not fit in."""
+    if tiled:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()

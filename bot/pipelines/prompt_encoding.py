@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -106,6 +106,15 @@ def call_groups(counts: Sequence[int], limit: int = MAX_CALL_CHUNKS) -> list[lis
     return [members for _, members in groups]
 
 
+def _tokenize(tokenizers: Sequence[Any], text: str) -> tuple[tuple[TokenChunk, ...], ...]:
+    """Chunks per tokenizer; padded with empty chunks should two tokenizers differ."""
+    per_tokenizer = [tokenize_chunks(tokenizer, text) for tokenizer in tokenizers]
+    longest = max(len(chunks) for chunks in per_tokenizer)
+    for tokenizer, chunks in zip(tokenizers, per_tokenizer, strict=True):
+        chunks += tokenize_chunks(tokenizer, "")[:1] * (longest - len(chunks))
+    return tuple(tuple(chunks) for chunks in per_tokenizer)
+
+
 class PromptEncoder:
     """Encodes a call's prompts with one (SD 1.x/2.x) or two (SDXL) tokenizer and text encoder
     pairs. Runs in the device's worker thread; the tokenizers are not shared with counting."""
@@ -124,7 +133,9 @@ class PromptEncoder:
         self.text_encoders = list(text_encoders)
         self.penultimate = penultimate
         self.zero_empty_negative = zero_empty_negative
-        self._chunks = lru_cache(maxsize=256)(self._tokenize)
+        # Cached on a function of the tokenizers alone: a bound method would make a reference
+        # cycle that keeps the text encoders alive after the runner unloads the model.
+        self._chunks = lru_cache(maxsize=256)(partial(_tokenize, tuple(self.tokenizers)))
 
     @classmethod
     def for_pipeline(cls, pipe: Any) -> PromptEncoder:
@@ -140,14 +151,6 @@ class PromptEncoder:
             penultimate=True,
             zero_empty_negative=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
         )
-
-    def _tokenize(self, text: str) -> tuple[tuple[TokenChunk, ...], ...]:
-        """Chunks per tokenizer; padded with empty chunks should two tokenizers differ."""
-        per_tokenizer = [tokenize_chunks(tokenizer, text) for tokenizer in self.tokenizers]
-        longest = max(len(chunks) for chunks in per_tokenizer)
-        for tokenizer, chunks in zip(self.tokenizers, per_tokenizer, strict=True):
-            chunks += tokenize_chunks(tokenizer, "")[:1] * (longest - len(chunks))
-        return tuple(tuple(chunks) for chunks in per_tokenizer)
 
     def chunk_count(self, text: str) -> int:
         return len(self._chunks(text)[0])

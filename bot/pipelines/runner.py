@@ -1,4 +1,6 @@
-"""The runner: the loaded pipelines of one device and one diffusers call per batch.
+"""The runner: one diffusers call per batch on one device, with its resident models
+(bot/pipelines/residency.py: loaded lazily, kept within a memory budget, a call's LoRAs set
+once per call).
 
 Latents are decoded here, not inside diffusers, so a NaN image can be retried in float32 and
 previews can be drawn from the latents while a call runs.
@@ -6,15 +8,14 @@ previews can be drawn from the latents while a call runs.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 
 from bot.pipelines.devices import (
     CudaMemory,
@@ -23,16 +24,27 @@ from bot.pipelines.devices import (
     padded_batch_size,
     resolve_device,
 )
-from bot.pipelines.loading import PipelineOptions, load_pipeline
-from bot.pipelines.per_image import GuidedImage2Image, GuidedText2Image, strength_for
-from bot.pipelines.prompt_encoding import PromptEncoder, call_groups, tokenize_chunks
+from bot.pipelines.loading import PipelineOptions
+from bot.pipelines.per_image import (
+    guided_class,
+    init_images,
+    inpaint_arguments,
+    pasted_back,
+    strength_for,
+    use_vae_tiles,
+)
+from bot.pipelines.prompt_encoding import call_groups, tokenize_chunks
+from bot.pipelines.residency import ResidentModels
 from bot.pipelines.schedulers import with_scheduler
 from bot.requests import BatchKey, ImageSpec
 from bot.results import BLANK_IMAGE_ERROR, GeneratedImage, Interrupted, StepProgress
 
+if TYPE_CHECKING:
+    from bot.models import Catalog
+
 log = logging.getLogger(__name__)
 
-MODES = ("text", "image")
+MODES = ("text", "image", "inpaint")
 
 
 def _not_finite(images: torch.Tensor) -> torch.Tensor:
@@ -90,19 +102,16 @@ def latent_previews(latents: torch.Tensor) -> list[PIL.Image.Image]:
 
 
 class PipelineRunner:
-    """Owns the loaded pipelines, one per model id, loaded lazily and kept for the process.
+    """Runs the calls of one device on its resident models (`models`, by allowlist name).
 
-    Not thread-safe and needs no lock: a single worker thread per device calls `load` and
-    `generate`. `prompt_chunks` uses its own tokenizer copy, so another thread may call it for a
-    model that is already loaded.
+    A single worker thread per device calls `load` and `generate`. `prompt_chunks` (which
+    loads only a tokenizer) and `resident_models` may be called from any thread.
     """
 
-    def __init__(self, options: PipelineOptions) -> None:
+    def __init__(self, options: PipelineOptions, catalog: Catalog | None = None) -> None:
         self.options = options
         self.device, self.dtype = resolve_device(options.device, options.dtype)
-        self._pipelines: dict[str, StableDiffusionPipeline] = {}
-        self._tokenizers: dict[str, Any] = {}
-        self._encoders: dict[str, PromptEncoder] = {}
+        self.models = ResidentModels(options, catalog, self.device, self.release_memory)
         self._memory_fits: dict[str, MemoryFit] = {}
         self._interrupted = threading.Event()
 
@@ -115,17 +124,17 @@ class PipelineRunner:
         """Let calls run again after `interrupt()`; the executor calls this per batch."""
         self._interrupted.clear()
 
-    def load(self, model: str) -> StableDiffusionPipeline:
-        """Load `model` now (at start-up) so missing weights fail early and nobody waits."""
-        pipe = self._pipelines.get(model)
-        if pipe is None:
-            pipe = load_pipeline(model, self.options)
-            # The pipeline reconfigures its tokenizer on every call; counting uses a copy.
-            self._tokenizers[model] = copy.deepcopy(pipe.tokenizer)
-            self._encoders[model] = PromptEncoder.for_pipeline(pipe)
-            self._pipelines[model] = pipe
-            if self.device.type == "cuda":
-                self.measure_memory(model, CudaMemory(self.device))
+    def resident_models(self) -> frozenset[str]:
+        """The models loaded now (a snapshot; safe from any thread)."""
+        return self.models.names()
+
+    def load(self, model: str) -> DiffusionPipeline:
+        """The loaded pipeline of `model`, loading it if it is not resident (the least
+        recently used models unloaded first if it would not fit beside them). Calling it at
+        start-up makes missing weights fail early and spares the first member the wait."""
+        pipe = self.models.load(model).pipe
+        if self.device.type == "cuda" and model not in self._memory_fits:
+            self.measure_memory(model, CudaMemory(self.device))
         return pipe
 
     def batch_limit(self, key: BatchKey) -> int | None:
@@ -193,11 +202,9 @@ class PipelineRunner:
             torch.mps.empty_cache()
 
     def prompt_chunks(self, model: str, prompt: str) -> int:
-        """The 75-token chunks `prompt` is encoded in (at least one; `BREAK` starts another).
-        Raises InvalidRequest on a weight syntax error."""
-        if model not in self._tokenizers:
-            self.load(model)
-        return len(tokenize_chunks(self._tokenizers[model], prompt))
+        """The 75-token chunks `prompt` is encoded in (at least one; `BREAK` starts another),
+        from the model's tokenizer alone. Raises InvalidRequest on a weight syntax error."""
+        return len(tokenize_chunks(self.models.tokenizer(model), prompt))
 
     def generate(
         self,
@@ -219,7 +226,8 @@ class PipelineRunner:
         if not specs:
             return []
         base = self.load(key.model)
-        encoder = self._encoders[key.model]
+        self.models.use_loras(key.model, key.loras)
+        encoder = self.models.load(key.model).encoder
         chunks = encoder.chunk_count
         groups = call_groups([math.lcm(chunks(s.prompt), chunks(s.negative_prompt)) for s in specs])
         if len(groups) > 1:  # chunk counts whose common length would be too long for one call
@@ -234,10 +242,11 @@ class PipelineRunner:
         extra: dict[str, Any] = {}
         if key.mode == "image":
             extra = self._image_arguments(key, specs)
-            pipe = with_scheduler(base, key.scheduler, GuidedImage2Image)
+        elif key.mode == "inpaint":
+            extra = inpaint_arguments(key, specs)
         else:
             extra = {"width": key.width, "height": key.height}
-            pipe = with_scheduler(base, key.scheduler, GuidedText2Image)
+        pipe = with_scheduler(base, key.scheduler, guided_class(base, key.mode))
         # MPS generators are not reliable across torch versions; diffusers accepts CPU ones.
         gen_device = torch.device("cpu") if self.device.type == "mps" else self.device
 
@@ -252,6 +261,7 @@ class PipelineRunner:
             return kwargs
 
         extra["callback_on_step_end"] = on_step
+        use_vae_tiles(pipe.vae, key.width * key.height > self.options.vae_tiling_pixels)
         latents = pipe.guided_call(
             [spec.guidance for spec in specs],
             key.cfg,
@@ -266,11 +276,15 @@ class PipelineRunner:
         if self._interrupted.is_set():
             raise Interrupted("the call was interrupted")
         images, bad = decode_latents(pipe.vae, latents, self.options.vae_decode_batch)
-        images, flags = pipe.run_safety_checker(images, self.device, pipe.text_encoder.dtype)
+        flags = None
+        if hasattr(pipe, "run_safety_checker"):  # SD 1.x/2.x; SDXL ships without one
+            images, flags = pipe.run_safety_checker(images, self.device, pipe.text_encoder.dtype)
         flags = flags or [False] * wanted
         pictures = pipe.image_processor.postprocess(
             images, output_type="pil", do_denormalize=[not flag for flag in flags]
         )
+        if key.mode == "inpaint":
+            pictures = pasted_back(pictures, specs[:wanted], [*map(bool, flags)], bad.tolist())
         return [
             GeneratedImage(
                 image=picture, withheld=bool(flag), error=BLANK_IMAGE_ERROR if blank else None
@@ -306,13 +320,4 @@ class PipelineRunner:
             raise ValueError("mode 'image' needs the steps to denoise from the init image.")
         # Any strength with the key's step count runs the same computation; this is one.
         strength = strength_for(key.steps, key.image_steps)
-        size = (key.width, key.height)
-        for spec in specs:
-            image = spec.init_image
-            if not isinstance(image, PIL.Image.Image) or image.size != size:
-                got = getattr(image, "size", None)
-                raise ValueError(f"mode 'image' needs an init image of {size}, got {got}.")
-        return {
-            "image": [spec.init_image.convert("RGB") for spec in specs],
-            "strength": strength,
-        }
+        return {"image": init_images(key, specs), "strength": strength}

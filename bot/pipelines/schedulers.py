@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from diffusers import (
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
     SchedulerMixin,
-    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
@@ -29,6 +31,8 @@ _SCHEDULER_TYPES: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
     "LMS": (LMSDiscreteScheduler, {}),
     "UniPC": (UniPCMultistepScheduler, {}),
+    # For LCM models and LCM-LoRAs: 1–8 steps at guidance 1–2.
+    "LCM": (LCMScheduler, {}),
 }
 
 
@@ -42,16 +46,17 @@ def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
 
 
 def with_scheduler(
-    base: StableDiffusionPipeline,
-    name: str,
-    cls: type[StableDiffusionPipeline | StableDiffusionImg2ImgPipeline] = StableDiffusionPipeline,
-) -> StableDiffusionPipeline | StableDiffusionImg2ImgPipeline:
+    base: DiffusionPipeline, name: str, cls: type[DiffusionPipeline] = StableDiffusionPipeline
+) -> Any:
     """A `cls` pipeline sharing `base`'s modules (no weights copied) with a fresh scheduler;
-    not `from_pipe`, which casts the shared modules to float32 unless given a dtype."""
+    not `from_pipe`, which casts the shared modules to float32 unless given a dtype. `cls` is
+    of `base`'s family (SD or SDXL); the options `base` was built with carry over."""
     scheduler = make_scheduler(name, base.scheduler.config)
-    pipe = cls(
-        **{**base.components, "scheduler": scheduler},
-        requires_safety_checker=base.config.requires_safety_checker,
-    )
+    accepted = inspect.signature(cls.__init__).parameters
+    options = {k: v for k, v in base.config.items() if k in accepted and k not in base.components}
+    if "add_watermarker" in accepted:
+        # SDXL's watermark is applied when diffusers decodes; the runner decodes itself.
+        options["add_watermarker"] = False
+    pipe = cls(**{**base.components, "scheduler": scheduler}, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe

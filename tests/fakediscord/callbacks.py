@@ -17,15 +17,17 @@ from .interactions import InteractionHandle
 from .models import FakeMessage, InteractionCallback, MessageFlag
 from .rest import body_of, json_response, no_content, truthy, unknown
 from .state import FakeState
-from .validation import Refusal, check_message, field_error, invalid_form
+from .validation import Refusal, check_choices, check_message, field_error, invalid_form
 
-APPLICATION_COMMAND, MESSAGE_COMPONENT = 2, 3
-MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE = 4, 5, 6, 7
+APPLICATION_COMMAND, MESSAGE_COMPONENT, AUTOCOMPLETE = 2, 3, 4
+MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE, AUTOCOMPLETE_RESULT = 4, 5, 6, 7, 8
 
-# The callbacks this fake implements (modals and autocomplete are refused as invalid).
+# The callbacks this fake implements (modals are refused as invalid). An autocomplete
+# interaction takes only choices: it cannot be deferred or answered with a message.
 ALLOWED_CALLBACKS = {
     APPLICATION_COMMAND: {MESSAGE, DEFERRED_MESSAGE},
     MESSAGE_COMPONENT: {MESSAGE, DEFERRED_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE},
+    AUTOCOMPLETE: {AUTOCOMPLETE_RESULT},
 }
 
 
@@ -75,6 +77,11 @@ class InteractionApi:
             raise invalid_form({"type": error})
 
         callback = InteractionCallback(type=response_type, data=data, at=arrived)
+        if response_type == AUTOCOMPLETE_RESULT:
+            check_choices(data, handle.focused_type)
+            handle.responses.append(callback)
+            self.state.changed.notify()
+            return no_content()  # no message, so nothing to return even when asked
         message = self._apply_callback(handle, callback, body.files)
         handle.responses.append(callback)
         self.state.changed.notify()

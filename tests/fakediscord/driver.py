@@ -266,6 +266,30 @@ class FakeDiscord:
         handle.name, handle.command_type = name, 1
         return await self._dispatch_interaction(handle, timeout)
 
+    async def autocomplete(
+        self,
+        member: FakeMember,
+        channel: FakeChannel,
+        name: str,
+        options: Mapping[str, Any],
+        focused: str,
+        *,
+        timeout: float = 10.0,
+    ) -> InteractionHandle:
+        """`member` types in option `focused` of `/name` (the text typed is its value in
+        `options`, or nothing): Discord sends an APPLICATION_COMMAND_AUTOCOMPLETE interaction
+        (type 4) and takes only choices back (callback type 8, see `wait_choices`)."""
+        data = self._builder.command_data(name, 1)
+        resolved: dict[str, dict[str, Any]] = {}
+        data["options"], focused_type = self._builder.autocomplete_options(
+            channel, name, options, focused, resolved
+        )
+        if resolved:
+            data["resolved"] = resolved
+        handle = self._builder.new_handle(4, member, channel, data)
+        handle.name, handle.command_type, handle.focused_type = name, 1, focused_type
+        return await self._dispatch_interaction(handle, timeout)
+
     async def message_command(
         self,
         member: FakeMember,

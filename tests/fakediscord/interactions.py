@@ -47,6 +47,7 @@ class InteractionHandle:
     command_type: int | None = None  # 1 slash, 3 message
     target_id: int | None = None  # message context menu
     message_id: int | None = None  # component interactions: the message clicked
+    focused_type: int | None = None  # autocomplete: the type of the option being typed in
     dispatched_at: float = 0.0
     responses: list[InteractionCallback] = field(default_factory=list)
     followup_ids: list[int] = field(default_factory=list)
@@ -55,6 +56,12 @@ class InteractionHandle:
     @property
     def response(self) -> InteractionCallback | None:
         return self.responses[0] if self.responses else None
+
+    async def wait_choices(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """An autocomplete interaction's answer: the choices offered, as the bot sent them."""
+        response = await self.wait_response(timeout)
+        assert response.type == 8, f"autocomplete answered with callback type {response.type}"
+        return list(response.data["choices"])
 
     @property
     def followups(self) -> list[FakeMessage]:
@@ -219,6 +226,42 @@ class InteractionBuilder:
             resolved.setdefault("attachments", {})[str(value.id)] = payloads.attachment(value)
             return {"name": name, "type": ATTACHMENT, "value": str(value.id)}
         raise TypeError(f"fake Discord cannot send an option of type {type(value).__name__}")
+
+    def autocomplete_options(
+        self,
+        channel: FakeChannel,
+        name: str,
+        values: Mapping[str, Any],
+        focused: str,
+        resolved: dict[str, dict[str, Any]],
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The options of `/name` as typed so far, `focused` marked, and that option's type.
+        Discord asks only about an option registered with `autocomplete`: anything else is a
+        mistake in the test, raised as LookupError."""
+        registered = next(
+            (
+                command
+                for commands in self.state.commands.values()
+                for command in commands
+                if command["name"] == name and command.get("type", 1) == 1
+            ),
+            None,
+        )
+        if registered is None:
+            raise LookupError(f"/{name} is not registered")
+        option = next(
+            (o for o in registered.get("options") or [] if o.get("name") == focused), None
+        )
+        if option is None or not option.get("autocomplete"):
+            raise LookupError(f"/{name} has no option {focused!r} with autocomplete")
+        options = [self._option(channel, key, value, resolved) for key, value in values.items()]
+        typed = next((o for o in options if o["name"] == focused), None)
+        if typed is None:  # nothing typed yet: Discord sends an empty string
+            typed = {"name": focused, "value": ""}
+            options.append(typed)
+        # The focused value is whatever is typed so far, a string even for numbers.
+        typed.update(type=option["type"], value=str(typed["value"]), focused=True)
+        return options, option["type"]
 
     # ---- components -------------------------------------------------------------------------
 

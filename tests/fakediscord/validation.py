@@ -173,3 +173,40 @@ def _check_item(item: dict[str, Any], seen: set[str]) -> dict[str, Any]:
     if label is not None and len(label) > MAX_LABEL:
         problem["label"] = _too_long(MAX_LABEL)
     return problem
+
+
+MAX_CHOICES = 25
+MAX_CHOICE_TEXT = 100  # a choice's name, and a string choice's value
+STRING_OPTION, INTEGER_OPTION, NUMBER_OPTION = 3, 4, 10
+
+
+def check_choices(data: dict[str, Any], option_type: int | None) -> None:
+    """Raise `Refusal` for an autocomplete answer Discord would refuse: more than 25 choices,
+    a name not 1 to 100 characters, a value of the wrong type for the option (or a string
+    value over 100 characters)."""
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        raise invalid_form({"data": {"choices": field_error("BASE_TYPE_REQUIRED", "Required")}})
+    if len(choices) > MAX_CHOICES:
+        raise invalid_form({"data": {"choices": _too_long(MAX_CHOICES)}})
+    errors: dict[str, Any] = {}
+    for index, choice in enumerate(choices):
+        problem: dict[str, Any] = {}
+        name, value = choice.get("name"), choice.get("value")
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_CHOICE_TEXT:
+            problem["name"] = field_error(
+                "BASE_TYPE_BAD_LENGTH", f"Must be between 1 and {MAX_CHOICE_TEXT} in length."
+            )
+        if option_type == STRING_OPTION:
+            if not isinstance(value, str):
+                problem["value"] = field_error("BASE_TYPE_REQUIRED", "Must be a string.")
+            elif len(value) > MAX_CHOICE_TEXT:
+                problem["value"] = _too_long(MAX_CHOICE_TEXT)
+        elif option_type in (INTEGER_OPTION, NUMBER_OPTION) and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+        ):
+            problem["value"] = field_error("NUMBER_TYPE_COERCE", "Value is not a number.")
+        if problem:
+            errors[str(index)] = problem
+    if errors:
+        raise invalid_form({"data": {"choices": errors}})

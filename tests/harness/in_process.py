@@ -78,7 +78,7 @@ class HeldRunner:
 
     def generate(self, key: BatchKey, specs: list[ImageSpec], **kwargs: Any) -> Sequence[Any]:
         self.calls.append((key, list(specs)))
-        if not self._open.wait(60):
+        if not self._open.wait(300):  # the pytest timeout ends a test that forgot first
             raise TimeoutError("HeldRunner was never released")
         return self._runner.generate(key, specs, **kwargs)
 

@@ -1,0 +1,133 @@
+"""Peak memory of an Upscale ×2 call, with and without the tiled VAE: each configuration runs
+in its own process (peak resident memory only grows), the tiny model on the CPU (or a GPU:
+`--device cuda`, peak allocated memory), one image, one denoised step.
+
+    .venv/bin/python -m bench.upscale [--device cpu|cuda] [--model tiny] [--sides 1024,2048]
+
+Prints a Markdown table for docs/performance.md ("Upscale memory") and the goal line: a 2048²
+result with tiles takes no more memory than a 1024² one without them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(side: int, tiled: bool, device: str, model: str, cache: Path) -> dict:
+    """One upscale call from a (side/2)² parent to side², in this process."""
+    import torch
+    from PIL import Image
+
+    from bench.common import quiet_libraries
+    from bot import canvas
+    from bot.pipelines import PipelineOptions, PipelineRunner
+    from bot.requests import BatchKey, ImageSpec
+
+    quiet_libraries()
+    threshold = 1 if tiled else side * side  # tiles above the threshold, whole at it
+    runner = PipelineRunner(
+        PipelineOptions(device=device, cache_dir=cache, vae_tiling_pixels=threshold)
+    )
+    runner.load(model)
+    half = side // 2
+    chosen = canvas.plan("upscale-subtle", half, half, max_side=side, pan_step=8)
+    parent = Image.effect_noise((half, half), 64).convert("RGB")
+    start = canvas.init_image(parent, chosen)
+    key = BatchKey(model, "image", side, side, 4, "Euler", cfg=False, image_steps=1)
+    spec = ImageSpec("a harbour at dusk", "", 1, 1.0, init_image=start)
+    warm = BatchKey(model, "image", 64, 64, 4, "Euler", cfg=False, image_steps=1)
+    runner.generate(warm, [ImageSpec("warm", "", 1, 1.0, init_image=start.resize((64, 64)))])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _resident_bytes()
+    began = time.perf_counter()
+    image = runner.generate(key, [spec])[0].image
+    seconds = time.perf_counter() - began
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    assert image.size == (side, side)
+    return {"side": side, "tiled": tiled, "peak_mib": peak / 2**20, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument(
+        "--sides",
+        default="1024,2048",
+        help="today's largest result (VAE whole) and the doubled one (whole, then tiled)",
+    )
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/)")
+    parser.add_argument("--one", nargs=2, metavar=("SIDE", "TILED"), help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.one:  # a child: one configuration
+        side, tiled = int(options.one[0]), options.one[1] == "1"
+        print(json.dumps(measure(side, tiled, options.device, options.model, options.cache)))
+        return
+    from bench.report import print_goals, table, verdict, write_json
+
+    small, large = (int(side) for side in options.sides.split(","))
+    with tempfile.TemporaryDirectory() as folder:
+        rows = []
+        for side, tiled in ((small, False), (large, False), (large, True)):
+            command = [sys.executable, "-m", "bench.upscale", "--one", str(side), str(int(tiled))]
+            child = subprocess.run(
+                [*command, "--device", options.device, "--model", options.model, "--cache", folder],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    what = "allocated on the GPU" if options.device == "cuda" else "resident growth"
+    print(
+        table(
+            ["result", "VAE", f"peak memory of the call ({what})", "seconds"],
+            [
+                [
+                    f"{r['side']}²",
+                    "tiled" if r["tiled"] else "whole",
+                    f"{r['peak_mib']:.0f} MiB",
+                    f"{r['seconds']:.1f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    today, whole, tiled = (r["peak_mib"] for r in rows)
+    goals = print_goals(
+        {
+            f"{large}² tiled ({tiled:.0f} MiB) within {small}² whole ({today:.0f} MiB)": verdict(
+                tiled <= today
+            ),
+            f"tiles save memory at {large}² ({whole:.0f} → {tiled:.0f} MiB)": verdict(
+                tiled < whole
+            ),
+        }
+    )
+    results = options.out or Path(__file__).parent / "results" / f"upscale-{options.device}.json"
+    write_json(results, {"model": options.model, "rows": rows, "goals": goals})
+
+
+if __name__ == "__main__":
+    main()

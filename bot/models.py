@@ -1,0 +1,396 @@
+"""The models and LoRAs members may choose: the owner's allowlist (`models.toml`) as a `Catalog`.
+
+Two kinds of input, trusted differently. The owner's file is checked strictly at start-up
+(`load_catalog` raises `ModelsFileError`, a `SettingsError`, naming the key and the file).
+Members' choices are hostile: `Catalog.entry` and `Catalog.check_loras` bound them before
+parsing and refuse with `InvalidRequest`, naming the allowed values. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bot.requests import SCHEDULERS, InvalidRequest, Limits
+from bot.settings import SettingsError
+
+MAX_LORAS = 5  # per request: each one is loaded and fused for the call
+MAX_NAME_CHARS = 64
+MAX_LORA_WEIGHT = 2.0  # weights from −2 to 2; beyond that a LoRA only burns the image
+# Longest `lora:` text worth parsing: every LoRA's name, a colon, a weight and a separator.
+MAX_LORAS_TEXT = MAX_LORAS * (MAX_NAME_CHARS + 10)
+# Owner-given names: what a member types, and what PNG parameters carry as `<lora:name:w>`,
+# so no spaces, colons, commas or angle brackets.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SEPARATORS = re.compile(r"[\s,]+")
+
+Loras = tuple[tuple[str, float], ...]
+
+
+class ModelsFileError(SettingsError):
+    """The owner's models.toml is malformed; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One allowlisted model: where its weights come from, and its own defaults and limits
+    (None: the server's)."""
+
+    name: str
+    source: str  # a Hub id, a local folder, or a built-in (bot/downloads.BUILTIN_SOURCES)
+    description: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    negative_prompt: str = ""  # put before every member's negative prompt
+    max_steps: int | None = None
+    safety_checker: bool | None = None
+    inpaint: str | None = None  # the allowlisted model that paints Zoom Out and Pan fills
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """One allowlisted LoRA and the models it fits."""
+
+    name: str
+    source: str  # a Hub id (its .safetensors file), a local .safetensors file, or a built-in
+    models: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass
+class Catalog:
+    """What members may choose. `missing` holds the sources not on this machine (found at
+    start-up); models and LoRAs with such a source are refused until they are fetched."""
+
+    default: str
+    models: dict[str, ModelEntry]
+    loras: dict[str, LoraEntry] = field(default_factory=dict)
+    missing: set[str] = field(default_factory=set)
+
+    @classmethod
+    def single(cls, model_id: str) -> Catalog:
+        """Without an allowlist: the one model MODEL_ID, named by its source."""
+        return cls(model_id, {model_id: ModelEntry(model_id, model_id)})
+
+    def entry(self, name: Any) -> ModelEntry:
+        """The model a member named (None: the default); InvalidRequest("model") otherwise."""
+        if name is None:
+            return self.models[self.default]
+        model = self.models.get(name.strip()) if isinstance(name, str) else None
+        if model is None or model.source in self.missing:
+            what = (
+                f"there is no model {_shown(str(name))}"
+                if model is None
+                else f"{model.name} is not installed yet (the owner fetches it with "
+                "`python -m bot download`)"
+            )
+            choices = ", ".join(m.name for m in self.usable_models()) or "none is installed"
+            raise InvalidRequest("model", f"{what}; choose one of: {choices}.")
+        return model
+
+    def own_defaults(self, name: Any) -> frozenset[str]:
+        """The options model `name` (None: the default) sets its own default for; none for a
+        name that is not a model (validation refuses it)."""
+        if name is not None and not isinstance(name, str):
+            return frozenset()
+        entry = self.models.get(self.default if name is None else name.strip())
+        options = ("steps", "guidance", "width", "height", "scheduler")
+        return frozenset(o for o in options if entry is not None and getattr(entry, o) is not None)
+
+    def usable_models(self) -> list[ModelEntry]:
+        """The models members can use now, in the file's order."""
+        return [m for m in self.models.values() if m.source not in self.missing]
+
+    def loras_for(self, model: str) -> list[LoraEntry]:
+        """The LoRAs members can use with `model` now, by name."""
+        return sorted(
+            (
+                lora
+                for lora in self.loras.values()
+                if model in lora.models and lora.source not in self.missing
+            ),
+            key=lambda lora: lora.name,
+        )
+
+    def check_loras(self, model: str, loras: Any) -> Loras:
+        """A member's LoRAs for `model`, as `lora:` text ("pixel-art:0.8 other") or (name,
+        weight) pairs, checked and sorted by name. InvalidRequest("lora") names what fits."""
+        if loras is None or loras == "":
+            return ()
+        pairs = parse_loras(loras) if isinstance(loras, str) else _pairs(loras)
+        fitting = {lora.name for lora in self.loras_for(model)}
+        for name, _ in pairs:
+            if name not in fitting:
+                allowed = (
+                    f"for {model} choose from: {', '.join(sorted(fitting))}"
+                    if fitting
+                    else f"{model} takes no LoRAs on this server"
+                )
+                known = self.loras.get(name)
+                what = (
+                    "is not a LoRA on this server"
+                    if known is None
+                    else "is not installed yet"
+                    if known.source in self.missing
+                    else f"does not fit {model}"
+                )
+                raise InvalidRequest("lora", f"{_shown(name)} {what}; {allowed}.")
+        return pairs
+
+    def limits_for(self, model: str, base: Limits) -> Limits:
+        """The server's limits with `model`'s own defaults, never past the server's bounds."""
+        entry = self.models[model]
+        max_steps = min(base.max_steps, entry.max_steps or base.max_steps)
+
+        def side(value: int | None, default: int) -> int:
+            return default if value is None else min(max(value, base.min_side), base.max_side)
+
+        return replace(
+            base,
+            max_steps=max_steps,
+            default_steps=min(entry.steps or base.default_steps, max_steps),
+            default_guidance=(
+                base.default_guidance
+                if entry.guidance is None
+                else min(entry.guidance, base.max_guidance)
+            ),
+            default_width=side(entry.width, base.default_width),
+            default_height=side(entry.height, base.default_height),
+            default_scheduler=entry.scheduler or base.default_scheduler,
+        )
+
+    def sources(self) -> list[tuple[str, str]]:
+        """Every source the allowlist names, as (kind, source), kind "model" or "lora"."""
+        found = [("model", m.source) for m in self.models.values()]
+        found += [("lora", lora.source) for lora in self.loras.values()]
+        return list(dict.fromkeys(found))
+
+
+def _shown(name: str) -> str:
+    """A member's name echoed back, bounded so a refusal cannot be made arbitrarily long."""
+    return repr(name[:MAX_NAME_CHARS] + ("…" if len(name) > MAX_NAME_CHARS else ""))
+
+
+def _weight(name: str, value: Any) -> float:
+    problem = f"the weight of {_shown(name)} must be a number from -2 to 2"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest("lora", f"{problem}.")
+    if not math.isfinite(value) or abs(value) > MAX_LORA_WEIGHT:
+        raise InvalidRequest("lora", f"{problem}, got {value}.")
+    return round(float(value), 2)
+
+
+def _checked(pairs: list[tuple[str, float]]) -> Loras:
+    if len(pairs) > MAX_LORAS:
+        raise InvalidRequest("lora", f"at most {MAX_LORAS} LoRAs per request.")
+    names = [name for name, _ in pairs]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise InvalidRequest("lora", f"{_shown(twice)} is named twice; name each LoRA once.")
+    return tuple(sorted(pairs))
+
+
+def _pairs(value: Any) -> Loras:
+    """(name, weight) pairs from the command line or read back from an image's parameters."""
+    if not isinstance(value, list | tuple) or len(value) > MAX_LORAS:
+        raise InvalidRequest("lora", f"give at most {MAX_LORAS} LoRAs as `name:weight`.")
+    pairs = []
+    for pair in value:
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise InvalidRequest("lora", "give each LoRA as `name:weight`.")
+        pairs.append((pair[0], _weight(pair[0], pair[1])))
+    return _checked(pairs)
+
+
+def parse_loras(text: str) -> Loras:
+    """`lora:` text as a member types it: `name` or `name:weight` (weight 1 by default),
+    separated by spaces or commas. Bounded before it is split; sorted by name."""
+    if len(text) > MAX_LORAS_TEXT:
+        raise InvalidRequest(
+            "lora", f"is {len(text)} characters long; at most {MAX_LORAS_TEXT} are allowed."
+        )
+    words = [word for word in _SEPARATORS.split(text) if word]
+    if len(words) > MAX_LORAS:
+        raise InvalidRequest("lora", f"at most {MAX_LORAS} LoRAs per request.")
+    pairs = []
+    for word in words:
+        name, colon, weight_text = word.partition(":")
+        if not _NAME.fullmatch(name):
+            raise InvalidRequest("lora", f"{_shown(word)} is not `name` or `name:weight`.")
+        weight: Any = 1.0
+        if colon:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                weight = weight_text
+        pairs.append((name, _weight(name, weight)))
+    return _checked(pairs)
+
+
+# --- The owner's file -------------------------------------------------------------------------
+
+
+def load_catalog(path: Path, model_id: str) -> Catalog:
+    """The allowlist in `path`, or, when there is no such file, the one model `model_id`
+    (the bot before allowlists). Raises ModelsFileError naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        return Catalog.single(model_id)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as problem:
+        raise ModelsFileError(f"{path}: cannot be read as TOML: {problem}") from None
+    return _catalog(data, _Where(path))
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where in the owner's file a value sits, for error messages."""
+
+    path: Path
+
+    def error(self, key: str, message: str) -> ModelsFileError:
+        return ModelsFileError(f"{self.path}: `{key}` {message}")
+
+
+def _catalog(data: dict[str, Any], where: _Where) -> Catalog:
+    _known_keys(data, {"default", "models", "loras"}, "", where)
+    models_table = _table(data.get("models"), "models", where, required=True)
+    models = {
+        name: _model(name, _table(value, f"models.{name}", where), where)
+        for name, value in models_table.items()
+    }
+    if not models:
+        raise where.error("models", "must list at least one model, as [models.NAME].")
+    default = data.get("default")
+    choices = ", ".join(models)
+    if not isinstance(default, str) or default not in models:
+        raise where.error(
+            "default", f"must name the model used when a member names none: one of {choices}."
+        )
+    for model in models.values():
+        if model.inpaint is not None and model.inpaint not in models:
+            raise where.error(f"models.{model.name}.inpaint", f"must be one of {choices}.")
+    loras_table = _table(data.get("loras"), "loras", where, required=False)
+    loras = {
+        name: _lora(name, _table(value, f"loras.{name}", where), models, where)
+        for name, value in loras_table.items()
+    }
+    return Catalog(default, models, loras)
+
+
+_MODEL_KEYS: dict[str, tuple[type, ...]] = {
+    "source": (str,),
+    "description": (str,),
+    "steps": (int,),
+    "guidance": (int, float),
+    "width": (int,),
+    "height": (int,),
+    "scheduler": (str,),
+    "negative_prompt": (str,),
+    "max_steps": (int,),
+    "safety_checker": (bool,),
+    "inpaint": (str,),
+}
+_RANGES: dict[str, tuple[float, float]] = {
+    "steps": (1, 150),
+    "max_steps": (1, 150),
+    "guidance": (0, 30),
+    "width": (64, 4096),
+    "height": (64, 4096),
+}
+
+
+def _model(name: str, table: dict[str, Any], where: _Where) -> ModelEntry:
+    key = f"models.{name}"
+    _check_name(name, key, where)
+    _known_keys(table, set(_MODEL_KEYS), key, where)
+    values: dict[str, Any] = {}
+    for option, value in table.items():
+        _check_type(value, _MODEL_KEYS[option], f"{key}.{option}", where)
+        if option in _RANGES:
+            low, high = _RANGES[option]
+            if not low <= value <= high:
+                raise where.error(f"{key}.{option}", f"must be from {low} to {high}, got {value}.")
+        values[option] = value
+    for side in ("width", "height"):
+        if values.get(side, 0) % 8:
+            raise where.error(f"{key}.{side}", f"must be a multiple of 8, got {values[side]}.")
+    scheduler = values.get("scheduler")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise where.error(f"{key}.scheduler", f"must be one of: {', '.join(SCHEDULERS)}.")
+    if values.get("steps", 0) > values.get("max_steps", 150):
+        raise where.error(f"{key}.steps", f"must not exceed max_steps ({values['max_steps']}).")
+    _check_source(values, key, where)
+    if "guidance" in values:
+        values["guidance"] = float(values["guidance"])
+    return ModelEntry(name=name, **values)
+
+
+def _lora(
+    name: str, table: dict[str, Any], models: Mapping[str, ModelEntry], where: _Where
+) -> LoraEntry:
+    key = f"loras.{name}"
+    _check_name(name, key, where)
+    _known_keys(table, {"source", "models", "description"}, key, where)
+    _check_source(table, key, where)
+    description = table.get("description", "")
+    _check_type(description, (str,), f"{key}.description", where)
+    fits = table.get("models")
+    choices = ", ".join(models)
+    if (
+        not isinstance(fits, list)
+        or not fits
+        or not all(isinstance(model, str) and model in models for model in fits)
+    ):
+        raise where.error(f"{key}.models", f"must list the models this LoRA fits, from: {choices}.")
+    return LoraEntry(name, table["source"], tuple(dict.fromkeys(fits)), description)
+
+
+def _check_source(table: Mapping[str, Any], key: str, where: _Where) -> None:
+    source = table.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise where.error(
+            f"{key}.source", "must be a Hub id (owner/name), a local path or a built-in name."
+        )
+
+
+def _check_name(name: str, key: str, where: _Where) -> None:
+    if not _NAME.fullmatch(name):
+        raise where.error(
+            key,
+            f"is not a usable name: up to {MAX_NAME_CHARS} letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit.",
+        )
+
+
+def _check_type(value: Any, kinds: tuple[type, ...], key: str, where: _Where) -> None:
+    wrong_bool = isinstance(value, bool) and bool not in kinds  # TOML true is not a number
+    if wrong_bool or not isinstance(value, kinds):
+        names = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
+        raise where.error(key, f"must be {' or '.join(names[k] for k in kinds)}, got {value!r}.")
+
+
+def _table(value: Any, key: str, where: _Where, *, required: bool = True) -> dict[str, Any]:
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise where.error(key, "must be a table, as [" + key + "] or [" + key + ".NAME].")
+    return value
+
+
+def _known_keys(table: Mapping[str, Any], known: set[str], key: str, where: _Where) -> None:
+    for option in table:
+        if option not in known:
+            raise where.error(
+                f"{key}.{option}" if key else option,
+                f"is not a known key; use one of: {', '.join(sorted(known))}.",
+            )

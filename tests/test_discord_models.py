@@ -1,0 +1,246 @@
+"""Models and LoRAs from the owner's allowlist, through the fake Discord: /imagine's `model:`
+and `lora:` (autocomplete, refusals), /models, variations that keep their parent's model and
+LoRAs, and the result showing both. The allowlist holds the built-ins `tiny`, `tiny-sdxl` and
+`tiny-lora`; one runner (both models loaded once) serves every test of the module."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import TEST_LIMITS
+from factories import pixels
+from harness.answers import embed_field, job_id_of
+from harness.in_process import HeldRunner, running_bot
+
+from bot.db import jobs
+from bot.images import read_parameters
+from bot.models import Catalog, ModelEntry, load_catalog
+from cogs.models import model_choices, models_text
+from cogs.sources import raw_from_parameters
+
+MODELS_TOML = """
+default = "tiny"
+
+[models.tiny]
+source = "tiny"
+description = "SD 1.x at toy size"
+
+[models.tiny-sdxl]
+source = "tiny-sdxl"
+description = "SDXL at toy size, two text encoders"
+steps = 3
+
+[loras.tiny-lora]
+source = "tiny-lora"
+models = ["tiny"]
+description = "A toy LoRA"
+"""
+
+
+@pytest.fixture(scope="module")
+def models_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("allowlist") / "models.toml"
+    path.write_text(MODELS_TOML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models_runner(model_cache, models_file):
+    """The real runner on the allowlist, with both models loaded once for the module."""
+    import torch
+
+    from bot.pipelines import PipelineOptions, PipelineRunner
+
+    torch.set_num_threads(1)  # as conftest's tiny_runner: a second thread fights the loop
+
+    runner = PipelineRunner(
+        PipelineOptions(device="cpu", cache_dir=model_cache), load_catalog(models_file, "tiny")
+    )
+    for name in ("tiny", "tiny-sdxl"):
+        runner.load(name)
+    return runner
+
+
+@pytest.fixture
+async def models_bot(discord_world, settings, models_file, models_runner):
+    """The bot on the allowlist (MODELS_FILE), its runner behind a gate."""
+    runner = HeldRunner(models_runner)
+    settings = replace(settings, models_file=models_file)
+    async with running_bot(discord_world.fake, settings, runner=runner) as running:
+        try:
+            yield running
+        finally:
+            runner.release()
+
+
+async def result_of(bot, member, **options):
+    """Run /imagine; (the job's record once done, its result message)."""
+    inter = await bot.imagine(member, **options)
+    job_id = job_id_of((await inter.wait_response()).content)
+    result = await inter.wait_followup(timeout=30)
+    await bot.wait_idle()
+    return await bot.store.read(jobs.get, job_id), result
+
+
+async def test_two_models_queued_together_run_in_separate_calls_and_both_deliver(
+    discord_world, models_bot
+):
+    w, runner = discord_world, models_bot.runner
+    runner.hold()
+    blocker = await models_bot.imagine(w.mod, prompt="hold on", seed=1, steps=2)
+    await runner.wait_calls(1)
+    options = {"prompt": "a lighthouse", "seed": 5, "steps": 2}
+    sdxl = await models_bot.imagine(w.alice, model="tiny-sdxl", **options)
+    tiny = await models_bot.imagine(w.bob, model="tiny", **options)
+    for inter in (sdxl, tiny):
+        assert "Queued as job #" in (await inter.wait_response()).content
+    runner.release()
+    await models_bot.wait_idle()
+
+    assert [(key.model, len(specs)) for key, specs in runner.calls[1:]] in (
+        [("tiny-sdxl", 1), ("tiny", 1)],
+        [("tiny", 1), ("tiny-sdxl", 1)],
+    )
+    delivered = {}
+    for inter, model in ((sdxl, "tiny-sdxl"), (tiny, "tiny")):
+        result = await inter.wait_followup(timeout=30)
+        assert embed_field(result, "Model") == model and embed_field(result, "LoRAs") is None
+        assert read_parameters(result.attachments[0].data)["model"] == model
+        delivered[model] = pixels(result.attachments[0])
+        assert delivered[model].shape == (64, 64, 3)
+    assert np.abs(delivered["tiny"] - delivered["tiny-sdxl"]).mean() > 1
+    await blocker.wait_followup(timeout=30)
+
+    listing = await w.fake.slash_command(w.alice, w.channel, "models")
+    answer = await listing.wait_response()
+    assert answer.ephemeral
+    lines = answer.content.splitlines()
+    sdxl_line = next(i for i, line in enumerate(lines) if line.startswith("• **tiny-sdxl**"))
+    assert lines[sdxl_line].endswith("SDXL at toy size, two text encoders · loaded now")
+    assert "3 steps" in lines[sdxl_line + 1]
+    assert any(line.startswith("• **tiny** —") and "loaded now" in line for line in lines)
+    assert "• **tiny-lora** — A toy LoRA · for tiny" in lines
+
+
+@pytest.mark.parametrize(
+    ("options", "option", "named"),
+    [
+        ({"model": "sd99"}, "model", "tiny, tiny-sdxl"),
+        ({"model": "tiny-sdxl", "lora": "tiny-lora:0.5"}, "lora", "tiny-sdxl takes no LoRAs"),
+        ({"lora": "tiny-lora:2.5"}, "lora", "from -2 to 2"),
+        ({"lora": "pixel-art"}, "lora", "choose from: tiny-lora"),
+    ],
+    ids=["unknown-model", "lora-for-another-model", "weight-out-of-range", "unknown-lora"],
+)
+async def test_a_bad_model_or_lora_is_refused_privately_with_no_job(
+    discord_world, models_bot, options, option, named
+):
+    inter = await models_bot.imagine(discord_world.alice, prompt="a cat", **options)
+    response = await inter.wait_response()
+    assert response.type == 4 and response.ephemeral
+    assert f"`{option}`" in response.content and named in response.content
+    assert await models_bot.store.read(jobs.count) == 0
+    assert models_bot.runner.calls == [] and inter.followup_ids == []
+
+
+async def test_autocomplete_offers_the_allowlist(discord_world, models_bot):
+    w = discord_world
+
+    async def choices(focused, **typed):
+        options = {"prompt": "a cat", **typed}
+        inter = await w.fake.autocomplete(w.alice, w.channel, "imagine", options, focused)
+        return await inter.wait_choices()
+
+    assert await choices("model") == [
+        {"name": "tiny — SD 1.x at toy size", "value": "tiny"},
+        {"name": "tiny-sdxl — SDXL at toy size, two text encoders", "value": "tiny-sdxl"},
+    ]
+    assert [c["value"] for c in await choices("model", model="XL")] == ["tiny-sdxl"]
+    assert [c["value"] for c in await choices("model", model="two encoders")] == []
+    assert await choices("model", model="x" * 5000) == []  # bounded: nothing to match
+    assert await choices("lora", model="tiny", lora="ti") == [
+        {"name": "tiny-lora:1 — A toy LoRA", "value": "tiny-lora:1"}
+    ]
+    assert [c["value"] for c in await choices("lora", lora="tiny-lora:0.4")] == ["tiny-lora:0.4"]
+    assert await choices("lora", model="tiny-sdxl", lora="") == []
+    assert await models_bot.store.read(jobs.count) == 0
+
+
+async def test_a_lora_shows_on_the_result_its_png_the_dry_run_and_a_reroll(
+    discord_world, models_bot
+):
+    w = discord_world
+    preview = await models_bot.imagine(
+        w.alice, prompt="a fox", seed=3, lora="tiny-lora:0.5", preview=True
+    )
+    dry_run = (await preview.wait_response()).content
+    assert "Model tiny · LoRAs tiny-lora:0.5" in dry_run
+
+    record, result = await result_of(
+        models_bot, w.alice, prompt="a fox", seed=3, steps=2, lora="tiny-lora:0.5"
+    )
+    assert record.job.request.loras == (("tiny-lora", 0.5),)
+    assert (embed_field(result, "Model"), embed_field(result, "LoRAs")) == ("tiny", "tiny-lora:0.5")
+    parameters = read_parameters(result.attachments[0].data)
+    assert parameters["model"] == "tiny"
+    assert tuple(parameters["loras"]) == (("tiny-lora", 0.5),)
+
+    reroll = await w.fake.click_button(w.bob, result, f"reroll:{record.job.id}")
+    rerolled = await models_bot.store.read(
+        jobs.get, job_id_of((await reroll.wait_response()).content)
+    )
+    assert rerolled.job.request.loras == (("tiny-lora", 0.5),)
+    assert rerolled.job.request.model == "tiny"
+    await models_bot.wait_idle()
+
+
+async def test_a_variation_of_a_tiny_sdxl_result_stays_tiny_sdxl(discord_world, models_bot):
+    w = discord_world
+    parent, result = await result_of(
+        models_bot, w.alice, prompt="a harbour", seed=8, steps=3, model="tiny-sdxl"
+    )
+    press = await w.fake.click_button(w.bob, result, f"vary:{parent.job.id}:0:strong")
+    job_id = job_id_of((await press.wait_original()).content)
+    varied = await press.wait_followup(timeout=30)
+    await models_bot.wait_idle()
+    record = await models_bot.store.read(jobs.get, job_id)
+    assert (record.job.request.model, record.job.request.mode) == ("tiny-sdxl", "image")
+    assert embed_field(varied, "Model") == "tiny-sdxl"
+    assert models_bot.runner.calls[-1][0].model == "tiny-sdxl"
+
+    # The same image's PNG parameters, posted by a member, say tiny-sdxl too.
+    posted = await w.fake.send_message(
+        w.alice, w.channel, "", attachments=[("mine.png", result.attachments[0].data)]
+    )
+    menu = await w.fake.message_command(w.alice, w.channel, "Vary", posted)
+    again = await models_bot.store.read(jobs.get, job_id_of((await menu.wait_original()).content))
+    assert again.job.request.model == "tiny-sdxl"
+    await models_bot.wait_idle()
+
+
+def test_an_images_parameters_keep_only_what_the_allowlist_has(models_file):
+    catalog = load_catalog(models_file, "tiny")
+
+    def kept(model, loras):
+        raw = raw_from_parameters({"prompt": "a fox", "model": model, "loras": loras}, catalog)
+        return raw.model, raw.loras
+
+    assert kept("tiny", [("tiny-lora", 0.5)]) == ("tiny", (("tiny-lora", 0.5),))
+    # Another tool's PNG: its model is not ours (the default draws), nor its LoRA.
+    assert kept("v1-5-pruned", [("detail", 1.0)]) == (None, None)
+    assert kept("v1-5-pruned", [("tiny-lora", 1.0)]) == (None, (("tiny-lora", 1.0),))
+    # A LoRA for tiny on a tiny-sdxl image does not fit: dropped rather than refused.
+    assert kept("tiny-sdxl", [("tiny-lora", 0.5)]) == ("tiny-sdxl", None)
+
+
+def test_autocomplete_and_models_stay_within_discords_limits():
+    models = {f"m{i:02}": ModelEntry(f"m{i:02}", f"m{i:02}", "x" * 150) for i in range(40)}
+    catalog = Catalog("m39", models)
+    choices = model_choices(catalog, "m")
+    assert len(choices) == 25 and choices[0].value == "m39"  # the default first
+    assert all(len(choice.name) <= 100 for choice in choices)
+    assert [c.value for c in model_choices(catalog, "3")][:3] == ["m39", "m03", "m13"]
+    text = models_text(catalog, TEST_LIMITS, frozenset({"m00"}))
+    assert len(text) <= 2000 and text.endswith("more.")

@@ -1,0 +1,128 @@
+"""EXECUTOR=ray through the fake Discord: two CPU workers on a local Ray cluster (one core and
+one torch thread each) answer /imagine with the pixels the local runner makes for the seed, and
+a worker killed, or stopped past WORKER_TIMEOUT, in the middle of a call loses no job and
+delivers each exactly once. One bot for all of it: starting Ray workers takes seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from factories import pixels
+from harness.answers import attachment_names
+from harness.in_process import running_bot
+
+from bot.db import jobs
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance for the module; the bot finds it initialised and joins it."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+async def lane_running(service, job_id: int, timeout: float = 60.0):
+    """The lane whose worker is running `job_id`, once a step of its call was heard."""
+    heard = asyncio.Event()
+
+    def listener(job_ids, done, total, previews):
+        if job_id in job_ids:
+            heard.set()
+
+    service.add_progress_listener(listener)
+    try:
+        await asyncio.wait_for(heard.wait(), timeout)
+    finally:
+        service.remove_progress_listener(listener)
+    [lane] = [lane for lane in service.executor.lanes if job_id in lane.in_flight]
+    return lane
+
+
+async def two_jobs_through_a_fault(running, world, tiny_runner, seeds, fault):
+    """Two jobs of different sizes, so both workers run one; `fault(pid)` hits the worker of
+    the first at its first step. Each is delivered exactly once, with the seed's pixels, and the
+    first was claimed twice (lost with its worker, then run by the other)."""
+    first = await running.imagine(world.alice, prompt="a lighthouse", seed=seeds[0], width=128)
+    second = await running.imagine(world.bob, prompt="a harbour", seed=seeds[1], height=128)
+    records = [await running.queued_job(inter) for inter in (first, second)]
+    lane = await lane_running(running.service, records[0].job.id)
+    fault(lane.worker.pid)
+    await running.wait_idle(timeout=120)
+    for inter, record in zip((first, second), records, strict=True):
+        seed = record.job.request.seed
+        posted = [m for m in world.fake.messages if attachment_names(m) == [f"seed-{seed}.png"]]
+        assert len(posted) == 1
+        assert (await inter.wait_followup(1)).id == posted[0].id
+        [expected] = tiny_runner.generate(record.job.request.batch_key, record.job.image_specs)
+        assert np.array_equal(pixels(posted[0].attachments[0]), pixels(expected))
+        assert (await running.store.read(jobs.get, record.job.id)).job.status == "done"
+    assert (await running.store.read(jobs.get, records[0].job.id)).job.attempts == 2
+    return lane
+
+
+async def cancel_stops_the_call_on_its_worker(running, world):
+    """Cancel reaches the call on the worker: it stops within a step or two, not at its end."""
+    steps = []
+    running.service.add_progress_listener(lambda ids, done, total, previews: steps.append(done))
+    inter = await running.imagine(world.alice, prompt="a long one", seed=31, steps=20, width=256)
+    record = await running.queued_job(inter)
+    await lane_running(running.service, record.job.id)
+    assert await running.service.cancel(record.job.id) is jobs.CancelOutcome.STOPPING
+    await running.wait_idle(timeout=60)
+    assert (await running.store.read(jobs.get, record.job.id)).job.status == "cancelled"
+    assert max(steps) < 20
+
+
+async def test_ray_workers_give_the_seeds_pixels_through_a_killed_and_a_hung_worker(
+    ray_cluster, discord_world, settings, tiny_runner
+):
+    settings = replace(
+        settings,
+        executor="ray",
+        ray_workers=2,
+        worker_timeout=6.0,
+        limits=replace(settings.limits, default_steps=12),
+    )
+    stopped: list[int] = []
+
+    def hang(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    try:
+        async with running_bot(discord_world.fake, settings, runner=tiny_runner) as running:
+            killed = await two_jobs_through_a_fault(
+                running, discord_world, tiny_runner, (11, 12), lambda pid: os.kill(pid, 9)
+            )
+            old_pid = killed.worker.pid
+            while killed.worker.pid == old_pid:  # until Ray has started it again
+                await asyncio.sleep(0.1)
+            # A worker that stops answering (hung, or its machine gone quiet) is killed after
+            # WORKER_TIMEOUT and its jobs run elsewhere.
+            await two_jobs_through_a_fault(running, discord_world, tiny_runner, (21, 22), hang)
+            await cancel_stops_the_call_on_its_worker(running, discord_world)
+            figures = running.service.metrics.figures()
+    finally:
+        for pid in stopped:  # Ray kills it; if not yet, let it go
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert figures.images == 4 and figures.calls == 4  # the cancelled call made no image
+    assert figures.resident == {"ray-0": ["tiny"], "ray-1": ["tiny"]}
+
+
+def test_one_worker_per_gpu_or_ray_workers_cpu_workers():
+    from bot.ray_workers import RayPlan, ray_plan
+
+    assert ray_plan(4, None) == RayPlan(4, gpus=True)
+    assert ray_plan(4, 2) == RayPlan(2, gpus=True)  # RAY_WORKERS caps the GPUs used
+    assert ray_plan(0, None) == RayPlan(1, gpus=False)
+    assert ray_plan(0, 2) == RayPlan(2, gpus=False)
