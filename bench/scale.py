@@ -43,14 +43,15 @@ from bot.requests import GenerationRequest
 from bot.workers import Call
 
 
-def shrunk(request: GenerationRequest) -> GenerationRequest:
-    """Sides a quarter and steps a half: the tiny model's calls then take long enough (tenths
-    of a second) that the device's work, not the bot's bookkeeping, decides the rate."""
+def shrunk(request: GenerationRequest, steps_divisor: int = 2) -> GenerationRequest:
+    """Sides a quarter and steps a half (or `steps_divisor`): the tiny model's calls then take
+    long enough (tenths of a second) that the device's work, not the bot's bookkeeping, decides
+    the rate. On a GPU a call takes seconds and the bookkeeping milliseconds."""
     return replace(
         request,
         width=request.width // 4,
         height=request.height // 4,
-        steps=max(1, request.steps // 2),
+        steps=max(1, request.steps // steps_divisor),
     )
 
 
@@ -117,7 +118,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     # one setup runs at a time, so at most two of them compute at once.
     ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
     rng = random.Random(args.seed)
-    burst = [shrunk(r) for r in sample_requests(rng, args.jobs, model="tiny")]
+    burst = [shrunk(r, args.steps_divisor) for r in sample_requests(rng, args.jobs, model="tiny")]
     raws = [as_raw(r) for r in burst]
     uploads = [upload_for(r, rng) for r in burst]
     images_per_burst = sum(r.count for r in burst)
@@ -173,7 +174,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(
         f"\ntiny model, the mixed burst of {args.jobs} jobs ({images_per_burst} images), sides "
-        f"a quarter and steps a half of bench.mix's, MAX_BATCH_SIZE {args.max_batch_size}, "
+        f"a quarter and steps 1/{args.steps_divisor} of bench.mix's, MAX_BATCH_SIZE "
+        f"{args.max_batch_size}, "
         f"one torch thread per worker, {os.cpu_count()} cores; median of {args.rounds} "
         "interleaved rounds"
     )
@@ -220,6 +222,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after warm-up")
     parser.add_argument("--max-batch-size", type=int, default=8, help="as MAX_BATCH_SIZE")
     parser.add_argument("--seed", type=int, default=1, help="of the burst's random mix")
+    parser.add_argument(
+        "--steps-divisor", type=int, default=2, help="bench.mix's steps divided by this"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"))
     args = parser.parse_args()
     write_json(args.out, asyncio.run(measure(args)))

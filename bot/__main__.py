@@ -42,9 +42,11 @@ async def open_service(settings: Settings):
 
     catalog = load_catalog(settings.models_file, settings.model_id)  # before the store opens
     store = await Store.open(settings.database_path)
+    # With EXECUTOR=ray the workers hold the models on DEVICE; the bot's own runner only
+    # counts prompt tokens, so it stays off the GPUs.
     runner = PipelineRunner(
         PipelineOptions(
-            device=settings.device,
+            device="cpu" if settings.executor == "ray" else settings.device,
             dtype=None if settings.dtype == "auto" else settings.dtype,
             cache_dir=settings.model_cache,
             attention_slicing=settings.attention_slicing,

@@ -85,13 +85,16 @@ class Catalog:
         if name is None:
             return self.models[self.default]
         model = self.models.get(name.strip()) if isinstance(name, str) else None
-        if model is None or model.source in self.missing:
-            what = (
-                f"there is no model {_shown(str(name))}"
-                if model is None
-                else f"{model.name} is not installed yet (the owner fetches it with "
-                "`python -m bot download`)"
-            )
+        if model is None or model.source in self.missing or model.name in self.fill_only:
+            if model is None:
+                what = f"there is no model {_shown(str(name))}"
+            elif model.name in self.fill_only:
+                what = f"{model.name} only paints the new area of Zoom Out and Pan"
+            else:
+                what = (
+                    f"{model.name} is not installed yet (the owner fetches it with "
+                    "`python -m bot download`)"
+                )
             choices = ", ".join(m.name for m in self.usable_models()) or "none is installed"
             raise InvalidRequest("model", f"{what}; choose one of: {choices}.")
         return model
@@ -105,9 +108,19 @@ class Catalog:
         options = ("steps", "guidance", "width", "height", "scheduler")
         return frozenset(o for o in options if entry is not None and getattr(entry, o) is not None)
 
+    @property
+    def fill_only(self) -> set[str]:
+        """Models named as another's `inpaint` model (an inpainting UNet cannot draw from text
+        or vary an image): Zoom Out and Pan use them, members cannot pick them."""
+        return {m.inpaint for m in self.models.values() if m.inpaint and m.inpaint != m.name}
+
     def usable_models(self) -> list[ModelEntry]:
         """The models members can use now, in the file's order."""
-        return [m for m in self.models.values() if m.source not in self.missing]
+        return [
+            m
+            for m in self.models.values()
+            if m.source not in self.missing and m.name not in self.fill_only
+        ]
 
     def loras_for(self, model: str) -> list[LoraEntry]:
         """The LoRAs members can use with `model` now, by name."""

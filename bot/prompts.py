@@ -29,11 +29,15 @@ FLAG_OPTIONS: dict[str, str] = {
     "scheduler": "scheduler",
     "count": "count",
     "strength": "strength",
+    "model": "model",
+    "lora": "loras",
     "repeat": "repeat",
 }
 KNOWN_FLAGS = ", ".join(f"--{name}" for name in FLAG_OPTIONS)
 # No flag's value needs more characters (a seed has 10 digits); longer is refused unparsed.
 MAX_FLAG_VALUE = 24
+# Except names from the allowlist: a model, or LoRAs as `name:weight` joined by commas.
+MAX_NAMES_VALUE = 200
 MAX_FLAG_NAME = 20
 # `(word)` multiplies by this, `[word]` divides by it, as in AUTOMATIC1111.
 NEST_WEIGHT = 1.1
@@ -77,6 +81,8 @@ def _typed(flag: str, value: str) -> Any:
         return float(value)
     if flag == "scheduler":
         return _scheduler_name(value)
+    if flag in ("model", "lora"):
+        return value  # names the allowlist checks in validation, like the options they set
     match = _ASPECT.fullmatch(value)
     if match is None or int(match[1]) == 0 or int(match[2]) == 0:
         raise InvalidRequest("--ar", f"must be two whole numbers like 3:2, got {value!r}.")
@@ -132,6 +138,8 @@ class PromptFlags:
         if self.aspect is not None:
             changes["width"], changes["height"] = aspect_size(*self.aspect, limits)
             written["width"] = written["height"] = "--ar"
+        if override and "model" in changes and "loras" not in changes:
+            changes["loras"] = None  # inherited LoRAs were chosen for the earlier model
         if not override:
             for name, value in changes.items():
                 given = getattr(raw, name)
@@ -176,11 +184,10 @@ def split_flags(text: str) -> tuple[str, PromptFlags]:
             raise InvalidRequest(flag, "needs a value.")
         value, *rest = argument.split(maxsplit=1)
         kept += rest
-        if len(value) > MAX_FLAG_VALUE:
-            raise InvalidRequest(
-                flag, f"is {len(value)} characters long; at most {MAX_FLAG_VALUE}."
-            )
-        option = "guidance" if name == "cfg" else name
+        longest = MAX_NAMES_VALUE if name in ("model", "lora") else MAX_FLAG_VALUE
+        if len(value) > longest:
+            raise InvalidRequest(flag, f"is {len(value)} characters long; at most {longest}.")
+        option = {"cfg": "guidance", "lora": "loras"}.get(name, name)
         if option in written or (name == "ar" and aspect is not None):
             raise InvalidRequest(flag, "is given twice; give it once.")
         typed = _typed(name, value)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
 from bot.db.members import MemberDefaults
-from bot.downloads import missing_sources
+from bot.downloads import ModelNotAvailable, missing_sources
 from bot.eta import seconds_per_unit, wait_seconds
 from bot.executor import Executor, JobResult, Progress, ProgressListeners, Runner
 from bot.handoff import Undeliverable
@@ -101,6 +101,17 @@ class PreparedImage:
 Listener = Callable[[JobResult], Awaitable[None]]
 
 
+def require_default_model(catalog: Catalog) -> None:
+    """Start-up fails, naming the command that fetches it, when the default model is missing
+    here (with EXECUTOR=ray the workers load it, so the bot's own runner never tries)."""
+    default = catalog.models[catalog.default]
+    if default.source in catalog.missing:
+        raise ModelNotAvailable(
+            f"Model {default.source!r} is not on this machine; fetch it with "
+            "`python -m bot download`, then start the bot again."
+        )
+
+
 class ImagineService:
     def __init__(
         self, settings: Settings, store: Store, runner: ModelRunner, catalog: Catalog | None = None
@@ -142,11 +153,13 @@ class ImagineService:
         self._progress.remove(listener)
 
     async def load_model(self) -> None:
-        """Note the allowlisted models and LoRAs not on this machine (members are refused them),
-        then load the default model in the worker thread; a second call costs nothing."""
+        """Note the allowlisted sources not here (refused to members); load the default model."""
         sources, cache = self.catalog.sources(), self.settings.model_cache
         self.catalog.missing = await asyncio.to_thread(missing_sources, sources, cache)
-        await self.executor.run_in_worker(self.runner.load, self.catalog.default)
+        if self.settings.executor == "ray":
+            require_default_model(self.catalog)  # each worker loads it, on its own device
+        else:
+            await self.executor.run_in_worker(self.runner.load, self.catalog.default)
 
     async def start(self) -> None:
         """Load the model in the worker thread (a missing model fails here, not on a member's
@@ -269,6 +282,9 @@ class ImagineService:
         self.executor.wake()
         position, _ = self.queue.position(job.id) or (0, 0.0)
         return Admission(job, position)
+
+    def resident_models(self) -> frozenset[str]:  # on any worker, for /models
+        return self.executor.lanes.resident()
 
     def weight_of(self, role_ids: list[int]) -> float:
         """A member's fair-share weight: the largest of their roles' in ROLE_WEIGHTS, else 1."""

@@ -213,6 +213,10 @@ class Lanes:
             raise
         self.all = [Lane(worker) for worker in workers]
 
+    def resident(self) -> frozenset[str]:
+        """The models loaded now on any worker."""
+        return frozenset().union(*(lane.worker.resident() for lane in self.all))
+
     def wake(self) -> None:
         self.idle.clear()
         for lane in self.all:

@@ -137,7 +137,7 @@ class ModelsCog(commands.Cog):
     async def models(self, interaction: discord.Interaction[ImagineBot]) -> None:
         service = self.bot.service
         # Loaded on any worker (the local thread, or each Ray actor): its own snapshot.
-        loaded = frozenset().union(*(lane.worker.resident() for lane in service.executor.lanes.all))
+        loaded = service.resident_models()
         text = models_text(service.catalog, service.settings.limits, loaded)
         await interaction.response.send_message(text, ephemeral=True)
 

@@ -220,6 +220,35 @@ async def test_a_variation_of_a_tiny_sdxl_result_stays_tiny_sdxl(discord_world, 
     await models_bot.wait_idle()
 
 
+async def test_a_reply_with_model_and_lora_flags_switches_them(discord_world, models_bot):
+    """A reply keeps the parent's model and LoRAs unless its flags say otherwise: `--model`
+    alone drops LoRAs chosen for the parent's model; `--lora` picks new ones."""
+    w = discord_world
+    _, result = await result_of(
+        models_bot, w.alice, prompt="a barn", seed=4, steps=2, lora="tiny-lora:0.5"
+    )
+
+    async def reply(text):
+        mine = await w.fake.send_message(w.bob, w.channel, text, reply_to=result)
+        status = await w.fake.wait_for_message(
+            lambda m: m.reference == mine.id and "job #" in m.content
+        )
+        return (await models_bot.store.read(jobs.get, job_id_of(status.content))).job.request
+
+    switched = await reply("a barn at dusk --model tiny-sdxl")
+    assert (switched.model, switched.loras) == ("tiny-sdxl", ())
+    reweighted = await reply("a barn at dusk --lora tiny-lora:1.5")
+    assert (reweighted.model, reweighted.loras) == ("tiny", (("tiny-lora", 1.5),))
+    kept = await reply("..")
+    assert (kept.model, kept.loras) == ("tiny", (("tiny-lora", 0.5),))
+    wrong = await w.fake.send_message(
+        w.bob, w.channel, "a barn --model tiny-sdxl --lora tiny-lora", reply_to=result
+    )
+    refusal = await w.fake.wait_for_message(lambda m: m.reference == wrong.id)
+    assert "tiny-lora" in refusal.content and "Nothing was queued" in refusal.content
+    await models_bot.wait_idle()
+
+
 def test_an_images_parameters_keep_only_what_the_allowlist_has(models_file):
     catalog = load_catalog(models_file, "tiny")
 

@@ -18,7 +18,7 @@ from bot import doctor
 from bot.__main__ import download
 from bot.db import Store
 from bot.db.members import MemberDefaults
-from bot.downloads import source_available
+from bot.downloads import ModelNotAvailable, source_available
 from bot.models import (
     MAX_LORAS,
     MAX_LORAS_TEXT,
@@ -29,7 +29,7 @@ from bot.models import (
     parse_loras,
 )
 from bot.requests import DEFAULT_SCHEDULER, InvalidRequest, Limits, RawOptions, validate
-from bot.service import ImagineService, saved_defaults
+from bot.service import ImagineService, require_default_model, saved_defaults
 from bot.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +178,29 @@ def test_a_missing_model_or_lora_is_refused_until_fetched(catalog):
     ):
         missing.check_loras("sd15", "ink")
     assert [m.name for m in missing.usable_models()] == ["sd15"]
+
+
+def test_a_model_that_only_fills_zoom_and_pan_is_not_offered_to_members():
+    catalog = Catalog(
+        "tiny",
+        {
+            "tiny": ModelEntry("tiny", "tiny", inpaint="tiny-inpaint"),
+            "tiny-inpaint": ModelEntry("tiny-inpaint", "tiny-inpaint"),
+        },
+    )
+    assert [m.name for m in catalog.usable_models()] == ["tiny"]
+    with pytest.raises(InvalidRequest, match=r"only paints the new area.*choose one of: tiny"):
+        catalog.entry("tiny-inpaint")
+    assert catalog.entry("tiny").inpaint == "tiny-inpaint"
+
+
+def test_with_ray_workers_a_missing_default_model_still_stops_start_up(catalog):
+    """EXECUTOR=ray: the bot's own runner loads nothing, yet a missing default model fails
+    start-up with the command that fetches it, as the local executor's load does."""
+    require_default_model(catalog)  # everything here
+    with pytest.raises(ModelNotAvailable, match=r"stable-diffusion.*python -m bot download"):
+        default_source = catalog.models[catalog.default].source
+        require_default_model(dataclasses.replace(catalog, missing={default_source}))
 
 
 @pytest.mark.parametrize(

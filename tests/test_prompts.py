@@ -56,6 +56,20 @@ def test_every_flag_reaches_its_option():
     assert (raw.width, raw.height, raw.negative_prompt) == (512, 512, "fog")
 
 
+def test_model_and_lora_flags_set_their_options_and_a_new_model_drops_inherited_loras():
+    [raw] = jobs("a fox --model tiny-sdxl --lora pixel-art:0.8,film")
+    assert (raw.prompt, raw.model, raw.loras) == ("a fox", "tiny-sdxl", "pixel-art:0.8,film")
+    message = refusal(jobs, "a fox --model tiny-sdxl", RawOptions(prompt="", model="tiny"))
+    assert "`--model`" in message and "`model` option says tiny" in message
+    parent = RawOptions(prompt="", model="tiny", loras=(("tiny-lora", 0.5),))
+    [raw] = jobs("a fox --model tiny-sdxl", parent, override=True)
+    assert (raw.model, raw.loras) == ("tiny-sdxl", None)
+    [raw] = jobs("a fox --steps 3", parent, override=True)
+    assert (raw.model, raw.loras) == ("tiny", (("tiny-lora", 0.5),))
+    message = refusal(jobs, "a fox --lora " + "x" * 201)
+    assert "`--lora`" in message and "at most 200" in message
+
+
 def test_an_em_dash_counts_as_two_hyphens_and_flag_names_ignore_case():
     prompt, flags = split_flags("a fox —AR 16:9 —Seed 3")
     assert prompt == "a fox" and flags.aspect == (16, 9) and flags.options == {"seed": 3}
