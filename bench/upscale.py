@@ -68,6 +68,48 @@ def measure(side: int, tiled: bool, device: str, model: str, cache: Path) -> dic
     return {"side": side, "tiled": tiled, "peak_mib": peak / 2**20, "seconds": seconds}
 
 
+# Stable Diffusion 1.5's VAE (its config.json's shapes), for --vae-only.
+SD15_VAE = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+}
+
+
+def measure_vae(side: int, tiled: bool, device: str) -> dict:
+    """The part tiling changes, at full size: SD 1.5's VAE (random weights) decoding one
+    side² image from its latents, whole or with diffusers' tiles as the runner sets them."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SD15_VAE).to(device).eval()
+    if tiled:
+        vae.enable_tiling()
+    latents = torch.randn(1, 4, side // 8, side // 8, device=device)
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 4, 8, 8, device=device))  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            before = _resident_bytes()
+        began = time.perf_counter()
+        image = vae.decode(latents).sample
+        seconds = time.perf_counter() - began
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    assert image.shape[-2:] == (side, side)
+    return {"side": side, "tiled": tiled, "peak_mib": peak / 2**20, "seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -77,13 +119,21 @@ def main() -> None:
         default="1024,2048",
         help="today's largest result (VAE whole) and the doubled one (whole, then tiled)",
     )
+    parser.add_argument(
+        "--vae-only",
+        action="store_true",
+        help="decode with SD 1.5's full-size VAE (random weights) instead of a whole call",
+    )
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/)")
     parser.add_argument("--one", nargs=2, metavar=("SIDE", "TILED"), help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.one:  # a child: one configuration
         side, tiled = int(options.one[0]), options.one[1] == "1"
-        print(json.dumps(measure(side, tiled, options.device, options.model, options.cache)))
+        if options.vae_only:
+            print(json.dumps(measure_vae(side, tiled, options.device)))
+        else:
+            print(json.dumps(measure(side, tiled, options.device, options.model, options.cache)))
         return
     from bench.report import print_goals, table, verdict, write_json
 
@@ -92,6 +142,7 @@ def main() -> None:
         rows = []
         for side, tiled in ((small, False), (large, False), (large, True)):
             command = [sys.executable, "-m", "bench.upscale", "--one", str(side), str(int(tiled))]
+            command += ["--vae-only"] if options.vae_only else []
             child = subprocess.run(
                 [*command, "--device", options.device, "--model", options.model, "--cache", folder],
                 capture_output=True,
@@ -125,8 +176,10 @@ def main() -> None:
             ),
         }
     )
-    results = options.out or Path(__file__).parent / "results" / f"upscale-{options.device}.json"
-    write_json(results, {"model": options.model, "rows": rows, "goals": goals})
+    name = f"upscale-{'sd15-vae-' if options.vae_only else ''}{options.device}.json"
+    results = options.out or Path(__file__).parent / "results" / name
+    model = "SD 1.5 VAE" if options.vae_only else options.model
+    write_json(results, {"model": model, "rows": rows, "goals": goals})
 
 
 if __name__ == "__main__":

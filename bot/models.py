@@ -85,19 +85,16 @@ class Catalog:
         if name is None:
             return self.models[self.default]
         model = self.models.get(name.strip()) if isinstance(name, str) else None
-        if model is None or model.source in self.missing or model.name in self.fill_only:
-            if model is None:
-                what = f"there is no model {_shown(str(name))}"
-            elif model.name in self.fill_only:
-                what = f"{model.name} only paints the new area of Zoom Out and Pan"
-            else:
-                what = (
-                    f"{model.name} is not installed yet (the owner fetches it with "
-                    "`python -m bot download`)"
-                )
-            choices = ", ".join(m.name for m in self.usable_models()) or "none is installed"
-            raise InvalidRequest("model", f"{what}; choose one of: {choices}.")
-        return model
+        if model is None:
+            what = f"there is no model {_shown(str(name))}"
+        elif model.name in self.fill_only:
+            what = f"{model.name} only paints the new area of Zoom Out and Pan"
+        elif model.source in self.missing:
+            what = f"{model.name} is not installed yet (fetched with `python -m bot download`)"
+        else:
+            return model
+        choices = ", ".join(m.name for m in self.usable_models()) or "none is installed"
+        raise InvalidRequest("model", f"{what}; choose one of: {choices}.")
 
     def own_defaults(self, name: Any) -> frozenset[str]:
         """The options model `name` (None: the default) sets its own default for; none for a
@@ -110,28 +107,21 @@ class Catalog:
 
     @property
     def fill_only(self) -> set[str]:
-        """Models named as another's `inpaint` model (an inpainting UNet cannot draw from text
-        or vary an image): Zoom Out and Pan use them, members cannot pick them."""
+        """Other models' `inpaint` models: Zoom Out and Pan use them, members cannot pick them
+        (an inpainting UNet cannot draw from text or vary an image)."""
         return {m.inpaint for m in self.models.values() if m.inpaint and m.inpaint != m.name}
 
     def usable_models(self) -> list[ModelEntry]:
         """The models members can use now, in the file's order."""
+        hidden = self.fill_only
         return [
-            m
-            for m in self.models.values()
-            if m.source not in self.missing and m.name not in self.fill_only
+            m for m in self.models.values() if not (m.source in self.missing or m.name in hidden)
         ]
 
     def loras_for(self, model: str) -> list[LoraEntry]:
         """The LoRAs members can use with `model` now, by name."""
-        return sorted(
-            (
-                lora
-                for lora in self.loras.values()
-                if model in lora.models and lora.source not in self.missing
-            ),
-            key=lambda lora: lora.name,
-        )
+        fitting = [lora for lora in self.loras.values() if model in lora.models]
+        return sorted((x for x in fitting if x.source not in self.missing), key=lambda x: x.name)
 
     def check_loras(self, model: str, loras: Any) -> Loras:
         """A member's LoRAs for `model`, as `lora:` text ("pixel-art:0.8 other") or (name,
@@ -148,13 +138,11 @@ class Catalog:
                     else f"{model} takes no LoRAs on this server"
                 )
                 known = self.loras.get(name)
-                what = (
-                    "is not a LoRA on this server"
-                    if known is None
-                    else "is not installed yet"
-                    if known.source in self.missing
-                    else f"does not fit {model}"
-                )
+                what = f"does not fit {model}"
+                if known is None or known.source in self.missing:
+                    what = (
+                        "is not a LoRA on this server" if known is None else "is not installed yet"
+                    )
                 raise InvalidRequest("lora", f"{_shown(name)} {what}; {allowed}.")
         return pairs
 

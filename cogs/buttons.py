@@ -247,6 +247,9 @@ class RerollButton(
                 return
             image = PreparedImage(png, request.init_image_hash, request.width, request.height)
             raw.strength = 1.0 if request.strength is None else request.strength
+            drawing = canvas.drawing_model(request, bot.service.catalog)
+            if drawing != request.model:  # checked as the model its fill-only model paints for
+                raw.model, raw.loras = drawing, None  # both restored below
             checked = await bot.desk.checked(interaction, raw, image)
             if checked is None:
                 return

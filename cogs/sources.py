@@ -45,8 +45,11 @@ def raw_from_request(request: GenerationRequest) -> RawOptions:
 def raw_from_parameters(parameters: dict, catalog: Catalog) -> RawOptions:
     """Options read from a PNG's A1111 `parameters`. What this server does not have is
     dropped rather than refused (the PNG may come from another tool): a sampler, a model
-    outside the allowlist (the default draws instead), LoRAs that do not fit the model."""
+    outside the allowlist (the default draws instead), LoRAs that do not fit the model. A
+    fill-only model (the allowlist's `inpaint`) gives way to the model it paints for."""
     sampler, model = parameters.get("sampler"), parameters.get("model")
+    if model in catalog.fill_only:  # a Zoom Out or Pan: the model it painted for draws
+        model = next(m.name for m in catalog.models.values() if m.inpaint == model)
     if model not in catalog.models:
         model = None
     drawn_by = model or catalog.default

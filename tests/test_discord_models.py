@@ -5,6 +5,7 @@ LoRAs, and the result showing both. The allowlist holds the built-ins `tiny`, `t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import numpy as np
@@ -262,6 +263,17 @@ def test_an_images_parameters_keep_only_what_the_allowlist_has(models_file):
     assert kept("v1-5-pruned", [("tiny-lora", 1.0)]) == (None, (("tiny-lora", 1.0),))
     # A LoRA for tiny on a tiny-sdxl image does not fit: dropped rather than refused.
     assert kept("tiny-sdxl", [("tiny-lora", 0.5)]) == ("tiny-sdxl", None)
+    # A Zoom Out painted by tiny's fill-only inpainting model: tiny draws its variations.
+    painted = dataclasses.replace(
+        catalog,
+        models={
+            **catalog.models,
+            "tiny": dataclasses.replace(catalog.models["tiny"], inpaint="tiny-inpaint"),
+            "tiny-inpaint": ModelEntry("tiny-inpaint", "tiny-inpaint"),
+        },
+    )
+    raw = raw_from_parameters({"prompt": "a fox", "model": "tiny-inpaint"}, painted)
+    assert raw.model == "tiny"
 
 
 def test_autocomplete_and_models_stay_within_discords_limits():
