@@ -231,7 +231,7 @@ class Executor:
         queued behind its back), the index is rebuilt from the store and the choice made
         again."""
         if not self._queue and await self._store.read(jobs.any_queued):
-            await self.reload_queue(out_of_step=True)
+            await self.reload_queue()  # often a job admitted while we read; cheap when few
         resident = frozenset() if lane is None else lane.worker.resident()
         while True:
             chosen: list[Job] = []
