@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,9 +29,29 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_of(device: str, work: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(peak MiB, seconds, result) of `work()`: allocated on a GPU, else the growth of this
+    process's peak resident memory (which only grows, hence a process per measurement)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _resident_bytes()
+    began = time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - began
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return peak / 2**20, seconds, result
+
+
 def measure(side: int, tiled: bool, device: str, model: str, cache: Path) -> dict:
     """One upscale call from a (side/2)² parent to side², in this process."""
-    import torch
     from PIL import Image
 
     from bench.common import quiet_libraries
@@ -51,21 +73,9 @@ def measure(side: int, tiled: bool, device: str, model: str, cache: Path) -> dic
     spec = ImageSpec("a harbour at dusk", "", 1, 1.0, init_image=start)
     warm = BatchKey(model, "image", 64, 64, 4, "Euler", cfg=False, image_steps=1)
     runner.generate(warm, [ImageSpec("warm", "", 1, 1.0, init_image=start.resize((64, 64)))])
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = _resident_bytes()
-    began = time.perf_counter()
-    image = runner.generate(key, [spec])[0].image
-    seconds = time.perf_counter() - began
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak_mib, seconds, image = peak_of(device, lambda: runner.generate(key, [spec])[0].image)
     assert image.size == (side, side)
-    return {"side": side, "tiled": tiled, "peak_mib": peak / 2**20, "seconds": seconds}
+    return {"side": side, "tiled": tiled, "peak_mib": peak_mib, "seconds": seconds}
 
 
 # Stable Diffusion 1.5's VAE (its config.json's shapes), for --vae-only.
@@ -93,21 +103,9 @@ def measure_vae(side: int, tiled: bool, device: str) -> dict:
     latents = torch.randn(1, 4, side // 8, side // 8, device=device)
     with torch.no_grad():
         vae.decode(torch.randn(1, 4, 8, 8, device=device))  # warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            before = _resident_bytes()
-        began = time.perf_counter()
-        image = vae.decode(latents).sample
-        seconds = time.perf_counter() - began
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak_mib, seconds, image = peak_of(device, lambda: vae.decode(latents).sample)
     assert image.shape[-2:] == (side, side)
-    return {"side": side, "tiled": tiled, "peak_mib": peak / 2**20, "seconds": seconds}
+    return {"side": side, "tiled": tiled, "peak_mib": peak_mib, "seconds": seconds}
 
 
 def main() -> None:
