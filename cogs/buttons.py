@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import discord
 
-from bot import canvas
 from bot.db import jobs, members
 from bot.requests import GenerationRequest, InvalidRequest
 from bot.service import PreparedImage
@@ -197,8 +196,7 @@ class VaryButton(
         image = await desk.read_image(interaction, attachment, guild_id=guild_id, prompt=prompt)
         if image is None:
             return
-        raw = raw_from_request(record.job.request)
-        raw.model = canvas.drawing_model(record.job.request, interaction.client.service.catalog)
+        raw = raw_from_request(record.job.request, interaction.client.service.catalog)
         raw.strength = desk.strength(self.kind)
         parent = (self.job_id, self.index)
         await desk.queue(interaction, raw, image, parent=parent, guild_id=guild_id)
@@ -237,7 +235,7 @@ class RerollButton(
                 "Only the member who asked can reroll a job that started from an image.",
             )
             return
-        raw = raw_from_request(request)
+        raw = raw_from_request(request, bot.service.catalog)
         raw.count, raw.width, raw.height = request.count, request.width, request.height
         guild_id, parent = rules_of(record, interaction), (self.job_id, 0)
         if request.init_image_hash is not None:
@@ -247,9 +245,8 @@ class RerollButton(
                 return
             image = PreparedImage(png, request.init_image_hash, request.width, request.height)
             raw.strength = 1.0 if request.strength is None else request.strength
-            drawing = canvas.drawing_model(request, bot.service.catalog)
-            if drawing != request.model:  # checked as the model its fill-only model paints for
-                raw.model, raw.loras = drawing, None  # both restored below
+            if raw.model != request.model:  # checked as the model its fill-only model paints for
+                raw.loras = None  # LoRAs chosen for the fill-only model; restored below
             checked = await bot.desk.checked(interaction, raw, image)
             if checked is None:
                 return

@@ -78,8 +78,7 @@ async def queue_operation(
     )
     if image is None:
         return
-    raw = raw_from_request(request)
-    raw.model = canvas.drawing_model(request, bot.service.catalog)
+    raw = raw_from_request(request, bot.service.catalog)
     raw.seed, raw.count = request.seeds[index], 1
     raw.strength = operation_strength(operation, settings)
     checked = await desk.checked(origin, raw, image)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import discord
 
+from bot import canvas
 from bot.models import Catalog
 from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
 
@@ -29,15 +30,16 @@ def image_attachment(
     return None
 
 
-def raw_from_request(request: GenerationRequest) -> RawOptions:
-    """The options to ask again for what an earlier job asked, on its model with its LoRAs."""
+def raw_from_request(request: GenerationRequest, catalog: Catalog) -> RawOptions:
+    """The options to ask again for what an earlier job asked, with its LoRAs, on the model it
+    draws with (for a Zoom Out or Pan painted by a fill-only model, the model it paints for)."""
     return RawOptions(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         steps=request.steps,
         guidance=request.guidance,
         scheduler=request.scheduler,
-        model=request.model,
+        model=canvas.drawing_model(request, catalog),
         loras=request.loras,
     )
 

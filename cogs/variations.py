@@ -11,7 +11,6 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import canvas
 from bot.db import jobs
 from bot.images import ImageRejected
 from bot.requests import InvalidRequest, RawOptions
@@ -106,8 +105,7 @@ class VariationsCog(commands.Cog):
                 (i for i, s in enumerate(request.seeds) if attachment.filename == f"seed-{s}.png"),
                 0,
             )
-            raw = raw_from_request(request)
-            raw.model = canvas.drawing_model(request, self.bot.service.catalog)
+            raw = raw_from_request(request, self.bot.service.catalog)
             return raw, (record.job.id, index)
         if attachment.size <= self.bot.settings.max_upload_bytes:
             try:
