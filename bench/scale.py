@@ -103,6 +103,31 @@ def run_bare(hosts: list[Any], calls: list[Call]) -> float:
     return time.perf_counter() - started
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU time a process has used (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores have spent on anything but idling and waiting for disks."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split(service: Any) -> dict[str, float]:
+    """CPU seconds so far of the setup's Ray workers, of this process (the bot: its event
+    loop, SQLite, PNG encoding, and the local executor's torch thread) and of the machine."""
+    pids = [lane.worker.pid for lane in service.executor.lanes if getattr(lane.worker, "pid", 0)]
+    return {
+        "workers": sum(cpu_seconds(pid) for pid in pids),
+        "bot": cpu_seconds(),
+        "machine": machine_busy_seconds(),
+    }
+
+
 def busy_seconds(service: Any) -> dict[str, float]:
     return {
         dict(labels)["worker"]: value
@@ -124,6 +149,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     images_per_burst = sum(r.count for r in burst)
     rates: dict[str, list[float]] = {name: [] for name in [*SETUPS, *BARE]}
     busy: dict[str, dict[str, float]] = {name: {} for name in SETUPS}
+    cpu: dict[str, dict[str, float]] = {name: {} for name in SETUPS}
     ran: dict[str, float] = dict.fromkeys(SETUPS, 0.0)
     services: dict[str, tuple[Any, Probe]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
@@ -149,8 +175,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             hosts = bare_hosts(Path(tmp) / "run-0" / "models")
             for round_ in range(args.rounds):
                 for name, (service, probe) in services.items():
-                    before = busy_seconds(service)
+                    before, cpu_before = busy_seconds(service), cpu_split(service)
                     run = await run_jobs(service, probe, raws, None, uploads)
+                    for part, seconds in cpu_split(service).items():
+                        spent = seconds - cpu_before[part]
+                        cpu[name][part] = cpu[name].get(part, 0.0) + spent
                     rates[name].append(images_per_burst / run.seconds)
                     ran[name] += run.seconds
                     for worker, seconds in busy_seconds(service).items():
@@ -172,6 +201,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         name: {worker: seconds / ran[name] for worker, seconds in sorted(busy[name].items())}
         for name in SETUPS
     }
+    # Of the machine's cores during each setup's rounds: Ray workers, the bot process, and the
+    # rest (Ray's daemons, idle actors, anything else on the machine); as cores, 1.0 being one.
+    cores = {
+        name: {
+            "workers": parts["workers"] / ran[name],
+            "bot": parts["bot"] / ran[name],
+            "rest": (parts["machine"] - parts["workers"] - parts["bot"]) / ran[name],
+        }
+        for name, parts in cpu.items()
+    }
     print(
         f"\ntiny model, the mixed burst of {args.jobs} jobs ({images_per_burst} images), sides "
         f"a quarter and steps 1/{args.steps_divisor} of bench.mix's, MAX_BATCH_SIZE "
@@ -181,13 +220,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(
         table(
-            ["setup", "images/s (median)", "rounds", "workers busy"],
+            ["setup", "images/s (median)", "rounds", "workers busy", "cores: workers, bot, rest"],
             [
                 [
                     name,
                     f"{medians[name]:.2f}",
                     " ".join(f"{r:.2f}" for r in rates[name]),
                     ", ".join(f"{w} {s:.0%}" for w, s in shares.get(name, {}).items()) or "-",
+                    ", ".join(f"{c:.2f}" for c in cores[name].values()) if name in cores else "-",
                 ]
                 for name in rates
             ],
@@ -211,6 +251,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "scaling": scaling,
         "bare_scaling": ceiling,
         "busy_share": shares,
+        "cores_used": cores,
         "overhead": overhead,
         "goals": goals,
     }

@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 # A Ray worker's progress is asked for with a call that returns at its next step, or after
 # POLL_SECONDS without one; asked at most every POLL_SPACING seconds, so fast steps (a small
-# model, a CPU) arrive a few at a time instead of costing a round trip each.
+# model, a CPU) arrive a few at a time instead of costing a round trip each. The status board
+# shows steps every 0.5 s (cogs/admission.py's FLUSH_INTERVAL): two asks per showing keep what
+# it shows at most a quarter of a second old.
 POLL_SECONDS = 1.0
-POLL_SPACING = 0.1
+POLL_SPACING = 0.25
 
 
 class DeviceHost:

@@ -95,3 +95,33 @@ def test_queue_benchmark_times_every_operation_at_every_size(tmp_path):
         assert all(row[op] > 0 for op in ("restart", "admission", "claim", "cancel", "position"))
     assert result["stall_ms"] > 0
     assert set(result["goals"].values()) <= {"PASS", "FAIL"} and len(result["goals"]) == 11
+
+
+def test_png_benchmark_compares_our_level_with_pillows_default(tmp_path):
+    result = run_bench("bench.png", tmp_path / "png.json", "--repeats", "1")
+    cases = result["cases"]
+    assert list(cases) == [
+        "picture 512²", "picture 1024²", "grid of four 512² pictures", "noise 256²"
+    ]  # fmt: skip
+    for case in cases.values():
+        assert case["level_ours"] == 1 and min(case["ms"].values()) > 0
+    # A smooth picture compresses at both levels; noise at neither.
+    picture = cases["picture 512²"]["bytes"]
+    assert picture["default"] < picture["ours"] < 512 * 512 * 3
+    assert cases["noise 256²"]["bytes"]["ours"] > 256 * 256 * 3
+
+
+def test_scale_benchmark_runs_every_setup_on_a_local_ray_cluster(tmp_path):
+    result = run_bench("bench.scale", tmp_path / "scale.json", "--jobs", "3", "--rounds", "1")
+    setups = ["local", "ray, 1 worker", "ray, 2 workers", "bare, 1 actor", "bare, 2 actors"]
+    assert list(result["images_per_second"]) == setups
+    assert all(len(rates) == 1 and rates[0] > 0 for rates in result["images_per_second"].values())
+    assert list(result["goals"]) == [
+        "2 Ray workers / 1 >= 1.8x",
+        "local / Ray with 1 worker <= 1.1",
+    ]
+    # The local executor computes in the bot's own process; Ray's workers in theirs.
+    cores = result["cores_used"]
+    assert cores["local"]["workers"] == 0 and cores["local"]["bot"] > 0.2
+    assert cores["ray, 1 worker"]["workers"] > max(0.2, cores["ray, 1 worker"]["bot"])
+    assert set(result["busy_share"]["ray, 2 workers"]) == {"ray-0", "ray-1"}
