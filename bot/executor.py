@@ -197,8 +197,8 @@ class Executor:
 
     def ceiling_for(self, key: BatchKey) -> int:
         """The most images one call of this key may hold: MAX_BATCH_SIZE, or fewer where the
-        runner measured that fewer fit in device memory."""
-        limit = self._runner.batch_limit(key)
+        workers (before they open, the bot's runner) measured that fewer fit in device memory."""
+        limit = self.lanes.batch_limit(key) if self.lanes.all else self._runner.batch_limit(key)
         return self._max_batch_size if limit is None else min(limit, self._max_batch_size)
 
     async def run_in_worker(self, func: Callable[..., Any], *args: Any) -> Any:

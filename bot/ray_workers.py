@@ -15,10 +15,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bot.requests import BatchKey
 from bot.results import GeneratedImage
 from bot.workers import Call, Report, Step, WorkerLost, resident_models, step_reporter
 
 log = logging.getLogger(__name__)
+
+# What a worker's device holds, sent with every answer: (resident models, memory probe's fit
+# per model measured, as bot.pipelines.devices.MemoryFit; empty off CUDA).
+Holdings = tuple[frozenset[str], dict[str, Any]]
 
 # A Ray worker's progress is asked for with a call that returns at its next step, or after
 # POLL_SECONDS without one; asked at most every POLL_SPACING seconds, so fast steps (a small
@@ -46,14 +51,19 @@ class DeviceHost:
         self._batch = 0
         self._stopped: set[int] = set()
 
-    def ready(self) -> tuple[int, frozenset[str]]:
-        """(the actor's process id, its resident models), once its models are loaded."""
-        return os.getpid(), resident_models(self._runner)
+    def ready(self) -> tuple[int, Holdings]:
+        """(the actor's process id, what its device holds), once its models are loaded."""
+        return os.getpid(), self._holdings()
+
+    def _holdings(self) -> Holdings:
+        """The resident models and, on a GPU, what the memory probe found fits for each."""
+        return resident_models(self._runner), self._runner.memory_fits()
 
     def generate(
         self, call: Call, call_id: int, batch: int
-    ) -> tuple[list[GeneratedImage], list[Step], frozenset[str]]:
-        """Run the call; returns its images, the steps not yet asked for, the resident models."""
+    ) -> tuple[list[GeneratedImage], list[Step], Holdings]:
+        """Run the call; returns its images, the steps not yet asked for, and what the device
+        holds now (a model loaded for the call, and measured, or another unloaded)."""
         with self._changed:
             self._steps.clear()
             self._batch = batch
@@ -71,7 +81,7 @@ class DeviceHost:
                 self._finished = call_id
                 unread, self._steps = self._steps, []
                 self._changed.notify_all()
-        return list(images), unread, resident_models(self._runner)
+        return list(images), unread, self._holdings()
 
     def _note(self, done: int, total: int, pngs: dict[int, bytes] | None) -> None:
         with self._changed:
@@ -141,6 +151,7 @@ class RayWorker:
         self._timeout = timeout
         self._actor: Any = None
         self._resident: frozenset[str] = frozenset()
+        self._fits: dict[str, Any] = {}
         self._calls = 0
         self._batch = 0
         self.pid: int | None = None
@@ -158,7 +169,8 @@ class RayWorker:
         ready = asyncio.wrap_future(self._actor.ready.remote().future())
         while True:
             try:
-                self.pid, self._resident = await asyncio.wait_for(asyncio.shield(ready), 60)
+                self.pid, holdings = await asyncio.wait_for(asyncio.shield(ready), 60)
+                self._resident, self._fits = holdings
                 return
             except TimeoutError:
                 log.warning(
@@ -173,7 +185,9 @@ class RayWorker:
         done = asyncio.wrap_future(self._actor.generate.remote(call, call_id, self._batch).future())
         poller = asyncio.create_task(self._poll(call_id, report))
         try:
-            images, unread, self._resident = await asyncio.wait_for(done, self._timeout)
+            images, unread, (self._resident, self._fits) = await asyncio.wait_for(
+                done, self._timeout
+            )
         except TimeoutError:
             ray.kill(self._actor, no_restart=False)  # Ray starts it again; its call is dropped
             raise WorkerLost(f"{self.name} took longer than {self._timeout:g} s") from None
@@ -203,6 +217,11 @@ class RayWorker:
 
     def resident(self) -> frozenset[str]:
         return self._resident
+
+    def batch_limit(self, key: BatchKey) -> int | None:
+        """From the actor's own memory probe (its GPU), as the local runner answers."""
+        fit = self._fits.get(key.model)
+        return None if fit is None else fit.images_that_fit(key.width * key.height)
 
     def resume(self) -> None:
         self._batch += 1  # interrupts name the batch, so one meant for the last never stops this

@@ -149,6 +149,8 @@ class Worker(Protocol):
 
     def resident(self) -> frozenset[str]: ...
 
+    def batch_limit(self, key: BatchKey) -> int | None: ...
+
     def resume(self) -> None: ...
 
     def interrupt(self) -> None: ...
@@ -242,6 +244,12 @@ class Lanes:
         """Seconds until the first worker is free for the next call."""
         return min((lane.expected_remaining() for lane in self.all), default=0.0)
 
+    def batch_limit(self, key: BatchKey) -> int | None:
+        """Images of `key` that fit at once on every worker (the batch former does not pick
+        the worker, so the smallest device decides); None where no worker measured any."""
+        limits = [limit for lane in self.all if (limit := lane.worker.batch_limit(key))]
+        return min(limits, default=None)
+
     def interrupt(self, job_id: int | None, cancelled: set[int]) -> None:
         """Interrupt every call (None), or the call of `job_id` once all its jobs are
         `cancelled`."""
@@ -279,6 +287,9 @@ class LocalWorker:
 
     def resident(self) -> frozenset[str]:
         return resident_models(self.runner)
+
+    def batch_limit(self, key: BatchKey) -> int | None:
+        return self.runner.batch_limit(key)
 
     def resume(self) -> None:
         self.runner.resume()

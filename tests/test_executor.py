@@ -7,11 +7,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from factories import pixels
+from factories import make_request, pixels
 
 from bot.db import Store, admission, jobs, quotas
+from bot.executor import Executor
+from bot.pipelines import PipelineOptions, PipelineRunner
+from bot.queue import QueueIndex
 from bot.requests import InvalidRequest, RawOptions
 from bot.service import ImagineService
+from bot.workers import Lanes, LocalWorker
 
 
 class Collector:
@@ -419,3 +423,42 @@ async def test_a_database_error_while_finishing_a_job_is_logged_and_delivery_goe
     assert (await service.store.read(jobs.get, fourth.job.id)).job.status == "done"
     for entry in (first, second):
         assert (await service.store.read(jobs.get, entry.job.id)).job.status == "done"
+
+
+async def test_with_several_workers_calls_fit_the_smallest_measured_device(
+    settings, tiny_runner, model_cache
+):
+    """Ray workers report their own memory probes; the batch former does not choose the
+    worker, so every call must fit the device with the least room (here 2 of MAX_BATCH_SIZE 4;
+    a worker that measured nothing, a CPU, does not limit it)."""
+    second = PipelineRunner(PipelineOptions(device="cpu", cache_dir=model_cache))
+    roomy, tight, unmeasured = FaultyRunner(tiny_runner), FaultyRunner(second), FaultyRunner(second)
+    roomy.limit, tight.limit = 3, 2
+    store = await Store.open(settings.database_path)
+    collected = Collector()
+    executor = Executor(
+        store,
+        roomy,
+        QueueIndex(),
+        max_batch_size=settings.max_batch_size,
+        deliver=collected,
+        workers=lambda: [LocalWorker(roomy, "roomy"), LocalWorker(tight, "tight")],
+    )
+    request = make_request(prompt="a lighthouse", model="tiny", steps=3, width=64, height=64)
+    assert executor.ceiling_for(request.batch_key) == 3  # before they open: the bot's runner
+    for member in range(7):
+        member_request = replace(request, seed=member)
+        await store.write(
+            admission.admit, member_request, member_id=member, guild_id=1, channel_id=2
+        )
+    executor.start()
+    executor.wake()
+    await asyncio.wait_for(executor.wait_idle(), 120)
+    await executor.stop()
+    assert executor.ceiling_for(request.batch_key) == 2
+    assert sorted(roomy.calls + tight.calls) == [1, 2, 2, 2]
+    assert len(collected.results) == 7 and all(r.error is None for r in collected.results)
+    lanes = Lanes()
+    await lanes.open(lambda: [LocalWorker(roomy, "roomy"), LocalWorker(unmeasured, "cpu")])
+    assert lanes.batch_limit(request.batch_key) == 3
+    await store.close()

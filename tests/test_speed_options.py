@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from bot.pipelines import MemoryFit, PipelineOptions, PipelineRunner, padded_batch_size
+from bot.ray_workers import DeviceHost
 from bot.requests import BatchKey, ImageSpec
+from bot.workers import Call
 
 SPECS = [
     ImageSpec("a red cat on a sofa", "", 11),
@@ -222,3 +224,21 @@ def test_attention_runs_through_torchs_fused_kernel_by_default(tiny_runner):
     pipe = tiny_runner.load("tiny")
     for model in (pipe.unet, pipe.vae):
         assert {type(p).__name__ for p in model.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_a_ray_worker_sends_what_its_memory_probe_found_with_every_answer(model_cache):
+    """The host of a Ray worker (run here without Ray) answers `ready` and each call with its
+    resident models and its probe's findings, which the bot's batch caps then follow."""
+    options = PipelineOptions(device="cpu", cache_dir=model_cache, largest_side=64)
+    host = DeviceHost(options, None, ("tiny",))
+    _pid, (models, fits) = host.ready()
+    assert models == {"tiny"} and fits == {}  # a CPU measures nothing
+    runner = host._runner  # the probe's allocator stands in for CUDA's on this machine
+    meter = SimulatedAllocator(runner, fixed=2 * GIB, per_image=4 * GIB, free=20 * GIB)
+    try:
+        runner.measure_memory("tiny", meter)
+    finally:
+        meter.handle.remove()
+    images, _steps, (models, fits) = host.generate(Call(KEY, SPECS[:2], [1, 2]), 1, 0)
+    assert len(images) == 2 and models == {"tiny"}
+    assert fits["tiny"].images_that_fit(64 * 64) == runner.batch_limit(KEY) == 3

@@ -128,6 +128,11 @@ class PipelineRunner:
         """The models loaded now (a snapshot; safe from any thread)."""
         return self.models.names()
 
+    def memory_fits(self) -> dict[str, MemoryFit]:
+        """What the memory probe found for each model measured here (a snapshot; safe from any
+        thread): a Ray worker sends it to the bot, whose batches must fit this device."""
+        return dict(self._memory_fits)
+
     def load(self, model: str) -> DiffusionPipeline:
         """The loaded pipeline of `model`, loading it if it is not resident (the least
         recently used models unloaded first if it would not fit beside them). Calling it at
