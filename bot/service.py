@@ -63,10 +63,14 @@ def prompt_chunks(runner: ModelRunner, request: GenerationRequest, limit: int) -
     return counts[0], counts[1]
 
 
-def saved_defaults(raw: RawOptions, saved: MemberDefaults, own: frozenset[str]) -> RawOptions:
-    """`raw` with the options the member left out taken from their /settings, except those the
-    chosen model sets itself (`own`: a Turbo model's steps, an SDXL model's size), which a
-    default saved for another model would only make fail."""
+def saved_defaults(raw: RawOptions, saved: MemberDefaults, catalog: Catalog) -> RawOptions:
+    """`raw` with the options the member left out taken from their /settings: their model while
+    the owner still offers it, then the rest except what the model sets itself (a Turbo
+    model's steps, an SDXL model's size), which a default saved for another model would only
+    make fail."""
+    if raw.model is None and saved.model in {m.name for m in catalog.usable_models()}:
+        raw = replace(raw, model=saved.model)
+    own = catalog.own_defaults(raw.model)
     missing = {
         name: getattr(saved, name)
         for name in ("steps", "width", "height", "scheduler", "negative_prompt", "count")
@@ -240,7 +244,7 @@ class ImagineService:
         """Fill options the member left out from their /settings (see `saved_defaults`); the
         rest fall through to the model's and the server's defaults in validation."""
         defaults = await self.store.read(members.defaults, member_id)
-        filled = saved_defaults(raw, defaults, self.catalog.own_defaults(raw.model))
+        filled = saved_defaults(raw, defaults, self.catalog)
         return filled, defaults
 
     @counting_refusals

@@ -13,10 +13,12 @@ from discord.ext import commands
 from bot import canvas
 from bot.db import admission, members
 from bot.db.members import MemberDefaults
+from bot.models import MAX_NAME_CHARS
 from bot.quota import units_phrase
 from bot.requests import SCHEDULERS, InvalidRequest, RawOptions
 from cogs.buttons import forget_me_view
 from cogs.common import frees_up_text, relative_time, role_ids, server_only, standing_text
+from cogs.models import model_choices
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -38,6 +40,7 @@ def defaults_text(defaults: MemberDefaults) -> str:
             ("scheduler", defaults.scheduler),
             ("negative prompt", defaults.negative_prompt),
             ("count", defaults.count),
+            ("model", defaults.model),
         )
         if value is not None
     ]
@@ -115,6 +118,7 @@ class MemberCog(commands.Cog):
         negative_prompt="Default negative prompt",
         count="Default number of images",
         private="Deliver your results only to you",
+        model="Default model, from the server's models (see /models)",
         reset="Forget all your defaults",
     )
     @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in SCHEDULERS])
@@ -128,6 +132,7 @@ class MemberCog(commands.Cog):
         negative_prompt: str | None = None,
         count: int | None = None,
         private: bool | None = None,
+        model: app_commands.Range[str, 1, MAX_NAME_CHARS] | None = None,
         reset: bool | None = None,
     ) -> None:
         store = self.bot.store
@@ -141,6 +146,7 @@ class MemberCog(commands.Cog):
             "negative_prompt": negative_prompt,
             "count": count,
             "private": private,
+            "model": model[:MAX_NAME_CHARS].strip() if model else None,
         }
         wanted = replace(current, **{k: v for k, v in chosen.items() if v is not None})
         try:  # the same checks /imagine makes, so a saved default can never be refused later
@@ -155,6 +161,7 @@ class MemberCog(commands.Cog):
                     wanted.height,
                     wanted.scheduler,
                     wanted.count,
+                    model=wanted.model,
                 )
             )
         except InvalidRequest as problem:
@@ -164,6 +171,12 @@ class MemberCog(commands.Cog):
             return
         await store.write(members.set_defaults, member_id, wanted)
         await interaction.response.send_message(defaults_text(wanted), ephemeral=True)
+
+    @settings_command.autocomplete("model")
+    async def model_autocomplete(
+        self, interaction: discord.Interaction[ImagineBot], typed: str
+    ) -> list[app_commands.Choice[str]]:
+        return model_choices(self.bot.service.catalog, typed)
 
 
 async def setup(bot: ImagineBot) -> None:

@@ -15,9 +15,12 @@ from factories import pixels
 from harness.answers import embed_field, job_id_of
 from harness.in_process import HeldRunner, running_bot
 
-from bot.db import jobs
+from bot.db import jobs, members
+from bot.db.members import MemberDefaults
 from bot.images import read_parameters
 from bot.models import Catalog, ModelEntry, load_catalog
+from bot.requests import RawOptions
+from bot.service import saved_defaults
 from cogs.models import model_choices, models_text
 from cogs.sources import raw_from_parameters
 
@@ -285,3 +288,45 @@ def test_autocomplete_and_models_stay_within_discords_limits():
     assert [c.value for c in model_choices(catalog, "3")][:3] == ["m39", "m03", "m13"]
     text = models_text(catalog, TEST_LIMITS, frozenset({"m00"}))
     assert len(text) <= 2000 and text.endswith("more.")
+
+
+async def test_a_members_default_model_from_settings(discord_world, models_bot, models_file):
+    """/settings model: is offered by autocomplete, checked like /imagine's, and draws a
+    member's /imagine when they name no model; naming one still wins."""
+    w = discord_world
+
+    async def settings(**options):
+        inter = await w.fake.slash_command(w.alice, w.channel, "settings", options)
+        return await inter.wait_response()
+
+    typed = await w.fake.autocomplete(w.alice, w.channel, "settings", {"model": "xl"}, "model")
+    assert [c["value"] for c in await typed.wait_choices()] == ["tiny-sdxl"]
+    saved = await settings(model="tiny-sdxl")
+    assert "model: tiny-sdxl" in saved.content and saved.ephemeral
+    record, result = await result_of(models_bot, w.alice, prompt="a fox", seed=5)
+    assert record.job.request.model == "tiny-sdxl" and embed_field(result, "Model") == "tiny-sdxl"
+    assert record.job.request.steps == 3  # the model's own default, as for model:tiny-sdxl
+    record, _ = await result_of(models_bot, w.alice, prompt="a fox", seed=5, model="tiny")
+    assert record.job.request.model == "tiny"
+
+    refused = await settings(model="nope")
+    assert "there is no model 'nope'; choose one of: tiny, tiny-sdxl" in refused.content
+    assert "Your defaults were not changed" in refused.content and refused.ephemeral
+    assert (await models_bot.store.read(members.defaults, w.alice.id)).model == "tiny-sdxl"
+    # Another member's /imagine is untouched by Alice's default.
+    record, _ = await result_of(models_bot, w.bob, prompt="a fox", seed=5)
+    assert record.job.request.model == "tiny"
+
+
+def test_a_saved_model_the_owner_no_longer_offers_gives_way_to_the_default(models_file):
+    """Saved defaults are never refused later: a model taken off the allowlist (or not yet
+    fetched) is skipped, and the server's default draws."""
+    catalog = load_catalog(models_file, "tiny")
+    saved = MemberDefaults(model="tiny-sdxl", steps=30)
+    assert saved_defaults(RawOptions("a fox"), saved, catalog).model == "tiny-sdxl"
+    assert saved_defaults(RawOptions("a fox"), saved, catalog).steps is None  # the model's own
+    assert saved_defaults(RawOptions("a fox", model="tiny"), saved, catalog).steps == 30
+    fetched_later = dataclasses.replace(catalog, missing={"tiny-sdxl"})
+    assert saved_defaults(RawOptions("a fox"), saved, fetched_later).model is None
+    removed = MemberDefaults(model="gone", steps=30)
+    assert saved_defaults(RawOptions("a fox"), removed, catalog) == RawOptions("a fox", steps=30)

@@ -397,12 +397,12 @@ def test_a_models_own_defaults_beat_a_members_saved_ones(catalog):
     """A member who saved 30 steps and 512 pixels in /settings still gets a Turbo model's
     2 steps and 768 pixels, rather than a refusal for steps they never typed."""
     saved = MemberDefaults(steps=30, width=512, scheduler="DDIM", negative_prompt="text", count=2)
-    turbo = saved_defaults(RawOptions("a fox", model="turbo"), saved, catalog.own_defaults("turbo"))
+    turbo = saved_defaults(RawOptions("a fox", model="turbo"), saved, catalog)
     assert (turbo.steps, turbo.width, turbo.scheduler) == (None, None, None)
     assert (turbo.negative_prompt, turbo.count) == ("text", 2)
     request = validate(turbo, Limits(), catalog)
     assert (request.steps, request.width, request.scheduler) == (2, 768, "Euler a")
-    assert saved_defaults(RawOptions("a fox"), saved, catalog.own_defaults(None)).steps == 30
+    assert saved_defaults(RawOptions("a fox"), saved, catalog).steps == 30
     assert catalog.own_defaults(["turbo"]) == catalog.own_defaults("nope") == frozenset()
 
 

@@ -23,11 +23,12 @@ class MemberDefaults:
     negative_prompt: str | None = None
     count: int | None = None
     private: bool = False
+    model: str | None = None
 
 
 async def defaults(tx: Tx, member_id: int) -> MemberDefaults:
     row = await tx.one(
-        """SELECT steps, width, height, scheduler, negative_prompt, count, private
+        """SELECT steps, width, height, scheduler, negative_prompt, count, private, model
            FROM member_defaults WHERE member_id = ?""",
         (member_id,),
     )
@@ -39,8 +40,9 @@ async def defaults(tx: Tx, member_id: int) -> MemberDefaults:
 async def set_defaults(tx: Tx, member_id: int, chosen: MemberDefaults) -> None:
     await tx.run(
         """INSERT OR REPLACE INTO member_defaults
-               (member_id, steps, width, height, scheduler, negative_prompt, count, private)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+               (member_id, steps, width, height, scheduler, negative_prompt, count, private,
+                model)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             member_id,
             chosen.steps,
@@ -50,6 +52,7 @@ async def set_defaults(tx: Tx, member_id: int, chosen: MemberDefaults) -> None:
             chosen.negative_prompt,
             chosen.count,
             int(chosen.private),
+            chosen.model,
         ),
     )
 

@@ -156,4 +156,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN keep_box TEXT;
     ALTER TABLE jobs ADD COLUMN operation TEXT;
     """,
+    # A member's default model from /settings (an allowlist name; ignored once the owner no
+    # longer offers it).
+    """
+    ALTER TABLE member_defaults ADD COLUMN model TEXT;
+    """,
 )
