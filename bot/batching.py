@@ -1,14 +1,17 @@
-"""The batch caps: how many images one call of a key may hold after out-of-memory errors.
-Which jobs share the next call is the queue's to say (bot/queue.py).
+"""The batch caps: how many images one call of a key may hold after out-of-memory errors;
+and, with several workers, how the queue's last call is shared. Which jobs share the next call
+is the queue's to say (bot/queue.py).
 
 Pure and deterministic so the memory rules can be tested without torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
-from bot.requests import BatchKey
+from bot.eta import SpeedKey, seconds_per_step
+from bot.requests import BatchKey, Job
 
 # Successful calls at a lowered cap before it is raised by one image again.
 CAP_RECOVERY_CALLS = 4
@@ -50,3 +53,29 @@ class BatchCaps:
             self._caps[key] += 1
             if self._caps[key] >= self._ceiling(key):
                 del self._caps[key], self._calls_at_cap[key]
+
+
+def share_of_last_call(
+    batch: list[Job], speeds: Mapping[SpeedKey, float], other_free_in: float
+) -> list[Job]:
+    """The jobs of the queue's last call (`batch`, in turn order) this worker takes when another
+    worker is free in `other_free_in` seconds, and takes the rest then: the first jobs that make
+    the two calls end soonest, by the speeds measured so far. All of them when that is one call
+    (the other worker is busy too long, or batching saves more), or nothing is measured yet.
+    Without this, at the end of a burst, or for two members asking at once, one worker runs
+    the whole call while another idles."""
+    key = batch[0].request.batch_key
+    counts = [job.request.count for job in batch]
+
+    def seconds(images: int) -> float:
+        per_step = seconds_per_step(speeds, SpeedKey(key.model, key.width * key.height, images))
+        return math.inf if per_step is None else per_step * key.denoising_steps
+
+    total, taken = sum(counts), 0
+    best, soonest = len(batch), seconds(total)
+    for jobs, count in enumerate(counts[:-1], start=1):
+        taken += count
+        ends = max(seconds(taken), other_free_in + seconds(total - taken))
+        if ends < soonest:
+            best, soonest = jobs, ends
+    return batch[:best]

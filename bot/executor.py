@@ -5,10 +5,11 @@ The asyncio side claims batches from the store and resolves jobs; each worker ru
 off the event loop (a thread of this process, or a Ray actor: bot/workers.py), so the loop (and
 Discord's heartbeat) never waits on torch. The bot stays the only scheduler: each worker's lane
 claims from the same queue index, its claims serialized by the store's write transaction, and
-prefers keys whose model the worker already holds. A failed call is split in halves and
-retried, so one bad image or an out-of-memory error fails only the jobs it must, and the batch
-cap for that key shrinks until calls fit again. A worker lost mid-call returns its jobs to the
-queue, where another worker claims them.
+prefers keys whose model the worker already holds; the queue's last call is shared with
+another worker soon free rather than run whole while that one idles. A failed call is split in
+halves and retried, so one bad image or an out-of-memory error fails only the jobs it must, and
+the batch cap for that key shrinks until calls fit again. A worker lost mid-call returns its
+jobs to the queue, where another worker claims them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from bot.background import cancel_and_wait
-from bot.batching import BatchCaps
+from bot.batching import BatchCaps, share_of_last_call
 from bot.db import Store, Tx, jobs, speeds
 from bot.eta import SpeedKey
 from bot.handoff import RETRY_SECONDS, Deliver, Handoff, JobResult
@@ -102,6 +103,21 @@ async def return_lost(store: Store, batch: list[Job], max_attempts: int) -> list
     await store.write(jobs.return_to_queue, again, count_attempt=True)
     problem = f"the worker running it was lost {max_attempts} times"
     return [JobResult(job, [], problem, 0.0, 0, 0) for job in batch if job.id not in again]
+
+
+async def choose_call(
+    tx: Tx, queue: QueueIndex, cap: Callable[[BatchKey], int], lanes: Lanes, lane: Lane | None
+) -> list[Job]:
+    """The fair former's call for `lane`'s worker, preferring the models it holds. The queue's
+    last call is shared with another worker soon free (`share_of_last_call`), which is woken
+    to take the rest."""
+    batch = queue.next_batch(cap, resident=frozenset() if lane is None else lane.worker.resident())
+    if lane is None or len(batch) < 2 or sum(j.request.count for j in batch) < queue.images():
+        return batch
+    shared = share_of_last_call(batch, await speeds.measured(tx), lanes.others_free_in(lane))
+    if len(shared) < len(batch):
+        lanes.wake()
+    return shared
 
 
 class Executor:
@@ -232,10 +248,9 @@ class Executor:
         again."""
         if not self._queue and await self._store.read(jobs.any_queued):
             await self.reload_queue()  # often a job admitted while we read; cheap when few
-        resident = frozenset() if lane is None else lane.worker.resident()
         while True:
             chosen: list[Job] = []
-            claimed = await self._store.write(self._choose_and_claim, chosen, resident)
+            claimed = await self._store.write(self._choose_and_claim, chosen, lane)
             if not chosen:
                 return None
             if claimed is None or len(claimed[1]) != len(chosen):
@@ -247,9 +262,9 @@ class Executor:
                 return claimed
 
     async def _choose_and_claim(
-        self, tx: Tx, chosen: list[Job], resident: frozenset[str]
+        self, tx: Tx, chosen: list[Job], lane: Lane | None
     ) -> tuple[int, list[Job]] | None:
-        chosen.extend(self._queue.next_batch(self.caps.cap, resident=resident))
+        chosen.extend(await choose_call(tx, self._queue, self.caps.cap, self.lanes, lane))
         return await jobs.claim_batch(tx, [job.id for job in chosen]) if chosen else None
 
     async def reload_queue(self, out_of_step: bool = False) -> None:

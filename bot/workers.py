@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
@@ -172,6 +173,16 @@ class Lane:
     in_flight: list[int] = field(default_factory=list)  # the jobs of the call running now
     steps: tuple[int, int] = (0, 0)
     busy_since: float | None = None
+    up: bool = True  # False while its lost worker restarts
+
+    def free_in(self) -> float:
+        """Seconds until this lane can take a call: 0 when idle, from its steps when busy, and
+        never (inf) when that cannot be told yet or its worker is restarting."""
+        if not self.up:
+            return math.inf
+        if self.busy_since is None:
+            return 0.0
+        return self.expected_remaining() if self.steps[0] else math.inf
 
     def expected_remaining(self) -> float:
         """Seconds the running call still needs, extrapolated from its steps so far."""
@@ -237,12 +248,18 @@ class Lanes:
         self.wake()
         lane.wake.clear()
         self.set_idle(lane, True, queue)
+        lane.up = False
         await lane.worker.recover()
+        lane.up = True
         self.set_idle(lane, False, queue)
 
     def expected_remaining(self) -> float:
         """Seconds until the first worker is free for the next call."""
         return min((lane.expected_remaining() for lane in self.all), default=0.0)
+
+    def others_free_in(self, lane: Lane) -> float:
+        """Seconds until a lane other than `lane` can take a call; inf when there is none."""
+        return min((other.free_in() for other in self.all if other is not lane), default=math.inf)
 
     def batch_limit(self, key: BatchKey) -> int | None:
         """Images of `key` that fit at once on every worker (the batch former does not pick

@@ -1,8 +1,10 @@
+import math
 from dataclasses import replace
 
-from factories import make_request
+from factories import make_job, make_request
 
-from bot.batching import BatchCaps
+from bot.batching import BatchCaps, share_of_last_call
+from bot.eta import SpeedKey
 
 BASE = make_request(scheduler="DPM++ 2M")
 
@@ -64,3 +66,40 @@ def test_each_key_has_its_own_cap():
     for _ in range(4):
         limits.succeeded(other)
     assert (limits.cap(KEY), limits.cap(other)) == (4, 8)
+
+
+# Measured seconds per step of one call of KEY's size, by images in the call: batching saves
+# time per image, as on a real device.
+PIXELS = KEY.width * KEY.height
+SPEEDS = {
+    SpeedKey(KEY.model, PIXELS, n): per for n, per in {1: 1.0, 2: 1.5, 3: 2.0, 4: 2.5}.items()
+}
+
+
+def last_call(*counts):
+    return [make_job(i, BASE, count=count) for i, count in enumerate(counts, start=1)]
+
+
+def shared(batch, speeds=SPEEDS, free_in=0.0):
+    return [job.id for job in share_of_last_call(batch, speeds, free_in)]
+
+
+def test_the_last_call_is_shared_with_a_worker_free_now():
+    assert shared(last_call(1, 1)) == [1]  # one image each ends sooner than two in one call
+    assert shared(last_call(1, 1, 1, 1)) == [1, 2]
+
+
+def test_the_last_call_is_shared_by_when_the_other_worker_is_free():
+    # Steps of 1.0 s for one image ... 2.5 s for four: with the other worker free in 1.2 s,
+    # three here (2.0 s) and one there (1.2 + 1.0 s) end soonest, before four here (2.5 s).
+    steps = KEY.denoising_steps
+    assert shared(last_call(1, 1, 1, 1), free_in=1.2 * steps) == [1, 2, 3]
+    assert shared(last_call(1, 1, 1, 1), free_in=3.0 * steps) == [1, 2, 3, 4]
+    assert shared(last_call(1, 1), free_in=math.inf) == [1, 2]
+
+
+def test_the_last_call_is_whole_until_a_speed_is_measured_and_keeps_jobs_whole():
+    assert shared(last_call(1, 1), speeds={}) == [1, 2]
+    assert shared(last_call(3, 1)) == [1]  # three images here, one there: never a part of a job
+    assert shared(last_call(1, 3)) == [1]
+    assert shared(last_call(2, 2)) == [1]

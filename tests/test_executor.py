@@ -1,6 +1,7 @@
 """The executor on the tiny model through the real store: batching, seeds, a free event loop."""
 
 import asyncio
+import math
 import sqlite3
 import time
 from dataclasses import replace
@@ -9,13 +10,14 @@ import numpy as np
 import pytest
 from factories import make_request, pixels
 
-from bot.db import Store, admission, jobs, quotas
+from bot.db import Store, admission, jobs, quotas, speeds
+from bot.eta import SpeedKey
 from bot.executor import Executor
 from bot.pipelines import PipelineOptions, PipelineRunner
 from bot.queue import QueueIndex
-from bot.requests import InvalidRequest, RawOptions
+from bot.requests import ImageSpec, InvalidRequest, RawOptions
 from bot.service import ImagineService
-from bot.workers import Lanes, LocalWorker
+from bot.workers import Lane, Lanes, LocalWorker
 
 
 class Collector:
@@ -425,40 +427,88 @@ async def test_a_database_error_while_finishing_a_job_is_logged_and_delivery_goe
         assert (await service.store.read(jobs.get, entry.job.id)).job.status == "done"
 
 
-async def test_with_several_workers_calls_fit_the_smallest_measured_device(
-    settings, tiny_runner, model_cache
-):
-    """Ray workers report their own memory probes; the batch former does not choose the
-    worker, so every call must fit the device with the least room (here 2 of MAX_BATCH_SIZE 4;
-    a worker that measured nothing, a CPU, does not limit it)."""
+LIGHTHOUSE = make_request(prompt="a lighthouse", model="tiny", steps=3, width=64, height=64)
+
+
+@pytest.fixture
+def two_runners(tiny_runner, model_cache):
+    """Two real runners behind fault injectors, as two Ray workers' devices would be."""
     second = PipelineRunner(PipelineOptions(device="cpu", cache_dir=model_cache))
-    roomy, tight, unmeasured = FaultyRunner(tiny_runner), FaultyRunner(second), FaultyRunner(second)
-    roomy.limit, tight.limit = 3, 2
-    store = await Store.open(settings.database_path)
+    return FaultyRunner(tiny_runner), FaultyRunner(second)
+
+
+async def run_on_workers(store, runners, members):
+    """`members` lighthouse jobs (seeds 0, 1, ...) through an executor with one worker per
+    runner; returns the executor, stopped, and what it delivered."""
+    for member in range(members):
+        request = replace(LIGHTHOUSE, seed=member)
+        await store.write(admission.admit, request, member_id=member, guild_id=1, channel_id=2)
     collected = Collector()
     executor = Executor(
         store,
-        roomy,
+        runners[0],
         QueueIndex(),
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=4,
         deliver=collected,
-        workers=lambda: [LocalWorker(roomy, "roomy"), LocalWorker(tight, "tight")],
+        workers=lambda: [LocalWorker(runner, f"worker {i}") for i, runner in enumerate(runners)],
     )
-    request = make_request(prompt="a lighthouse", model="tiny", steps=3, width=64, height=64)
-    assert executor.ceiling_for(request.batch_key) == 3  # before they open: the bot's runner
-    for member in range(7):
-        member_request = replace(request, seed=member)
-        await store.write(
-            admission.admit, member_request, member_id=member, guild_id=1, channel_id=2
-        )
     executor.start()
     executor.wake()
     await asyncio.wait_for(executor.wait_idle(), 120)
     await executor.stop()
-    assert executor.ceiling_for(request.batch_key) == 2
+    assert len(collected.results) == members and all(r.error is None for r in collected.results)
+    return executor, collected.results
+
+
+async def test_with_several_workers_calls_fit_the_smallest_measured_device(settings, two_runners):
+    """Ray workers report their own memory probes; the batch former does not choose the
+    worker, so every call must fit the device with the least room (here 2 of MAX_BATCH_SIZE 4;
+    a worker that measured nothing, a CPU, does not limit it)."""
+    roomy, tight = two_runners
+    roomy.limit, tight.limit = 3, 2
+    store = await Store.open(settings.database_path)
+    try:
+        executor, _ = await run_on_workers(store, [roomy, tight], 7)
+    finally:
+        await store.close()
+    assert executor.ceiling_for(LIGHTHOUSE.batch_key) == 2
     assert sorted(roomy.calls + tight.calls) == [1, 2, 2, 2]
-    assert len(collected.results) == 7 and all(r.error is None for r in collected.results)
     lanes = Lanes()
-    await lanes.open(lambda: [LocalWorker(roomy, "roomy"), LocalWorker(unmeasured, "cpu")])
-    assert lanes.batch_limit(request.batch_key) == 3
-    await store.close()
+    tight.limit = None
+    await lanes.open(lambda: [LocalWorker(roomy, "roomy"), LocalWorker(tight, "cpu")])
+    assert lanes.batch_limit(LIGHTHOUSE.batch_key) == 3
+
+
+async def test_two_idle_workers_share_the_queues_last_call(settings, two_runners):
+    """Two members asking at once on two idle workers: each worker draws one image, since two
+    images in one call were measured slower than one, instead of one worker drawing both while
+    the other idles. The seeds give the same pixels as in one call of both (within 1/255)."""
+    first, second = two_runners
+    store = await Store.open(settings.database_path)
+    try:
+        for images, per_step in ((1, 0.10), (2, 0.15)):
+            await store.write(speeds.record, SpeedKey("tiny", 64 * 64, images), per_step)
+        _, results = await run_on_workers(store, [first, second], 2)
+    finally:
+        await store.close()
+    assert first.calls == [1] and second.calls == [1]
+    assert len({result.batch_id for result in results}) == 2
+    specs = [ImageSpec(LIGHTHOUSE.prompt, LIGHTHOUSE.negative_prompt, seed) for seed in (0, 1)]
+    alone = first.runner.generate(LIGHTHOUSE.batch_key, specs)
+    by_seed = {result.job.request.seed: result.images[0].image for result in results}
+    for seed, image in enumerate(alone):
+        assert np.abs(pixels(by_seed[seed]) - pixels(image.image)).max() <= 1
+
+
+def test_a_lane_is_free_now_idle_later_by_its_steps_and_never_while_restarting(tiny_runner):
+    lanes = Lanes()
+    lanes.all = [Lane(LocalWorker(tiny_runner, "a")), Lane(LocalWorker(tiny_runner, "b"))]
+    lane, other = lanes.all
+    assert lanes.others_free_in(lane) == 0.0  # idle
+    other.busy_since, other.steps = time.monotonic() - 2.0, (0, 10)
+    assert lanes.others_free_in(lane) == math.inf  # busy, no step heard yet: cannot tell
+    other.steps = (5, 10)
+    assert 1.9 < lanes.others_free_in(lane) < 2.5  # half done in 2 s
+    other.busy_since, other.up = None, False
+    assert lanes.others_free_in(lane) == math.inf  # its worker is restarting
+    assert Lanes().others_free_in(lane) == math.inf
