@@ -250,12 +250,7 @@ def intake(data: bytes, limits: Limits, *, max_bytes: int, max_pixels: int) -> s
         image = decode_upload(data, max_bytes=max_bytes, max_pixels=max_pixels)
     except ImageRejected:
         return "rejected"
-    fitted = fit_for_model(
-        image,
-        min_side=limits.min_side,
-        max_side=limits.max_side,
-        default_area=limits.default_width * limits.default_height,
-    )
+    fitted = fit_for_model(image, limits)
     assert fitted.mode == "RGB" and fitted.width % 8 == fitted.height % 8 == 0, fitted
     return "accepted" if parameters is None else "accepted with parameters"
 

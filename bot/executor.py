@@ -64,14 +64,16 @@ log = logging.getLogger(__name__)
 
 async def image_specs(store: Store, batch: list[Job]) -> list[ImageSpec]:
     """The specs of every image in the batch, with init images read from the store for
-    image-to-image jobs (a missing one fails its job alone, in the runner's checks)."""
+    image-to-image jobs, at the job's size (an upload is kept at the largest model's area; a
+    missing one fails its job alone, in the runner's checks)."""
     specs: list[ImageSpec] = []
     for job in batch:
         init_image = None
         if job.request.init_image_hash is not None:
             png = await store.read(jobs.init_image, job.request.init_image_hash)
             if png is not None:
-                init_image = await asyncio.to_thread(read_png, png)
+                size = (job.request.width, job.request.height)
+                init_image = await asyncio.to_thread(read_png, png, size)
         specs += [replace(spec, init_image=init_image) for spec in job.image_specs]
     return specs
 
@@ -109,12 +111,13 @@ async def choose_call(
     tx: Tx, queue: QueueIndex, cap: Callable[[BatchKey], int], lanes: Lanes, lane: Lane | None
 ) -> list[Job]:
     """The fair former's call for `lane`'s worker, preferring the models it holds. The queue's
-    last call is shared with another worker soon free (`share_of_last_call`), which is woken
-    to take the rest."""
+    last call is shared with another worker soon free that holds its model
+    (`share_of_last_call`), which is woken to take the rest."""
     batch = queue.next_batch(cap, resident=frozenset() if lane is None else lane.worker.resident())
     if lane is None or len(batch) < 2 or sum(j.request.count for j in batch) < queue.images():
         return batch
-    shared = share_of_last_call(batch, await speeds.measured(tx), lanes.others_free_in(lane))
+    free_in = lanes.others_free_in(lane, batch[0].request.model)
+    shared = share_of_last_call(batch, await speeds.measured(tx), free_in)
     if len(shared) < len(batch):
         lanes.wake()
     return shared

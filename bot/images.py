@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 
-from bot.requests import GenerationRequest
+from bot.requests import GenerationRequest, Limits, fitted_size
 
 # Smallest side we accept: below this an init image carries next to nothing.
 MIN_UPLOAD_SIDE = 64
@@ -125,21 +125,16 @@ def _upright(image: Image.Image) -> Image.Image:
     return image if method is None else image.transpose(method)
 
 
-def _multiple_of_8(value: float, low: int, high: int) -> int:
-    return max(low, min(high, round(value / 8) * 8))
+def fit_for_model(image: Image.Image, limits: Limits) -> Image.Image:
+    """Resized (and an extreme ratio centre-cropped) to the size it is drawn at with `limits`,
+    a model's (`fitted_size`)."""
+    return resized(image, fitted_size(*image.size, limits))
 
 
-def fit_for_model(
-    image: Image.Image, *, min_side: int, max_side: int, default_area: int
-) -> Image.Image:
-    """Resize to about `default_area` pixels keeping the aspect ratio, sides multiples of 8
-    within [min_side, max_side]; extreme ratios are centre-cropped rather than stretched."""
-    low, high = -(-min_side // 8) * 8, max_side // 8 * 8
-    width, height = image.size
-    scale = math.sqrt(default_area / (width * height))
-    scale = min(scale, high / max(width, height))  # the long side fits
-    scale = max(scale, low / min(width, height))  # the short side is not too short
-    size = (_multiple_of_8(width * scale, low, high), _multiple_of_8(height * scale, low, high))
+def resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` at `size`, centre-cropped where the aspect ratios differ, never stretched."""
+    if image.size == size:
+        return image
     return ImageOps.fit(image, size, Image.Resampling.LANCZOS)
 
 
@@ -184,10 +179,12 @@ def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def read_png(data: bytes) -> Image.Image:
-    """An image this bot stored itself (already checked and resized when it arrived)."""
+def read_png(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
+    """An image this bot stored itself (already checked when it arrived), at `size` if given
+    (see `resized`)."""
     with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+        rgb = image.convert("RGB")
+    return rgb if size is None else resized(rgb, size)
 
 
 def grid(images: list[Image.Image]) -> Image.Image:

@@ -232,6 +232,21 @@ def _negative(prefix: str, member: str) -> str:
     return f"{prefix}, {member}" if member else prefix
 
 
+def fitted_size(width: int, height: int, limits: Limits) -> tuple[int, int]:
+    """The size an upload of `width`×`height` is drawn at: about the model's default area
+    (`limits`, the model's own), the upload's aspect ratio, sides multiples of 8 within the
+    limits; an extreme ratio is centre-cropped to fit rather than stretched."""
+    low, high = -(-limits.min_side // 8) * 8, limits.max_side // 8 * 8
+    scale = math.sqrt(limits.default_width * limits.default_height / (width * height))
+    scale = min(scale, high / max(width, height))  # the long side fits
+    scale = max(scale, low / min(width, height))  # the short side is not too short
+
+    def side(value: float) -> int:
+        return max(low, min(high, round(value * scale / 8) * 8))
+
+    return side(width), side(height)
+
+
 def validate(
     raw: RawOptions,
     limits: Limits,
@@ -239,13 +254,15 @@ def validate(
     rng: random.Random | None = None,
     *,
     init_image: tuple[str, int, int] | None = None,
+    upload_size: tuple[int, int] | None = None,
 ) -> GenerationRequest:
     """Check every option against the limits and fill defaults; raise InvalidRequest on the first
     problem so the member sees exactly which option to fix. The model (from `catalog`, the
     owner's allowlist) brings its own defaults and limits, negative prompt and LoRAs. With
     `init_image` (hash, width, height) the request is image-to-image: the size is the prepared
-    image's, and `strength` (default limits.default_strength) must leave at least one
-    denoising step."""
+    image's, or for a member's upload of `upload_size` the size that upload is drawn at on
+    the model (`fitted_size`), and `strength` (default limits.default_strength) must leave at
+    least one denoising step."""
     model = catalog.entry(raw.model)
     loras = catalog.check_loras(model.name, raw.loras)
     limits = catalog.limits_for(model.name, limits)
@@ -307,6 +324,8 @@ def validate(
             "strength", f"{strength:g} of {steps} steps leaves no step to run; raise either."
         )
     image_hash, image_width, image_height = init_image
+    if upload_size is not None:
+        image_width, image_height = fitted_size(*upload_size, limits)
     return replace(
         request,
         mode="image",

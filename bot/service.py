@@ -7,6 +7,7 @@ and registers a listener to hear about finished jobs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -89,12 +90,16 @@ class Admission:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """An upload checked, decoded and resized for the model, as PNG bytes and their hash."""
+    """A start picture as PNG bytes and their hash. A member's upload (`upload_size`, its size
+    as uploaded) is kept at the largest model's area and drawn at each model's own
+    (`fitted_size`); a picture made for a job (Upscale, Zoom Out, Pan, a Reroll) is drawn at
+    its own size."""
 
     png: bytes
     hash: str
     width: int
     height: int
+    upload_size: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[str, int, int]:
@@ -103,6 +108,22 @@ class PreparedImage:
 
 
 Listener = Callable[[JobResult], Awaitable[None]]
+
+
+def prepare_upload(data: bytes, settings: Settings, catalog: Catalog) -> PreparedImage:
+    """Check and decode a member's upload (raises ImageRejected), resized for the model with
+    the largest default area: whichever model draws it, the runner then only shrinks it."""
+    image = decode_upload(
+        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels
+    )
+    largest = max(
+        (catalog.limits_for(m.name, settings.limits) for m in catalog.usable_models()),
+        key=lambda limits: limits.default_width * limits.default_height,
+        default=settings.limits,
+    )
+    fitted = fit_for_model(image, largest)
+    png = png_bytes(fitted)
+    return PreparedImage(png, hashlib.sha256(png).hexdigest(), *fitted.size, image.size)
 
 
 def require_default_model(catalog: Catalog) -> None:
@@ -198,30 +219,17 @@ class ImagineService:
         """Raise InvalidRequest before anything is stored or charged: an option out of bounds,
         a weight syntax error, or a prompt longer than MAX_PROMPT_CHUNKS chunks."""
         shape = init_image and init_image.shape
-        request = validate(raw, self.settings.limits, self.catalog, init_image=shape)
+        upload_size = init_image and init_image.upload_size
+        request = validate(
+            raw, self.settings.limits, self.catalog, init_image=shape, upload_size=upload_size
+        )
         prompt_chunks(self.runner, request, self.settings.max_prompt_chunks)
         return request
 
     async def prepare_init_image(self, data: bytes) -> PreparedImage:
-        """Check and decode an uploaded image (raises ImageRejected), resized to a size the
-        model takes. Nothing is stored until the request using it is admitted."""
-        limits = self.settings.limits
-
-        def prepare() -> PreparedImage:
-            image = decode_upload(
-                data,
-                max_bytes=self.settings.max_upload_bytes,
-                max_pixels=self.settings.max_upload_pixels,
-            )
-            fitted = fit_for_model(
-                image,
-                min_side=limits.min_side,
-                max_side=limits.max_side,
-                default_area=limits.default_width * limits.default_height,
-            )
-            png = png_bytes(fitted)
-            return PreparedImage(png, hashlib.sha256(png).hexdigest(), *fitted.size)
-
+        """`prepare_upload` on the upload pool. Nothing is stored until the request using it
+        is admitted."""
+        prepare = functools.partial(prepare_upload, data, self.settings, self.catalog)
         return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, prepare)
 
     async def image_parameters(self, data: bytes) -> dict | None:

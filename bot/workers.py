@@ -257,9 +257,11 @@ class Lanes:
         """Seconds until the first worker is free for the next call."""
         return min((lane.expected_remaining() for lane in self.all), default=0.0)
 
-    def others_free_in(self, lane: Lane) -> float:
-        """Seconds until a lane other than `lane` can take a call; inf when there is none."""
-        return min((other.free_in() for other in self.all if other is not lane), default=math.inf)
+    def others_free_in(self, lane: Lane, model: str) -> float:
+        """Seconds until a lane other than `lane` whose worker holds `model` can take a call;
+        inf when there is none (a model load would cost more than sharing a call saves)."""
+        others = [o for o in self.all if o is not lane and model in o.worker.resident()]
+        return min((other.free_in() for other in others), default=math.inf)
 
     def batch_limit(self, key: BatchKey) -> int | None:
         """Images of `key` that fit at once on every worker (the batch former does not pick

@@ -6,6 +6,7 @@ LoRAs, and the result showing both. The allowlist holds the built-ins `tiny`, `t
 from __future__ import annotations
 
 import dataclasses
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from conftest import TEST_LIMITS
 from factories import pixels
 from harness.answers import embed_field, job_id_of
 from harness.in_process import HeldRunner, running_bot
+from PIL import Image
 
 from bot.db import jobs, members
 from bot.db.members import MemberDefaults
@@ -330,3 +332,65 @@ def test_a_saved_model_the_owner_no_longer_offers_gives_way_to_the_default(model
     assert saved_defaults(RawOptions("a fox"), saved, fetched_later).model is None
     removed = MemberDefaults(model="gone", steps=30)
     assert saved_defaults(RawOptions("a fox"), removed, catalog) == RawOptions("a fox", steps=30)
+
+
+SIZED_MODELS_TOML = """
+default = "tiny"
+
+[models.tiny]
+source = "tiny"
+
+[models.tiny-sdxl]
+source = "tiny-sdxl"
+steps = 3
+width = 128
+height = 128
+"""
+
+
+async def test_an_upload_is_drawn_at_the_chosen_models_own_size(
+    discord_world, settings, models_runner, tmp_path
+):
+    """The server draws 64×64 by default and tiny-sdxl 128×128 (its allowlist entry). A
+    member's 300×200 upload is drawn at 96×64 on tiny and at 160×104 on tiny-sdxl, each model's
+    own area, and a Vary of a tiny-sdxl result stays 128×128, instead of both models drawing
+    every upload at the server's area."""
+    w = discord_world
+    models_file = tmp_path / "models.toml"
+    models_file.write_text(SIZED_MODELS_TOML)
+    photo = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (200, 300, 3), np.uint8)).save(
+        photo, format="PNG"
+    )
+    runner = HeldRunner(models_runner)
+    sized = replace(settings, models_file=models_file)
+    async with running_bot(w.fake, sized, runner=runner) as bot:
+
+        async def drawn(member, **options):
+            inter = await w.fake.slash_command(
+                member, w.channel, "imagine", {"prompt": "a bay", **options},
+                attachments={"image": ("photo.png", photo.getvalue())},
+            )  # fmt: skip
+            job_id = job_id_of((await inter.wait_original()).content)  # deferred first
+            result = await inter.wait_followup(timeout=30)
+            await bot.wait_idle()
+            key, specs = runner.calls[-1]
+            assert specs[0].init_image.size == (key.width, key.height)
+            record = await bot.store.read(jobs.get, job_id)
+            return record.job.request, Image.open(io.BytesIO(result.attachments[0].data)).size
+
+        on_tiny, tiny_size = await drawn(w.alice, model="tiny")
+        assert (on_tiny.width, on_tiny.height) == tiny_size == (96, 64)
+        on_sdxl, sdxl_size = await drawn(w.bob, model="tiny-sdxl")
+        assert (on_sdxl.width, on_sdxl.height) == sdxl_size == (160, 104)
+        assert on_tiny.cost < on_sdxl.cost  # charged for the pixels drawn
+
+        parent, result = await result_of(bot, w.alice, prompt="a harbour", model="tiny-sdxl")
+        assert (parent.job.request.width, parent.job.request.height) == (128, 128)
+        press = await w.fake.click_button(w.bob, result, f"vary:{parent.job.id}:0:strong")
+        job_id = job_id_of((await press.wait_original()).content)
+        varied = await press.wait_followup(timeout=30)
+        await bot.wait_idle()
+        record = await bot.store.read(jobs.get, job_id)
+        assert (record.job.request.width, record.job.request.height) == (128, 128)
+        assert Image.open(io.BytesIO(varied.attachments[0].data)).size == (128, 128)

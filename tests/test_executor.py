@@ -163,6 +163,9 @@ class FaultyRunner:
     def release_memory(self):
         self.released += 1
 
+    def resident_models(self):
+        return self.runner.resident_models()
+
     def batch_limit(self, key):
         return self.limit
 
@@ -434,6 +437,7 @@ LIGHTHOUSE = make_request(prompt="a lighthouse", model="tiny", steps=3, width=64
 def two_runners(tiny_runner, model_cache):
     """Two real runners behind fault injectors, as two Ray workers' devices would be."""
     second = PipelineRunner(PipelineOptions(device="cpu", cache_dir=model_cache))
+    second.load("tiny")
     return FaultyRunner(tiny_runner), FaultyRunner(second)
 
 
@@ -500,15 +504,22 @@ async def test_two_idle_workers_share_the_queues_last_call(settings, two_runners
         assert np.abs(pixels(by_seed[seed]) - pixels(image.image)).max() <= 1
 
 
-def test_a_lane_is_free_now_idle_later_by_its_steps_and_never_while_restarting(tiny_runner):
+def test_a_lane_is_free_now_idle_later_by_its_steps_and_never_while_restarting(
+    tiny_runner, model_cache
+):
     lanes = Lanes()
     lanes.all = [Lane(LocalWorker(tiny_runner, "a")), Lane(LocalWorker(tiny_runner, "b"))]
     lane, other = lanes.all
-    assert lanes.others_free_in(lane) == 0.0  # idle
+    assert lanes.others_free_in(lane, "tiny") == 0.0  # idle
     other.busy_since, other.steps = time.monotonic() - 2.0, (0, 10)
-    assert lanes.others_free_in(lane) == math.inf  # busy, no step heard yet: cannot tell
+    assert lanes.others_free_in(lane, "tiny") == math.inf  # busy, no step heard yet: can't tell
     other.steps = (5, 10)
-    assert 1.9 < lanes.others_free_in(lane) < 2.5  # half done in 2 s
+    assert 1.9 < lanes.others_free_in(lane, "tiny") < 2.5  # half done in 2 s
     other.busy_since, other.up = None, False
-    assert lanes.others_free_in(lane) == math.inf  # its worker is restarting
-    assert Lanes().others_free_in(lane) == math.inf
+    assert lanes.others_free_in(lane, "tiny") == math.inf  # its worker is restarting
+    other.up = True
+    # A worker without the model would load it first: it does not count as soon free.
+    empty = PipelineRunner(PipelineOptions(device="cpu", cache_dir=model_cache))
+    lanes.all = [lane, Lane(LocalWorker(empty, "empty"))]
+    assert lanes.others_free_in(lane, "tiny") == math.inf
+    assert Lanes().others_free_in(lane, "tiny") == math.inf

@@ -24,7 +24,7 @@ from bot.images import (
     png_bytes,
     read_parameters,
 )
-from bot.requests import GenerationRequest
+from bot.requests import GenerationRequest, Limits, fitted_size
 
 MIB = 2**20
 LIMITS = {"max_bytes": 8 * MIB, "max_pixels": 4096 * 4096}
@@ -225,7 +225,9 @@ def test_palette_and_16_bit_images_become_rgb() -> None:
     ],
 )
 def test_fit_for_model(size: tuple[int, int], expected: tuple[int, int]) -> None:
-    fitted = fit_for_model(noise(*size), min_side=256, max_side=1024, default_area=512 * 512)
+    limits = Limits(min_side=256, max_side=1024, default_width=512, default_height=512)
+    fitted = fit_for_model(noise(*size), limits)
+    assert fitted_size(*size, limits) == expected
     width, height = fitted.size
     assert fitted.size == expected
     assert width % 8 == 0 and height % 8 == 0
