@@ -195,6 +195,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             ray.shutdown()
     medians = {name: statistics.median(taken) for name, taken in rates.items()}
     scaling = medians["ray, 2 workers"] / medians["ray, 1 worker"]
+    # One and two workers run one after the other in each round, so their ratio in a round
+    # cancels the machine's slower drift; how far it spreads shows the noise left.
+    pairs = zip(rates["ray, 1 worker"], rates["ray, 2 workers"], strict=True)
+    per_round = [two / one for one, two in pairs]
     ceiling = medians["bare, 2 actors"] / medians["bare, 1 actor"]
     overhead = medians["local"] / medians["ray, 1 worker"]
     shares = {
@@ -236,6 +240,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nscaling 1 -> 2 Ray workers: {scaling:.2f}x (the same calls on bare actors, the "
           f"machine's own ceiling now: {ceiling:.2f}x); local over Ray with 1 worker: "
           f"{overhead:.3f}")  # fmt: skip
+    print("scaling in each round: " + " ".join(f"{ratio:.2f}x" for ratio in per_round))
     goals = print_goals(
         {
             f"2 Ray workers / 1 >= {GOAL_SCALING}x": verdict(scaling >= GOAL_SCALING),
@@ -249,6 +254,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "images_per_second": rates,
         "median": medians,
         "scaling": scaling,
+        "scaling_per_round": per_round,
         "bare_scaling": ceiling,
         "busy_share": shares,
         "cores_used": cores,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -117,6 +118,8 @@ async def choose_call(
     if lane is None or len(batch) < 2 or sum(j.request.count for j in batch) < queue.images():
         return batch
     free_in = lanes.others_free_in(lane, batch[0].request.model)
+    if free_in == math.inf:  # one worker, or none other that could take a share
+        return batch
     shared = share_of_last_call(batch, await speeds.measured(tx), free_in)
     if len(shared) < len(batch):
         lanes.wake()

@@ -125,3 +125,4 @@ def test_scale_benchmark_runs_every_setup_on_a_local_ray_cluster(tmp_path):
     assert cores["local"]["workers"] == 0 and cores["local"]["bot"] > 0.2
     assert cores["ray, 1 worker"]["workers"] > max(0.2, cores["ray, 1 worker"]["bot"])
     assert set(result["busy_share"]["ray, 2 workers"]) == {"ray-0", "ray-1"}
+    assert result["scaling_per_round"] == [result["scaling"]]  # one round: its own ratio
