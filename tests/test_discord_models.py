@@ -394,3 +394,22 @@ async def test_an_upload_is_drawn_at_the_chosen_models_own_size(
         record = await bot.store.read(jobs.get, job_id)
         assert (record.job.request.width, record.job.request.height) == (128, 128)
         assert Image.open(io.BytesIO(varied.attachments[0].data)).size == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["x" * 5000, "tiny\x00", " ", "@everyone", "tiny-sdxl; DROP TABLE member_defaults", "ᵗⁱⁿʸ"],
+)
+async def test_settings_refuses_a_hostile_model_name_and_keeps_the_defaults(
+    discord_world, models_bot, hostile
+):
+    """Whatever a member sends as /settings model: (Discord's 64-character bound is not
+    trusted: the cog cuts it there too), it is refused privately, within one message, naming
+    the allowed models, and nothing is saved."""
+    w = discord_world
+    inter = await w.fake.slash_command(w.alice, w.channel, "settings", {"model": hostile})
+    refused = await inter.wait_response()
+    assert refused.ephemeral and len(refused.content) <= 2000
+    assert "choose one of: tiny, tiny-sdxl" in refused.content
+    assert "Your defaults were not changed" in refused.content
+    assert await models_bot.store.read(members.defaults, w.alice.id) == MemberDefaults()
