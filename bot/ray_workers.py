@@ -154,6 +154,7 @@ class RayWorker:
         self._fits: dict[str, Any] = {}
         self._calls = 0
         self._batch = 0
+        self._heard = 0.0  # event-loop time of the running call's start or latest step
         self.pid: int | None = None
 
     async def open(self) -> None:
@@ -183,14 +184,13 @@ class RayWorker:
         self._calls += 1
         call_id = self._calls
         done = asyncio.wrap_future(self._actor.generate.remote(call, call_id, self._batch).future())
+        self._heard = asyncio.get_running_loop().time()
         poller = asyncio.create_task(self._poll(call_id, report))
         try:
-            images, unread, (self._resident, self._fits) = await asyncio.wait_for(
-                done, self._timeout
-            )
+            images, unread, (self._resident, self._fits) = await self._unless_silent(done)
         except TimeoutError:
             ray.kill(self._actor, no_restart=False)  # Ray starts it again; its call is dropped
-            raise WorkerLost(f"{self.name} took longer than {self._timeout:g} s") from None
+            raise WorkerLost(f"{self.name} made no step for {self._timeout:g} s") from None
         except ray.exceptions.RayTaskError as error:  # the call itself failed: as if local
             raise error.cause from None
         except ray.exceptions.RayError as error:
@@ -201,13 +201,29 @@ class RayWorker:
             report(*step)
         return images
 
+    async def _unless_silent(self, done: asyncio.Future[Any]) -> Any:
+        """The call's answer; TimeoutError once it has gone WORKER_TIMEOUT seconds without a
+        step (before its first: a model load). A long call that keeps stepping is not cut
+        short, and a hung one is found that long after its last step, however big it is. The
+        actor answering progress asks is no sign of life: its GPU may be stuck."""
+        loop = asyncio.get_running_loop()
+        while (quiet := loop.time() - self._heard) < self._timeout:
+            await asyncio.wait([done], timeout=self._timeout - quiet)
+            if done.done():
+                return done.result()
+        done.cancel()
+        raise TimeoutError
+
     async def _poll(self, call_id: int, report: Report) -> None:
         """Pass the call's steps on as they come, until it ends (or the actor is lost)."""
+        loop = asyncio.get_running_loop()
         try:
             finished = False
             while not finished:
                 ref = self._actor.progress.remote(call_id, POLL_SECONDS)
                 steps, finished = await asyncio.wrap_future(ref.future())
+                if steps:
+                    self._heard = loop.time()
                 for step in steps:
                     report(*step)
                 if not finished:

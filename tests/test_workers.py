@@ -1,7 +1,8 @@
 """EXECUTOR=ray through the fake Discord: two CPU workers on a local Ray cluster (one core and
 one torch thread each) answer /imagine with the pixels the local runner makes for the seed, and
 a worker killed, or stopped past WORKER_TIMEOUT, in the middle of a call loses no job and
-delivers each exactly once. One bot for all of it: starting Ray workers takes seconds."""
+delivers each exactly once, while a call longer than WORKER_TIMEOUT that keeps stepping runs
+on. One bot for all of it: starting Ray workers takes seconds."""
 
 from __future__ import annotations
 
@@ -69,6 +70,22 @@ async def two_jobs_through_a_fault(running, world, tiny_runner, seeds, fault):
     return lane
 
 
+async def a_long_call_that_keeps_stepping_runs_on(running, world, timeout: float):
+    """WORKER_TIMEOUT bounds the silence between steps, not the call: a call longer than it
+    that keeps stepping is delivered once, on its first attempt."""
+    inter = await running.imagine(
+        world.alice, prompt="a long one", seed=41, count=4, steps=40, width=256, height=256
+    )
+    record = await running.queued_job(inter)
+    await lane_running(running.service, record.job.id)
+    started = asyncio.get_running_loop().time()
+    await running.wait_idle(timeout=120)
+    assert asyncio.get_running_loop().time() - started > timeout  # the test's premise
+    assert len((await inter.wait_followup(1)).attachments) == 5  # the grid and four images
+    done = (await running.store.read(jobs.get, record.job.id)).job
+    assert (done.status, done.attempts) == ("done", 1)
+
+
 async def cancel_stops_the_call_on_its_worker(running, world):
     """Cancel reaches the call on the worker: it stops within a step or two, not at its end."""
     steps = []
@@ -90,7 +107,7 @@ async def test_ray_workers_give_the_seeds_pixels_through_a_killed_and_a_hung_wor
         executor="ray",
         ray_workers=2,
         worker_timeout=6.0,
-        limits=replace(settings.limits, default_steps=12),
+        limits=replace(settings.limits, default_steps=12, max_steps=40),
     )
     stopped: list[int] = []
 
@@ -109,13 +126,14 @@ async def test_ray_workers_give_the_seeds_pixels_through_a_killed_and_a_hung_wor
             # A worker that stops answering (hung, or its machine gone quiet) is killed after
             # WORKER_TIMEOUT and its jobs run elsewhere.
             await two_jobs_through_a_fault(running, discord_world, tiny_runner, (21, 22), hang)
+            await a_long_call_that_keeps_stepping_runs_on(running, discord_world, 6.0)
             await cancel_stops_the_call_on_its_worker(running, discord_world)
             figures = running.service.metrics.figures()
     finally:
         for pid in stopped:  # Ray kills it; if not yet, let it go
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-    assert figures.images == 4 and figures.calls == 4  # the cancelled call made no image
+    assert figures.images == 8 and figures.calls == 5  # the cancelled call made no image
     assert figures.resident == {"ray-0": ["tiny"], "ray-1": ["tiny"]}
 
 
