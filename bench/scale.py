@@ -6,7 +6,8 @@ wires it (store, executor, delivery stand-in), with EXECUTOR=local or EXECUTOR=r
 RAY_WORKERS=1 or 2 CPU workers, one core and one torch thread each; the local executor also runs
 torch on one thread, so "Ray with one worker" against it is Ray's overhead alone. All three stay
 up side by side and run in turn, after a warm-up burst each, so drift in the machine hits all
-alike. Prints images/s, the scaling from one to two workers and Ray's overhead.
+alike; while one runs, the others' idle actors are paused. Prints images/s, the scaling from
+one to two workers and Ray's overhead.
 
     .venv/bin/python -m bench.scale --jobs 24 --rounds 3
 """
@@ -19,10 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
 import asyncio
+import contextlib
 import random
+import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -81,12 +85,13 @@ def bare_calls(burst: list[GenerationRequest], max_images: int) -> list[Call]:
     return calls
 
 
-def bare_hosts(cache: Path) -> list[Any]:
+def bare_hosts(cache: Path) -> tuple[list[Any], list[int]]:
+    """Two bare actors with the tiny model loaded, and their process ids."""
     host = ray.remote(DeviceHost).options(num_cpus=1, max_concurrency=3)
     options = PipelineOptions(device="cpu", cache_dir=cache, safety_checker=False)
     hosts = [host.remote(options, None, ("tiny",)) for _ in range(2)]
-    ray.get([h.ready.remote() for h in hosts])
-    return hosts
+    pids = [pid for pid, _ in ray.get([h.ready.remote() for h in hosts])]
+    return hosts, pids
 
 
 def run_bare(hosts: list[Any], calls: list[Call]) -> float:
@@ -101,6 +106,25 @@ def run_bare(hosts: list[Any], calls: list[Call]) -> float:
         if waiting:
             running[host.generate.remote(waiting.pop(0), 0, 0)] = host
     return time.perf_counter() - started
+
+
+def worker_pids(service: Any) -> list[int]:
+    """The process ids of a bot's Ray workers (none for the local executor)."""
+    return [lane.worker.pid for lane in service.executor.lanes if getattr(lane.worker, "pid", 0)]
+
+
+@contextlib.contextmanager
+def paused(pids: list[int]) -> Iterator[None]:
+    """The other setups' idle actors stopped while one setup runs. An idle Ray actor still
+    takes about 1 % of a core for its own upkeep; on two cores, the two-worker setup would pay
+    for the four that a real bot with two workers does not have."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def cpu_seconds(pid: int | str = "self") -> float:
@@ -120,9 +144,8 @@ def machine_busy_seconds() -> float:
 def cpu_split(service: Any) -> dict[str, float]:
     """CPU seconds so far of the setup's Ray workers, of this process (the bot: its event
     loop, SQLite, PNG encoding, and the local executor's torch thread) and of the machine."""
-    pids = [lane.worker.pid for lane in service.executor.lanes if getattr(lane.worker, "pid", 0)]
     return {
-        "workers": sum(cpu_seconds(pid) for pid in pids),
+        "workers": sum(cpu_seconds(pid) for pid in worker_pids(service)),
         "bot": cpu_seconds(),
         "machine": machine_busy_seconds(),
     }
@@ -172,11 +195,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 await run_jobs(service, probe, raws, None, uploads)  # warm-up, workers opened
                 print(f"{name}: up and warm", flush=True)
             calls = bare_calls(burst, args.max_batch_size)
-            hosts = bare_hosts(Path(tmp) / "run-0" / "models")
+            hosts, bare_pids = bare_hosts(Path(tmp) / "run-0" / "models")
             for round_ in range(args.rounds):
                 for name, (service, probe) in services.items():
+                    others = [pid for other, (s, _) in services.items() if other != name
+                              for pid in worker_pids(s)]  # fmt: skip
                     before, cpu_before = busy_seconds(service), cpu_split(service)
-                    run = await run_jobs(service, probe, raws, None, uploads)
+                    with paused(others + bare_pids):
+                        run = await run_jobs(service, probe, raws, None, uploads)
                     for part, seconds in cpu_split(service).items():
                         spent = seconds - cpu_before[part]
                         cpu[name][part] = cpu[name].get(part, 0.0) + spent
@@ -185,8 +211,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     for worker, seconds in busy_seconds(service).items():
                         spent = seconds - before.get(worker, 0.0)
                         busy[name][worker] = busy[name].get(worker, 0.0) + spent
+                bots = [pid for service, _ in services.values() for pid in worker_pids(service)]
                 for name, count in BARE.items():
-                    seconds = await asyncio.to_thread(run_bare, hosts[:count], calls)
+                    with paused(bots + bare_pids[count:]):
+                        seconds = await asyncio.to_thread(run_bare, hosts[:count], calls)
                     rates[name].append(images_per_burst / seconds)
                 print(f"round {round_ + 1} done", flush=True)
         finally:
