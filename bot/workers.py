@@ -32,8 +32,8 @@ Step = tuple[int, int, dict[int, bytes] | None]
 
 
 class WorkerLost(Exception):
-    """The worker died during the call (actor error, node lost) or took longer than
-    WORKER_TIMEOUT: its jobs go back to the queue and run elsewhere."""
+    """The worker died during the call (actor error, node lost) or made no step for
+    WORKER_TIMEOUT seconds: its jobs go back to the queue and run elsewhere."""
 
 
 @dataclass(frozen=True)
