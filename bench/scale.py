@@ -117,7 +117,7 @@ def worker_pids(service: Any) -> list[int]:
 def paused(pids: list[int]) -> Iterator[None]:
     """The other setups' idle actors stopped while one setup runs. An idle Ray actor still
     takes about 1 % of a core for its own upkeep; on two cores, the two-worker setup would pay
-    for the four that a real bot with two workers does not have."""
+    for the three (one bot's worker, two bare actors) that a real two-worker bot does not have."""
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:

@@ -126,7 +126,9 @@ async def test_ray_workers_give_the_seeds_pixels_through_a_killed_and_a_hung_wor
             # A worker that stops answering (hung, or its machine gone quiet) is killed after
             # WORKER_TIMEOUT and its jobs run elsewhere.
             await two_jobs_through_a_fault(running, discord_world, tiny_runner, (21, 22), hang)
-            await a_long_call_that_keeps_stepping_runs_on(running, discord_world, 6.0)
+            await a_long_call_that_keeps_stepping_runs_on(
+                running, discord_world, settings.worker_timeout
+            )
             await cancel_stops_the_call_on_its_worker(running, discord_world)
             figures = running.service.metrics.figures()
     finally:
