@@ -184,7 +184,10 @@ class RawOptions:
     loras: Any = None  # LoRAs as "name:weight" words, or (name, weight) pairs
 
 
-def _integer(option: str, value: Any, low: int, high: int) -> int:
+def _integer(option: str, value: Any, low: int, high: int, *, default: int | None = None) -> int:
+    """A whole number from `low` to `high`, or `default`: options arrive as floats and bools too."""
+    if value is None and default is not None:
+        return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(option, f"must be a whole number from {low} to {high}.")
     if isinstance(value, float):
@@ -266,46 +269,18 @@ def validate(
     model = catalog.entry(raw.model)
     loras = catalog.check_loras(model.name, raw.loras)
     limits = catalog.limits_for(model.name, limits)
-    prompt = _text("prompt", raw.prompt, required=True)
-    negative = _negative(
-        model.negative_prompt, _text("negative_prompt", raw.negative_prompt, required=False)
-    )
-    count = 1 if raw.count is None else _integer("count", raw.count, 1, limits.max_count)
-    if raw.seed is None:
-        seed = (rng or random.SystemRandom()).randint(0, MAX_SEED - count + 1)
-    else:
-        seed = _integer("seed", raw.seed, 0, MAX_SEED - count + 1)
-    steps = (
-        limits.default_steps
-        if raw.steps is None
-        else _integer("steps", raw.steps, 1, limits.max_steps)
-    )
-    if raw.guidance is None:
-        guidance = limits.default_guidance
-    else:
-        if isinstance(raw.guidance, bool) or not isinstance(raw.guidance, int | float):
-            raise InvalidRequest("guidance", f"must be a number from 0 to {limits.max_guidance}.")
-        guidance = float(raw.guidance)
-        if not math.isfinite(guidance) or not 0 <= guidance <= limits.max_guidance:
-            raise InvalidRequest(
-                "guidance", f"must be a number from 0 to {limits.max_guidance}, got {guidance}."
-            )
-        guidance = round(guidance, 2)
-    width = _side("width", raw.width, limits.default_width, limits)
-    height = _side("height", raw.height, limits.default_height, limits)
-    scheduler = limits.default_scheduler if raw.scheduler is None else raw.scheduler
-    if scheduler not in SCHEDULERS:
-        raise InvalidRequest("scheduler", f"must be one of: {', '.join(SCHEDULERS)}.")
-    request = GenerationRequest(
+    prompt, negative = _texts(raw, model.negative_prompt)
+    count = _integer("count", raw.count, 1, limits.max_count, default=1)
+    request = GenerationRequest(  # checked in this order: the member sees the first problem
         prompt=prompt,
         negative_prompt=negative,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        width=width,
-        height=height,
-        scheduler=scheduler,
         count=count,
+        seed=_seed(raw.seed, count, rng),
+        steps=_integer("steps", raw.steps, 1, limits.max_steps, default=limits.default_steps),
+        guidance=_guidance(raw.guidance, limits),
+        width=_side("width", raw.width, limits.default_width, limits),
+        height=_side("height", raw.height, limits.default_height, limits),
+        scheduler=_scheduler(raw.scheduler, limits),
         model=model.name,
         loras=loras,
     )
@@ -313,7 +288,59 @@ def validate(
         if raw.strength is not None:
             raise InvalidRequest("strength", "only applies with an image to vary.")
         return request
-    strength = limits.default_strength if raw.strength is None else raw.strength
+    strength = _strength(raw.strength, request.steps, limits)
+    image_hash, width, height = init_image
+    if upload_size is not None:  # drawn at the size the upload is fitted to on this model
+        width, height = fitted_size(*upload_size, limits)
+    return replace(
+        request,
+        mode="image",
+        strength=strength,
+        width=width,
+        height=height,
+        init_image_hash=image_hash,
+    )
+
+
+def _texts(raw: RawOptions, model_negative: str) -> tuple[str, str]:
+    """The prompt and negative prompt cleaned, the model's negative prompt put first."""
+    prompt = _text("prompt", raw.prompt, required=True)
+    negative = _text("negative_prompt", raw.negative_prompt, required=False)
+    return prompt, _negative(model_negative, negative)
+
+
+def _seed(value: Any, count: int, rng: random.Random | None) -> int:
+    """The first of `count` seeds, drawn when none is given, so the last still fits MAX_SEED."""
+    if value is None:
+        return (rng or random.SystemRandom()).randint(0, MAX_SEED - count + 1)
+    return _integer("seed", value, 0, MAX_SEED - count + 1)
+
+
+def _guidance(value: Any, limits: Limits) -> float:
+    """The guidance scale within the model's limit, to two decimals."""
+    if value is None:
+        return limits.default_guidance
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest("guidance", f"must be a number from 0 to {limits.max_guidance}.")
+    guidance = float(value)
+    if not math.isfinite(guidance) or not 0 <= guidance <= limits.max_guidance:
+        raise InvalidRequest(
+            "guidance", f"must be a number from 0 to {limits.max_guidance}, got {guidance}."
+        )
+    return round(guidance, 2)
+
+
+def _scheduler(value: Any, limits: Limits) -> str:
+    """A scheduler by the name members pick, so the pipelines only ever see known names."""
+    scheduler = limits.default_scheduler if value is None else value
+    if scheduler not in SCHEDULERS:
+        raise InvalidRequest("scheduler", f"must be one of: {', '.join(SCHEDULERS)}.")
+    return scheduler
+
+
+def _strength(value: Any, steps: int, limits: Limits) -> float:
+    """How much of an init image is redrawn, refused when it leaves no step to denoise."""
+    strength = limits.default_strength if value is None else value
     if isinstance(strength, bool) or not isinstance(strength, int | float):
         raise InvalidRequest("strength", "must be a number from 0.05 to 1.")
     strength = round(float(strength), 2)
@@ -323,17 +350,7 @@ def validate(
         raise InvalidRequest(
             "strength", f"{strength:g} of {steps} steps leaves no step to run; raise either."
         )
-    image_hash, image_width, image_height = init_image
-    if upload_size is not None:
-        image_width, image_height = fitted_size(*upload_size, limits)
-    return replace(
-        request,
-        mode="image",
-        strength=strength,
-        width=image_width,
-        height=image_height,
-        init_image_hash=image_hash,
-    )
+    return strength
 
 
 class JobStatus(StrEnum):
