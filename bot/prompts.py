@@ -306,53 +306,70 @@ def parse_weights(text: str, option: str = "prompt") -> list[list[Fragment]]:
     """AUTOMATIC1111's weights: `(a:1.3)`, `(a)` = ×1.1, `[a]` = ÷1.1, nesting multiplies,
     `\\(` is a literal bracket. Returns the chunks `BREAK` separates, each a list of
     fragments (adjacent equal weights merged). Unbalanced brackets are refused by position."""
-    fragments: list[list[Any]] = []  # [text, weight, position]
-    stack: list[tuple[str, int, int]] = []  # (bracket, position, first fragment inside)
+    return _break_chunks(_weighted_runs(text, option), option)
 
-    def multiply(start: int, by: float) -> None:
-        for fragment in fragments[start:]:
-            fragment[1] *= by
 
+def _weighted_runs(text: str, option: str) -> list[list[Any]]:
+    """Runs of text as [text, weight, position]: the position lets a refusal point at it."""
+    runs: list[list[Any]] = []
+    opened: list[tuple[str, int, int]] = []  # (bracket, position, first run inside)
     for match in _WEIGHT_TOKEN.finditer(text):
         token, weight, position = match[0], match[1], match.start() + 1
         if token.startswith("\\") and len(token) == 2:
-            fragments.append([token[1], 1.0, position])
+            runs.append([token[1], 1.0, position])
         elif token in ("(", "["):
-            stack.append((token, position, len(fragments)))
+            opened.append((token, position, len(runs)))
         elif weight is not None or token in (")", "]"):
-            opener = "[" if token == "]" else "("
-            if not stack or stack[-1][0] != opener:
-                raise InvalidRequest(
-                    option,
-                    f"`{token[-1]}` at position {position + len(token) - 1} closes no `{opener}` "
-                    f"(write \\{token[-1]} for a literal one).",
-                )
-            _, _, start = stack.pop()
-            by = NEST_WEIGHT if token == ")" else 1 / NEST_WEIGHT
-            if weight is not None:
-                try:
-                    by = float(weight)
-                except ValueError:
-                    by = -1.0
-                if not 0 <= by <= MAX_WEIGHT:
-                    raise InvalidRequest(
-                        option,
-                        f"the weight {weight!r} at position {position} must be a number "
-                        f"from 0 to {MAX_WEIGHT:g}.",
-                    )
-            multiply(start, by)
+            start = _close(opened, token, position, option)
+            by = _bracket_weight(token, weight, position, option)
+            for run in runs[start:]:
+                run[1] *= by
         else:
-            fragments.append([token, 1.0, position])
-    if stack:
-        bracket, position, _ = stack[-1]
+            runs.append([token, 1.0, position])
+    if opened:
+        bracket, position, _ = opened[-1]
         closer = ")" if bracket == "(" else "]"
         raise InvalidRequest(
             option,
             f"`{bracket}` at position {position} is never closed by `{closer}` "
             f"(write \\{bracket} for a literal one).",
         )
+    return runs
+
+
+def _close(opened: list[tuple[str, int, int]], token: str, position: int, option: str) -> int:
+    """The first run inside the bracket `token` closes; guessing would weight the wrong words."""
+    opener = "[" if token == "]" else "("
+    if not opened or opened[-1][0] != opener:
+        raise InvalidRequest(
+            option,
+            f"`{token[-1]}` at position {position + len(token) - 1} closes no `{opener}` "
+            f"(write \\{token[-1]} for a literal one).",
+        )
+    return opened.pop()[2]
+
+
+def _bracket_weight(token: str, weight: str | None, position: int, option: str) -> float:
+    """What a closing bracket multiplies by, refused past MAX_WEIGHT before it reaches a model."""
+    if weight is None:
+        return NEST_WEIGHT if token == ")" else 1 / NEST_WEIGHT
+    try:
+        by = float(weight)
+    except ValueError:
+        by = -1.0
+    if not 0 <= by <= MAX_WEIGHT:
+        raise InvalidRequest(
+            option,
+            f"the weight {weight!r} at position {position} must be a number "
+            f"from 0 to {MAX_WEIGHT:g}.",
+        )
+    return by
+
+
+def _break_chunks(runs: list[list[Any]], option: str) -> list[list[Fragment]]:
+    """The runs as chunks `BREAK` separates, equal neighbours merged to spare the encoder."""
     chunks: list[list[Fragment]] = [[]]
-    for piece, weight, position in fragments:
+    for piece, weight, position in runs:
         if weight > MAX_WEIGHT:
             raise InvalidRequest(
                 option,
