@@ -23,6 +23,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from bot.quota import MILLI, milliunits
 from bot.requests import BatchKey, Job
 
 # Turns are kept in blocks of about this many, each with its cost sum: a job's rank and the
@@ -34,11 +35,6 @@ RESIDENT_SLACK = 4.0
 MAX_PASSES = 3
 
 Turn = tuple[float, int]  # (virtual start, job id): the fair order
-
-
-def milli(cost: float) -> int:
-    """Costs are summed in thousandths of a unit, so sums never drift."""
-    return round(cost * 1000)
 
 
 class RankedTurns:
@@ -188,7 +184,7 @@ class QueueIndex:
         turns: list[tuple[Turn, int]] = []
         for job in sorted(queued, key=lambda job: (job.queued_at, job.id)):
             turn = self._deal(job)
-            cost = milli(job.request.cost)
+            cost = milliunits(job.request.cost)
             turns.append((turn, cost))
             self._by_key.setdefault(job.request.batch_key, []).append(turn)
             self._by_member.setdefault(job.member_id, []).append(turn)
@@ -215,7 +211,7 @@ class QueueIndex:
         if job.id in self._jobs:
             return
         turn = self._deal(job)
-        cost = milli(job.request.cost)
+        cost = milliunits(job.request.cost)
         self._order.add(turn, cost)
         bisect.insort(self._by_key.setdefault(job.request.batch_key, []), turn)
         bisect.insort(self._by_member.setdefault(job.member_id, []), turn)
@@ -231,7 +227,7 @@ class QueueIndex:
         key, member = job.request.batch_key, job.member_id
         _discard(self._by_key, key, turn)
         _discard(self._by_member, member, turn)
-        self._member_cost[member] -= milli(job.request.cost)
+        self._member_cost[member] -= milliunits(job.request.cost)
         self._images -= job.request.count
         if member not in self._by_member:
             del self._member_cost[member]
@@ -297,12 +293,12 @@ class QueueIndex:
         if turn is None:
             return None
         count, cost = self._order.ahead(turn)
-        return count + 1, (cost + milli(self._jobs[job_id].request.cost)) / 1000
+        return count + 1, (cost + milliunits(self._jobs[job_id].request.cost)) / MILLI
 
     def work_ahead_of_newcomer(self, member_id: int) -> float:
         """Units a job admitted now by `member_id` would wait behind (for the dry run)."""
         start = max(self.clock, self._finish.get(member_id, self.clock))
-        return self._order.ahead((start, 2**63))[1] / 1000
+        return self._order.ahead((start, 2**63))[1] / MILLI
 
     def page(self, offset: int, limit: int, guild_id: int | None = None) -> list[Job]:
         """Queued jobs in the order they are due to run; with `guild_id`, that server's only
@@ -337,7 +333,7 @@ class QueueIndex:
             MemberShare(
                 member,
                 len(self._by_member[member]),
-                self._member_cost[member] / 1000,
+                self._member_cost[member] / MILLI,
                 weight,
                 weight / total,
             )

@@ -16,6 +16,7 @@ MILLI = 1000  # the ledger counts thousandths of a unit
 
 
 def milliunits(units: float) -> int:
+    """Units in whole thousandths, as the ledger stores them, so sums never drift."""
     return round(units * MILLI)
 
 
