@@ -232,6 +232,7 @@ def _interruptible(fetch: Callable[[], int | None]) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: run (the default), generate, sync, download, invite, doctor."""
     parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the bot (the default)")
@@ -260,6 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a set-up problem ends in one line and an exit code, not a traceback."""
     args = parse_args(argv)
     command = args.command or "run"
     try:

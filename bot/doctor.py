@@ -70,6 +70,7 @@ async def run(
 
 
 async def check_database(settings: Settings, report: Report) -> bool:
+    """Open and migrate the database as the bot would; False when it is unusable or too new."""
     path = settings.database_path
     try:
         store = await Store.open(path)  # migrates it, as the bot does on start
@@ -156,6 +157,7 @@ async def check_permissions(bot: ImagineBot, report: Report) -> None:
 
 
 async def check_commands(settings: Settings, bot: ImagineBot, report: Report) -> None:
+    """The slash commands Discord has against the bot's own, so a stale registration shows."""
     guild_id = settings.dev_guild_id
     where = "globally" if guild_id is None else f"in server {guild_id}"
     expected = {payload["name"] for payload in command_payloads(bot.tree, guild_id)}

@@ -263,6 +263,7 @@ class _Where:
 
 
 def _catalog(data: dict[str, Any], where: _Where) -> Catalog:
+    """The whole file checked strictly, so a typo stops start-up instead of a member's request."""
     _known_keys(data, {"default", "models", "loras"}, "", where)
     models_table = _table(data.get("models"), "models", where, required=True)
     models = {
@@ -311,6 +312,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 
 
 def _model(name: str, table: dict[str, Any], where: _Where) -> ModelEntry:
+    """One [models.NAME] table: known keys, types and ranges, naming the key that is wrong."""
     key = f"models.{name}"
     _check_name(name, key, where)
     _known_keys(table, set(_MODEL_KEYS), key, where)
