@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import PIL.Image
@@ -33,7 +34,7 @@ from bot.pipelines.per_image import (
     strength_for,
     use_vae_tiles,
 )
-from bot.pipelines.prompt_encoding import call_groups, tokenize_chunks
+from bot.pipelines.prompt_encoding import PromptEncoder, call_groups, tokenize_chunks
 from bot.pipelines.residency import ResidentModels
 from bot.pipelines.schedulers import with_scheduler
 from bot.requests import BatchKey, ImageSpec
@@ -45,6 +46,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("text", "image", "inpaint")
+
+# What the runner does after each denoising step, given the pipeline running the call, the
+# step's index and the latents of the images asked for (compile padding left out).
+OnStep = Callable[[Any, int, torch.Tensor], None]
+
+
+def check_mode(key: BatchKey) -> None:
+    """Refuse an unknown mode before anything is loaded."""
+    if key.mode not in MODES:
+        raise ValueError(f"unknown mode {key.mode!r}; expected one of: {', '.join(MODES)}.")
+
+
+def mode_arguments(key: BatchKey, specs: list[ImageSpec]) -> dict[str, Any]:
+    """The call's arguments for its mode, checked here so a bad batch fails with a reason
+    instead of deep inside diffusers."""
+    if key.mode == "inpaint":
+        return inpaint_arguments(key, specs)
+    if key.mode == "text":
+        return {"width": key.width, "height": key.height}
+    if key.image_steps is None:
+        raise ValueError("mode 'image' needs the steps to denoise from the init image.")
+    # Any strength with the key's step count runs the same computation; this is one.
+    strength = strength_for(key.steps, key.image_steps)
+    return {"image": init_images(key, specs), "strength": strength}
 
 
 def _not_finite(images: torch.Tensor) -> torch.Tensor:
@@ -78,6 +103,17 @@ def decode_latents(
     # Blank images decode to black, not to whatever NaN casts to.
     images[bad] = -1.0
     return images, bad
+
+
+def safety_check(
+    pipe: Any, images: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, list[bool]]:
+    """The images with those the safety checker flags blacked out, and the flags: SD 1.x/2.x
+    ship a checker (unless the model turns it off), SDXL none."""
+    flags = None
+    if hasattr(pipe, "run_safety_checker"):
+        images, flags = pipe.run_safety_checker(images, device, pipe.text_encoder.dtype)
+    return images, [bool(flag) for flag in flags] if flags else [False] * len(images)
 
 
 # A fixed linear map from SD 1.x's four latent channels to RGB: a blurry but recognisable
@@ -226,76 +262,102 @@ class PipelineRunner:
         Mode "image" starts from each spec's `init_image` and denoises `key.denoising_steps`
         steps. Latents are decoded here, so a NaN image can be retried in float32. A compiled
         UNet runs the call padded to its batch bucket (`padded_batch_size`)."""
-        if key.mode not in MODES:
-            raise ValueError(f"unknown mode {key.mode!r}; expected one of: {', '.join(MODES)}.")
+        check_mode(key)
         if not specs:
             return []
-        base = self.load(key.model)
-        self.models.use_loras(key.model, key.loras)
-        encoder = self.models.load(key.model).encoder
+        encoder = self._with_loras(key)
         chunks = encoder.chunk_count
         groups = call_groups([math.lcm(chunks(s.prompt), chunks(s.negative_prompt)) for s in specs])
         if len(groups) > 1:  # chunk counts whose common length would be too long for one call
             return self._generate_groups(key, specs, groups, progress)
-        wanted = len(specs)
-        if self.options.compile_unet:
-            # Copies of the last image fill the bucket; their results are dropped below.
-            largest = self.options.max_batch_size
-            cap = min(largest, self.batch_limit(key) or largest)
-            padding = padded_batch_size(wanted, cap) - wanted
-            specs = specs + [specs[-1]] * padding
-        extra: dict[str, Any] = {}
-        if key.mode == "image":
-            extra = self._image_arguments(key, specs)
-        elif key.mode == "inpaint":
-            extra = inpaint_arguments(key, specs)
-        else:
-            extra = {"width": key.width, "height": key.height}
+        pipe = self._call_pipeline(key)
+        latents = self._denoise(pipe, encoder, key, specs, self._on_step(progress, preview_every))
+        if self._interrupted.is_set():
+            raise Interrupted("the call was interrupted")
+        images, blank = decode_latents(pipe.vae, latents, self.options.vae_decode_batch)
+        images, withheld = safety_check(pipe, images, self.device)
+        pictures = pipe.image_processor.postprocess(
+            images, output_type="pil", do_denormalize=[not flag for flag in withheld]
+        )
+        if key.mode == "inpaint":
+            pictures = pasted_back(pictures, specs, withheld, blank.tolist())
+        return [
+            GeneratedImage(image=picture, withheld=flag, error=BLANK_IMAGE_ERROR if empty else None)
+            for picture, flag, empty in zip(pictures, withheld, blank.tolist(), strict=True)
+        ]
+
+    def _with_loras(self, key: BatchKey) -> PromptEncoder:
+        """The key's model loaded with the call's LoRA set active; its prompt encoder, which
+        the LoRAs change too."""
+        self.load(key.model)
+        self.models.use_loras(key.model, key.loras)
+        return self.models.load(key.model).encoder
+
+    def _call_pipeline(self, key: BatchKey) -> Any:
+        """The loaded model as this mode's per-image-guidance pipeline, with the key's scheduler
+        (a fresh one per call, the weights shared) and the VAE tiled for large images."""
+        base = self.models.load(key.model).pipe
         pipe = with_scheduler(base, key.scheduler, guided_class(base, key.mode))
+        use_vae_tiles(pipe.vae, key.width * key.height > self.options.vae_tiling_pixels)
+        return pipe
+
+    def _denoise(
+        self,
+        pipe: Any,
+        encoder: PromptEncoder,
+        key: BatchKey,
+        specs: list[ImageSpec],
+        on_step: OnStep,
+    ) -> torch.Tensor:
+        """The call's latents, one per spec. The compile padding lives here alone: a compiled
+        UNet runs the call padded to its batch bucket with copies of the last spec, and
+        neither the steps' latents nor the result show the copies."""
+        wanted = len(specs)
+        specs = specs + [specs[-1]] * self._padding(key, wanted)
+
+        def callback(
+            call: Any, step: int, _timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            on_step(call, step, tensors["latents"][:wanted])
+            return tensors
+
         # MPS generators are not reliable across torch versions; diffusers accepts CPU ones.
         gen_device = torch.device("cpu") if self.device.type == "mps" else self.device
-
-        def on_step(call: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            if self._interrupted.is_set():
-                call._interrupt = True  # diffusers skips the remaining steps
-            elif progress is not None:
-                done = step + 1
-                due = preview_every and done % preview_every == 0 and done < call.num_timesteps
-                previews = latent_previews(kwargs["latents"][:wanted]) if due else None
-                progress(done, call.num_timesteps, previews)
-            return kwargs
-
-        extra["callback_on_step_end"] = on_step
-        use_vae_tiles(pipe.vae, key.width * key.height > self.options.vae_tiling_pixels)
-        latents = pipe.guided_call(
+        return pipe.guided_call(
             [spec.guidance for spec in specs],
             key.cfg,
             **encoder.arguments(
                 [spec.prompt for spec in specs], [spec.negative_prompt for spec in specs]
             ),
+            **mode_arguments(key, specs),
             generator=[torch.Generator(gen_device).manual_seed(spec.seed) for spec in specs],
             num_inference_steps=key.steps,
             output_type="latent",
-            **extra,
+            callback_on_step_end=callback,
         ).images[:wanted]
-        if self._interrupted.is_set():
-            raise Interrupted("the call was interrupted")
-        images, bad = decode_latents(pipe.vae, latents, self.options.vae_decode_batch)
-        flags = None
-        if hasattr(pipe, "run_safety_checker"):  # SD 1.x/2.x; SDXL ships without one
-            images, flags = pipe.run_safety_checker(images, self.device, pipe.text_encoder.dtype)
-        flags = flags or [False] * wanted
-        pictures = pipe.image_processor.postprocess(
-            images, output_type="pil", do_denormalize=[not flag for flag in flags]
-        )
-        if key.mode == "inpaint":
-            pictures = pasted_back(pictures, specs[:wanted], [*map(bool, flags)], bad.tolist())
-        return [
-            GeneratedImage(
-                image=picture, withheld=bool(flag), error=BLANK_IMAGE_ERROR if blank else None
-            )
-            for picture, flag, blank in zip(pictures, flags, bad.tolist(), strict=True)
-        ]
+
+    def _padding(self, key: BatchKey, wanted: int) -> int:
+        """How many copies fill a compiled UNet's batch bucket (none uncompiled): a few
+        buckets are compiled once, instead of every batch size."""
+        if not self.options.compile_unet:
+            return 0
+        largest = self.options.max_batch_size
+        cap = min(largest, self.batch_limit(key) or largest)
+        return padded_batch_size(wanted, cap) - wanted
+
+    def _on_step(self, progress: StepProgress | None, preview_every: int) -> OnStep:
+        """After each denoising step: an interrupted call is stopped (diffusers skips its
+        remaining steps), a running one reports the step, with previews when due."""
+
+        def on_step(call: Any, step: int, latents: torch.Tensor) -> None:
+            if self._interrupted.is_set():
+                call._interrupt = True  # diffusers reads it through its `interrupt` property
+            elif progress is not None:
+                done = step + 1
+                due = preview_every and done % preview_every == 0 and done < call.num_timesteps
+                progress(done, call.num_timesteps, latent_previews(latents) if due else None)
+
+        return on_step
 
     def _generate_groups(
         self,
@@ -316,13 +378,3 @@ class PipelineRunner:
             images = self.generate(key, [specs[i] for i in group], progress=steps_only)
             results.update(zip(group, images, strict=True))
         return [results[index] for index in range(len(specs))]
-
-    @staticmethod
-    def _image_arguments(key: BatchKey, specs: list[ImageSpec]) -> dict[str, Any]:
-        """The img2img call's own arguments, checked here so a bad batch fails with a reason
-        instead of deep inside diffusers."""
-        if key.image_steps is None:
-            raise ValueError("mode 'image' needs the steps to denoise from the init image.")
-        # Any strength with the key's step count runs the same computation; this is one.
-        strength = strength_for(key.steps, key.image_steps)
-        return {"image": init_images(key, specs), "strength": strength}
