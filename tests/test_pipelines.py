@@ -27,6 +27,7 @@ from diffusers import (
 )
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from factories import pixels
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -339,6 +340,41 @@ def test_interrupt_stops_the_call_and_the_next_call_runs(runner: PipelineRunner)
         runner.generate(key("Euler"), SPECS[:1])
     runner.resume()  # ...until the executor resumes for its next batch
     assert len(runner.generate(key("Euler"), SPECS[:1])) == 1
+
+
+@pytest.mark.parametrize("mode", ["text", "image"])
+def test_diffusers_still_skips_the_steps_left_after_an_interrupt(
+    runner: PipelineRunner, mode: str
+) -> None:
+    """The runner stops a call by setting the pipeline's private `_interrupt`, which diffusers
+    reads through its `interrupt` property (`if self.interrupt: continue`) in each step of the
+    denoising loop. pyproject pins no upper bound on diffusers: an upgrade that stops honouring
+    it would run all six UNet passes here, and a cancelled call would run to its end."""
+    unet = runner.load("tiny").unet
+    passes: list[int] = []
+    hook = unet.register_forward_hook(lambda *_: passes.append(1))
+    init = Image.new("RGB", (64, 64), "grey")  # mode "image" starts from it; "text" ignores it
+    chosen = key("Euler", mode=mode, steps=6, image_steps=6 if mode == "image" else None)
+    seen: list[int] = []
+
+    def interrupt_at_first_step(done: int, _total: int, _previews: object) -> None:
+        seen.append(done)
+        runner.interrupt()
+
+    try:
+        with pytest.raises(Interrupted):
+            runner.generate(
+                chosen,
+                [ImageSpec("a cat", "", 1, init_image=init)],
+                progress=interrupt_at_first_step,
+            )
+    finally:
+        hook.remove()
+        runner.resume()
+    # The interrupt is heard at the end of the step after it (the runner sets `_interrupt`
+    # there), so two of the six steps run, each one UNet pass for both guidance halves.
+    assert seen == [1]
+    assert len(passes) == 2
 
 
 def test_resolve_device() -> None:
