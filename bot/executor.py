@@ -114,7 +114,9 @@ async def choose_call(
     """The fair former's call for `lane`'s worker, preferring the models it holds. The queue's
     last call is shared with another worker soon free that holds its model
     (`share_of_last_call`), which is woken to take the rest."""
-    batch = queue.next_batch(cap, resident=frozenset() if lane is None else lane.worker.resident())
+    batch = queue.next_batch(
+        cap, resident=frozenset() if lane is None else lane.worker.resident_models()
+    )
     if lane is None or len(batch) < 2 or sum(j.request.count for j in batch) < queue.images():
         return batch
     free_in = lanes.others_free_in(lane, batch[0].request.model)

@@ -138,7 +138,7 @@ class Metrics:
         self.refusals.labels(reason_of(refusal)).inc()
 
     def watch_workers(self, lanes: Sequence[Any]) -> None:
-        """The executor's lanes (`lane.worker.name`, `.resident()`), read when scraped."""
+        """The executor's lanes (`lane.worker.name`, `.resident_models()`), read when scraped."""
         self._lanes = lanes
 
     # ---- reading them back ----------------------------------------------------------------
@@ -241,7 +241,7 @@ class _LiveState:
         for lane in m._lanes:
             name = lane.worker.name
             share.add_metric([name], min(1.0, busy.get(name, 0.0) / elapsed))
-            for model in sorted(lane.worker.resident()):
+            for model in sorted(lane.worker.resident_models()):
                 resident.add_metric([name, model], 1)
         yield share
         yield resident

@@ -17,7 +17,7 @@ from typing import Any
 
 from bot.requests import BatchKey
 from bot.results import GeneratedImage
-from bot.workers import Call, Report, Step, WorkerLost, resident_models, step_reporter
+from bot.workers import Call, Report, Step, WorkerLost, step_reporter
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class DeviceHost:
 
     def _holdings(self) -> Holdings:
         """The resident models and, on a GPU, what the memory probe found fits for each."""
-        return resident_models(self._runner), self._runner.memory_fits()
+        return self._runner.resident_models(), self._runner.memory_fits()
 
     def generate(
         self, call: Call, call_id: int, batch: int
@@ -231,7 +231,7 @@ class RayWorker:
         except Exception:  # the call's own await reports a lost actor
             return
 
-    def resident(self) -> frozenset[str]:
+    def resident_models(self) -> frozenset[str]:
         return self._resident
 
     def batch_limit(self, key: BatchKey) -> int | None:

@@ -296,7 +296,7 @@ class ImagineService:
         return Admission(job, position)
 
     def resident_models(self) -> frozenset[str]:  # on any worker, for /models
-        return self.executor.lanes.resident()
+        return self.executor.lanes.resident_models()
 
     def weight_of(self, role_ids: list[int]) -> float:
         """A member's fair-share weight: the largest of their roles' in ROLE_WEIGHTS, else 1."""

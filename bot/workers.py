@@ -67,14 +67,6 @@ def step_reporter(call: Call, send: Report) -> StepProgress:
     return report
 
 
-def resident_models(runner: Any) -> frozenset[str]:
-    """The models loaded on a runner (the runner's own snapshot where it has one)."""
-    snapshot = getattr(runner, "resident_models", None)
-    if snapshot is not None:
-        return frozenset(snapshot())
-    return frozenset(getattr(runner, "_pipelines", ()))
-
-
 class Runner(Protocol):
     """What the executor needs from the pipelines: one call, one image per spec, in order;
     `progress(done, total, previews)` after each step, with previews every few steps."""
@@ -87,6 +79,8 @@ class Runner(Protocol):
         progress: StepProgress | None = None,
         preview_every: int = 0,
     ) -> Sequence[GeneratedImage]: ...
+
+    def resident_models(self) -> frozenset[str]: ...
 
     def release_memory(self) -> None: ...
 
@@ -148,7 +142,7 @@ class Worker(Protocol):
 
     async def generate(self, call: Call, report: Report) -> Sequence[GeneratedImage]: ...
 
-    def resident(self) -> frozenset[str]: ...
+    def resident_models(self) -> frozenset[str]: ...
 
     def batch_limit(self, key: BatchKey) -> int | None: ...
 
@@ -226,9 +220,9 @@ class Lanes:
             raise
         self.all = [Lane(worker) for worker in workers]
 
-    def resident(self) -> frozenset[str]:
+    def resident_models(self) -> frozenset[str]:
         """The models loaded now on any worker."""
-        return frozenset().union(*(lane.worker.resident() for lane in self.all))
+        return frozenset().union(*(lane.worker.resident_models() for lane in self.all))
 
     def wake(self) -> None:
         self.idle.clear()
@@ -260,7 +254,7 @@ class Lanes:
     def others_free_in(self, lane: Lane, model: str) -> float:
         """Seconds until a lane other than `lane` whose worker holds `model` can take a call;
         inf when there is none (a model load would cost more than sharing a call saves)."""
-        others = [o for o in self.all if o is not lane and model in o.worker.resident()]
+        others = [o for o in self.all if o is not lane and model in o.worker.resident_models()]
         return min((other.free_in() for other in others), default=math.inf)
 
     def batch_limit(self, key: BatchKey) -> int | None:
@@ -304,8 +298,8 @@ class LocalWorker:
         )
         return list(await self.run(generate))
 
-    def resident(self) -> frozenset[str]:
-        return resident_models(self.runner)
+    def resident_models(self) -> frozenset[str]:
+        return frozenset(self.runner.resident_models())
 
     def batch_limit(self, key: BatchKey) -> int | None:
         return self.runner.batch_limit(key)

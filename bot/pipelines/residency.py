@@ -52,8 +52,8 @@ class Resident:
 
 class ResidentModels:
     """The loaded models of one device, by allowlist name (without an allowlist, the name is
-    the source). The device's worker thread loads and switches LoRAs; `names` and `tokenizer`
-    may be called from any thread."""
+    the source). The device's worker thread loads and switches LoRAs; `resident_models` and
+    `tokenizer` may be called from any thread."""
 
     def __init__(
         self,
@@ -71,7 +71,7 @@ class ResidentModels:
         self._tokenizers: dict[str, Any] = {}
         self._lock = threading.Lock()  # guards the dicts other threads read
 
-    def names(self) -> frozenset[str]:
+    def resident_models(self) -> frozenset[str]:
         """The models loaded now (a snapshot)."""
         with self._lock:
             return frozenset(self._resident)

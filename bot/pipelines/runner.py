@@ -162,7 +162,7 @@ class PipelineRunner:
 
     def resident_models(self) -> frozenset[str]:
         """The models loaded now (a snapshot; safe from any thread)."""
-        return self.models.names()
+        return self.models.resident_models()
 
     def memory_fits(self) -> dict[str, MemoryFit]:
         """What the memory probe found for each model measured here (a snapshot; safe from any
