@@ -17,7 +17,7 @@ from typing import Any
 
 from bot.requests import BatchKey
 from bot.results import GeneratedImage
-from bot.workers import Call, Report, Step, WorkerLost, step_reporter
+from bot.workers import Call, StepReport, WorkerLost, WorkerProgress, step_reporter
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class DeviceHost:
         for model in models:
             self._runner.load(model)
         self._changed = threading.Condition()
-        self._steps: list[Step] = []
+        self._steps: list[StepReport] = []
         self._finished = 0  # the id of the last call that ended
         self._batch = 0
         self._stopped: set[int] = set()
@@ -61,7 +61,7 @@ class DeviceHost:
 
     def generate(
         self, call: Call, call_id: int, batch: int
-    ) -> tuple[list[GeneratedImage], list[Step], Holdings]:
+    ) -> tuple[list[GeneratedImage], list[StepReport], Holdings]:
         """Run the call; returns its images, the steps not yet asked for, and what the device
         holds now (a model loaded for the call, and measured, or another unloaded)."""
         with self._changed:
@@ -83,12 +83,12 @@ class DeviceHost:
                 self._changed.notify_all()
         return list(images), unread, self._holdings()
 
-    def _note(self, done: int, total: int, pngs: dict[int, bytes] | None) -> None:
+    def _note(self, step: StepReport) -> None:
         with self._changed:
-            self._steps.append((done, total, pngs))
+            self._steps.append(step)
             self._changed.notify_all()
 
-    def progress(self, call_id: int, wait: float) -> tuple[list[Step], bool]:
+    def progress(self, call_id: int, wait: float) -> tuple[list[StepReport], bool]:
         """The steps since the last ask, returned at the next step (or after `wait` seconds),
         and whether call `call_id` has ended."""
         with self._changed:
@@ -178,7 +178,9 @@ class RayWorker:
                     "%s has not started yet; does the Ray cluster have a free GPU?", self.name
                 )
 
-    async def generate(self, call: Call, report: Report) -> Sequence[GeneratedImage]:
+    async def generate(self, call: Call, report: WorkerProgress) -> Sequence[GeneratedImage]:
+        """Run `call` on the actor, passing its steps to `report` as they come; WorkerLost
+        when the actor dies or goes silent, the call's own error as if it had run here."""
         import ray
 
         self._calls += 1
@@ -198,7 +200,7 @@ class RayWorker:
         finally:
             poller.cancel()
         for step in unread:
-            report(*step)
+            report(step)
         return images
 
     async def _unless_silent(self, done: asyncio.Future[Any]) -> Any:
@@ -214,7 +216,7 @@ class RayWorker:
         done.cancel()
         raise TimeoutError
 
-    async def _poll(self, call_id: int, report: Report) -> None:
+    async def _poll(self, call_id: int, report: WorkerProgress) -> None:
         """Pass the call's steps on as they come, until it ends (or the actor is lost)."""
         loop = asyncio.get_running_loop()
         try:
@@ -225,7 +227,7 @@ class RayWorker:
                 if steps:
                     self._heard = loop.time()
                 for step in steps:
-                    report(*step)
+                    report(step)
                 if not finished:
                     await asyncio.sleep(POLL_SPACING)
         except Exception:  # the call's own await reports a lost actor

@@ -28,6 +28,6 @@ class Interrupted(RuntimeError):
     """A call stopped early on request; its images are not to be used."""
 
 
-# (steps done, steps in all, a rough preview per image or None): called from the device
-# thread after each denoising step of a call.
-StepProgress = Callable[[int, int, list[PIL.Image.Image] | None], None]
+# The runner's step callback: (steps done, steps in all, a rough preview per image or None),
+# called from the device thread after each denoising step of a call.
+RunnerProgress = Callable[[int, int, list[PIL.Image.Image] | None], None]

@@ -19,7 +19,7 @@ from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
 from bot.db.members import MemberDefaults
 from bot.downloads import ModelNotAvailable, missing_sources
 from bot.eta import seconds_per_unit, wait_seconds
-from bot.executor import Executor, JobResult, Progress, ProgressListeners, Runner
+from bot.executor import Executor, JobResult, Runner
 from bot.handoff import Undeliverable
 from bot.images import decode_upload, fit_for_model, png_bytes, read_parameters
 from bot.metrics import Metrics, counting_refusals
@@ -30,6 +30,7 @@ from bot.quota import MemberBanned, PromptBlocked, ShuttingDown
 from bot.ray_workers import workers_for
 from bot.requests import GenerationRequest, InvalidRequest, Job, RawOptions, validate
 from bot.settings import Settings
+from bot.workers import ProgressListener, ProgressListeners
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +171,11 @@ class ImagineService:
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
 
-    def add_progress_listener(self, listener: Progress) -> None:
+    def add_progress_listener(self, listener: ProgressListener) -> None:
         """`listener(job_ids, done, total, previews)` hears every step of the running call."""
         self._progress.add(listener)
 
-    def remove_progress_listener(self, listener: Progress) -> None:
+    def remove_progress_listener(self, listener: ProgressListener) -> None:
         self._progress.remove(listener)
 
     async def load_model(self) -> None:

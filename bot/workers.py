@@ -22,13 +22,27 @@ import PIL.Image
 
 from bot.images import png_bytes
 from bot.requests import BatchKey, ImageSpec
-from bot.results import GeneratedImage, StepProgress
+from bot.results import GeneratedImage, RunnerProgress
 
 log = logging.getLogger(__name__)
 
-# (steps done, steps in all, a PNG preview per job id or None): heard on the event loop.
-Report = Callable[[int, int, dict[int, bytes] | None], None]
-Step = tuple[int, int, dict[int, bytes] | None]
+
+@dataclass(frozen=True)
+class StepReport:
+    """One denoising step of a call as its worker reports it: steps done, steps in all, and
+    every few steps a PNG preview per job id (else None)."""
+
+    done: int
+    total: int
+    previews: dict[int, bytes] | None = None
+
+
+# How a worker reports its call's steps to the executor: heard on the event loop.
+WorkerProgress = Callable[[StepReport], None]
+
+# How the executor tells its listeners (status boards) about a step: (the jobs in the call,
+# steps done, steps in all, a PNG preview per job id or None), on the event loop.
+ProgressListener = Callable[[list[int], int, int, dict[int, bytes] | None], None]
 
 
 class WorkerLost(Exception):
@@ -56,13 +70,13 @@ def preview_pngs(owners: list[int], previews: list[PIL.Image.Image]) -> dict[int
     return {owner: png_bytes(image) for owner, image in firsts.items()}
 
 
-def step_reporter(call: Call, send: Report) -> StepProgress:
+def step_reporter(call: Call, send: WorkerProgress) -> RunnerProgress:
     """The runner's step callback for `call`: previews become small PNGs where the call runs
     (the worker's thread or process), then `send` passes the step on."""
 
     def report(done: int, total: int, previews: list[PIL.Image.Image] | None = None) -> None:
         pngs = preview_pngs(call.owners, previews) if previews and call.previews else None
-        send(done, total, pngs)
+        send(StepReport(done, total, pngs))
 
     return report
 
@@ -76,7 +90,7 @@ class Runner(Protocol):
         key: BatchKey,
         specs: list[ImageSpec],
         *,
-        progress: StepProgress | None = None,
+        progress: RunnerProgress | None = None,
         preview_every: int = 0,
     ) -> Sequence[GeneratedImage]: ...
 
@@ -102,22 +116,17 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-# (job ids in the call, steps done, steps in all, PNG preview per job id or None): called on
-# the event loop after each step.
-Progress = Callable[[list[int], int, int, dict[int, bytes] | None], None]
-
-
 class ProgressListeners:
     """Fans one executor's progress out to whoever listens (status boards); with nobody
     listening it is empty, and the workers then skip encoding previews."""
 
     def __init__(self) -> None:
-        self._listeners: list[Progress] = []
+        self._listeners: list[ProgressListener] = []
 
-    def add(self, listener: Progress) -> None:
+    def add(self, listener: ProgressListener) -> None:
         self._listeners.append(listener)
 
-    def remove(self, listener: Progress) -> None:
+    def remove(self, listener: ProgressListener) -> None:
         self._listeners.remove(listener)
 
     def __len__(self) -> int:
@@ -140,7 +149,7 @@ class Worker(Protocol):
 
     async def open(self) -> None: ...
 
-    async def generate(self, call: Call, report: Report) -> Sequence[GeneratedImage]: ...
+    async def generate(self, call: Call, report: WorkerProgress) -> Sequence[GeneratedImage]: ...
 
     def resident_models(self) -> frozenset[str]: ...
 
@@ -186,15 +195,17 @@ class Lane:
         return (time.monotonic() - self.busy_since) * (total - done) / done
 
 
-def lane_reporter(lane: Lane, owners: list[int], progress: Progress | None) -> Report:
+def lane_reporter(
+    lane: Lane, owners: list[int], listener: ProgressListener | None
+) -> WorkerProgress:
     """A step report from the lane's worker, heard on the event loop: the lane's steps (for
     ETAs), then the listeners, if any."""
     job_ids = list(dict.fromkeys(owners))
 
-    def report(done: int, total: int, pngs: dict[int, bytes] | None) -> None:
-        lane.steps = (done, total)
-        if progress:  # None, or nobody listening: nothing to tell
-            progress(job_ids, done, total, pngs)
+    def report(step: StepReport) -> None:
+        lane.steps = (step.done, step.total)
+        if listener:  # None, or nobody listening: nothing to tell
+            listener(job_ids, step.done, step.total, step.previews)
 
     return report
 
@@ -286,9 +297,9 @@ class LocalWorker:
     async def open(self) -> None:
         return None
 
-    async def generate(self, call: Call, report: Report) -> Sequence[GeneratedImage]:
+    async def generate(self, call: Call, report: WorkerProgress) -> Sequence[GeneratedImage]:
         loop = asyncio.get_running_loop()
-        step = step_reporter(call, lambda *step: loop.call_soon_threadsafe(report, *step))
+        step = step_reporter(call, functools.partial(loop.call_soon_threadsafe, report))
         generate = functools.partial(
             self.runner.generate,
             call.key,

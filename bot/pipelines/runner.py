@@ -38,7 +38,7 @@ from bot.pipelines.prompt_encoding import PromptEncoder, call_groups, tokenize_c
 from bot.pipelines.residency import ResidentModels
 from bot.pipelines.schedulers import with_scheduler
 from bot.requests import BatchKey, ImageSpec
-from bot.results import BLANK_IMAGE_ERROR, GeneratedImage, Interrupted, StepProgress
+from bot.results import BLANK_IMAGE_ERROR, GeneratedImage, Interrupted, RunnerProgress
 
 if TYPE_CHECKING:
     from bot.models import Catalog
@@ -252,7 +252,7 @@ class PipelineRunner:
         key: BatchKey,
         specs: list[ImageSpec],
         *,
-        progress: StepProgress | None = None,
+        progress: RunnerProgress | None = None,
         preview_every: int = 0,
     ) -> list[GeneratedImage]:
         """Run ONE diffusers call for the batch with a generator and a guidance scale per image,
@@ -345,7 +345,7 @@ class PipelineRunner:
         cap = min(largest, self.batch_limit(key) or largest)
         return padded_batch_size(wanted, cap) - wanted
 
-    def _on_step(self, progress: StepProgress | None, preview_every: int) -> OnStep:
+    def _on_step(self, progress: RunnerProgress | None, preview_every: int) -> OnStep:
         """After each denoising step: an interrupted call is stopped (diffusers skips its
         remaining steps), a running one reports the step, with previews when due."""
 
@@ -364,7 +364,7 @@ class PipelineRunner:
         key: BatchKey,
         specs: list[ImageSpec],
         groups: list[list[int]],
-        progress: StepProgress | None,
+        progress: RunnerProgress | None,
     ) -> list[GeneratedImage]:
         """One call per group of `call_groups`, results in the order of `specs`. Previews are
         left out: they are reported per call, and each call holds only part of the batch."""
