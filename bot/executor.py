@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.background import cancel_and_wait
@@ -50,7 +50,9 @@ from bot.workers import (
 
 __all__ = [
     "Executor",
+    "ExecutorTuning",
     "JobResult",
+    "Outlets",
     "Runner",
     "describe_error",
     "is_out_of_memory",
@@ -125,42 +127,57 @@ async def choose_call(
     return shared
 
 
+@dataclass(frozen=True)
+class ExecutorTuning:
+    """How big the executor's calls may be, how often they send previews (every
+    `preview_every` steps; 0 never) and how often a lost worker's job is claimed again."""
+
+    max_batch_size: int
+    preview_every: int = 0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class Outlets:
+    """Where the executor's work goes: each finished job to `deliver`, each step of a call to
+    `progress` (when it is None or empty, no previews are even drawn)."""
+
+    deliver: Deliver
+    progress: ProgressListener | None = None
+
+
 class Executor:
-    """Hands each finished job to `deliver`, and each step to `progress` when it is not empty.
-    Runs calls on `workers` (default: one thread around `runner`); `runner` itself serves
-    `run_in_worker` (the bot's own model loading and prompt counting)."""
+    """Runs the queue's calls on `workers` (default: one thread around `runner`) as `tuning`
+    says and sends what comes out to `outlets`; `runner` itself serves `run_in_worker` (the
+    bot's own model loading and prompt counting)."""
 
     def __init__(
         self,
         store: Store,
         runner: Runner,
         queue: QueueIndex,
+        tuning: ExecutorTuning,
+        outlets: Outlets,
         *,
-        max_batch_size: int,
-        deliver: Deliver,
-        progress: ProgressListener | None = None,
-        preview_every: int = 0,
         workers: Callable[[], Sequence[Worker]] | None = None,
         metrics: Metrics | None = None,
-        max_attempts: int = 3,
     ) -> None:
+        """The executor, idle until `start`: its lanes open with the workers there."""
         self._store = store
         self._runner = runner
         self._queue = queue
-        self._max_batch_size = max_batch_size
-        self._progress = progress
-        self._preview_every = preview_every
+        self._tuning = tuning
+        self._progress = outlets.progress
         self._home = LocalWorker(runner)
         self._open_workers = workers or (lambda: [self._home])
         self.lanes = Lanes()
         self.metrics = metrics or Metrics()
-        self._max_attempts = max_attempts
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._undelivered: list[int] = []  # claimed jobs not yet delivered and marked
         # Results wait in the handoff, so uploads to Discord never hold up the device: the
         # next batch starts while the last one is still being posted.
-        self._handoff = Handoff(store, deliver, self._delivered)
+        self._handoff = Handoff(store, outlets.deliver, self._delivered)
         self._cancelled: set[int] = set()
         self.caps = BatchCaps(self.ceiling_for)
 
@@ -220,7 +237,8 @@ class Executor:
         """The most images one call of this key may hold: MAX_BATCH_SIZE, or fewer where the
         workers (before they open, the bot's runner) measured that fewer fit in device memory."""
         limit = self.lanes.batch_limit(key) if self.lanes.all else self._runner.batch_limit(key)
-        return self._max_batch_size if limit is None else min(limit, self._max_batch_size)
+        largest = self._tuning.max_batch_size
+        return largest if limit is None else min(limit, largest)
 
     async def run_in_worker(self, func: Callable[..., Any], *args: Any) -> Any:
         """Run blocking work on the bot's own runner (model loading) in its thread."""
@@ -288,7 +306,7 @@ class Executor:
             results = await self._run_batch(lane, batch_id, batch)
         except WorkerLost as lost:
             log.warning("%s; returning jobs %s to the queue", lost, job_ids)
-            results = await return_lost(self._store, batch, self._max_attempts)
+            results = await return_lost(self._store, batch, self._tuning.max_attempts)
             failed = {result.job.id for result in results}
             self._undelivered = [i for i in self._undelivered if i not in job_ids or i in failed]
             self.metrics.worker_lost(lane.worker.name)
@@ -314,7 +332,7 @@ class Executor:
                 end = start + cap
                 results += await self._generate(lane, key, specs[start:end], owners[start:end])
             return results
-        call = Call(key, specs, owners, self._preview_every, bool(self._progress))
+        call = Call(key, specs, owners, self._tuning.preview_every, bool(self._progress))
         started = time.perf_counter()
         try:
             report = lane_reporter(lane, owners, self._progress)
@@ -345,6 +363,8 @@ class Executor:
         return images
 
     async def _run_batch(self, lane: Lane, batch_id: int, batch: list[Job]) -> list[JobResult]:
+        """Run a claimed batch on `lane`'s worker and mark it finished: each job's result,
+        timed, with the jobs cancelled meanwhile left without images."""
         key = batch[0].request.batch_key
         specs = await image_specs(self._store, batch)
         owners = [job.id for job in batch for _ in range(job.request.count)]

@@ -19,7 +19,7 @@ from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
 from bot.db.members import MemberDefaults
 from bot.downloads import ModelNotAvailable, missing_sources
 from bot.eta import seconds_per_unit, wait_seconds
-from bot.executor import Executor, JobResult, Runner
+from bot.executor import Executor, ExecutorTuning, JobResult, Outlets, Runner
 from bot.handoff import Undeliverable
 from bot.images import decode_upload, fit_for_model, png_bytes, read_parameters
 from bot.metrics import Metrics, counting_refusals
@@ -156,13 +156,10 @@ class ImagineService:
             store,
             runner,
             self.queue,
-            max_batch_size=settings.max_batch_size,
-            deliver=self._announce,
-            progress=self._progress,
-            preview_every=settings.preview_every,
+            ExecutorTuning(settings.max_batch_size, settings.preview_every, MAX_ATTEMPTS),
+            Outlets(self._announce, self._progress),
             workers=workers_for(settings, runner, self.catalog),
             metrics=self.metrics,
-            max_attempts=MAX_ATTEMPTS,
         )
 
     def add_listener(self, listener: Listener) -> None:

@@ -12,7 +12,7 @@ from factories import make_request, pixels
 
 from bot.db import Store, admission, jobs, quotas, speeds
 from bot.eta import SpeedKey
-from bot.executor import Executor
+from bot.executor import Executor, ExecutorTuning, Outlets
 from bot.pipelines import PipelineOptions, PipelineRunner
 from bot.queue import QueueIndex
 from bot.requests import ImageSpec, InvalidRequest, RawOptions
@@ -452,8 +452,8 @@ async def run_on_workers(store, runners, members):
         store,
         runners[0],
         QueueIndex(),
-        max_batch_size=4,
-        deliver=collected,
+        ExecutorTuning(max_batch_size=4),
+        Outlets(collected),
         workers=lambda: [LocalWorker(runner, f"worker {i}") for i, runner in enumerate(runners)],
     )
     executor.start()
