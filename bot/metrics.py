@@ -84,6 +84,8 @@ class Metrics:
     """The counters the executor and admission bump; `serve(port)` exposes them."""
 
     def __init__(self, queue: QueueIndex | None = None) -> None:
+        """Counters and histograms in a registry of their own, so each service (and each test)
+        counts apart; `queue` gives the queue depth when scraped."""
         self.registry = CollectorRegistry()
         self._queue = queue
         self._lanes: Sequence[Any] = ()
@@ -211,6 +213,7 @@ class _LiveState:
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        """The gauges as they stand now, read from the queue and the lanes."""
         m = self._metrics
         depth = GaugeMetricFamily(
             "imagine_queue_jobs",
