@@ -24,6 +24,7 @@ import transformers
 from bot.__main__ import open_service
 from bot.executor import JobResult
 from bot.images import grid, parameters_text, png_bytes
+from bot.intake import Intake
 from bot.requests import GenerationRequest, RawOptions
 from bot.service import ImagineService
 from bot.settings import Settings, load_settings
@@ -174,7 +175,7 @@ async def run_jobs(
         upload = None if init_pngs is None else init_pngs[index]
         image = None if upload is None else await service.prepare_init_image(upload)
         request = service.validate(raw, image)
-        admission = await service.submit(request, member_id=index, init_image=image)
+        admission = await service.submit(request, Intake(index), image)
         arrived[admission.job.id] = now
         requests.append(request)
 

@@ -25,9 +25,10 @@ from bench.common import StallMeter, bench_settings, environment, quiet_librarie
 from bench.report import print_goals, table, verdict, write_json
 from bot.__main__ import open_service
 from bot.db import Tx, jobs
+from bot.intake import Intake
 from bot.requests import GenerationRequest, RawOptions
 from bot.service import ImagineService
-from cogs.admission import Status, StatusBoard
+from cogs.status import Status, StatusBoard
 
 GOAL_GROWTH = 3.0  # largest-size time over smallest-size time, at most
 GOAL_MS = 20.0  # per operation at the largest size, at most
@@ -61,7 +62,7 @@ async def fill_to(service: ImagineService, size: int, rng: random.Random) -> Non
 
     async def insert_all(tx: Tx) -> None:
         for request in made:
-            source = jobs.JobSource(rng.randrange(members), 1, 1)
+            source = Intake(rng.randrange(members), 1, 1)
             await jobs.insert(tx, request, source)
 
     await service.store.write(insert_all)
@@ -84,9 +85,7 @@ async def measure_at(
     members = max(1, int(len(service.queue) * MEMBERS_PER_JOB))
 
     async def admit() -> None:
-        await service.submit(
-            request_for(service, rng), member_id=rng.randrange(members), guild_id=1, channel_id=1
-        )
+        await service.submit(request_for(service, rng), Intake(rng.randrange(members), 1, 1))
 
     # Jobs anywhere in the queue, picked before the clock runs.
     offsets = rng.sample(range(len(service.queue)), 2 * rounds)
@@ -134,9 +133,7 @@ async def stall_during_admissions(
                 *(
                     service.submit(
                         request_for(service, rng),
-                        member_id=rng.randrange(members),
-                        guild_id=1,
-                        channel_id=1,
+                        Intake(rng.randrange(members), 1, 1),
                     )
                     for _ in range(arrivals)
                 )

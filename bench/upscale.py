@@ -55,7 +55,7 @@ def measure(side: int, tiled: bool, device: str, model: str, cache: Path) -> dic
     from PIL import Image
 
     from bench.common import quiet_libraries
-    from bot import canvas
+    from bot import operations
     from bot.pipelines import PipelineOptions, PipelineRunner
     from bot.requests import BatchKey, ImageSpec
 
@@ -66,9 +66,9 @@ def measure(side: int, tiled: bool, device: str, model: str, cache: Path) -> dic
     )
     runner.load(model)
     half = side // 2
-    chosen = canvas.plan("upscale-subtle", half, half, max_side=side, pan_step=8)
+    chosen = operations.plan("upscale-subtle", half, half, max_side=side, pan_step=8)
     parent = Image.effect_noise((half, half), 64).convert("RGB")
-    start = canvas.init_image(parent, chosen)
+    start = operations.init_image(parent, chosen)
     key = BatchKey(model, "image", side, side, 4, "Euler", cfg=False, image_steps=1)
     spec = ImageSpec("a harbour at dusk", "", 1, 1.0, init_image=start)
     warm = BatchKey(model, "image", 64, 64, 4, "Euler", cfg=False, image_steps=1)

@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 import discord
 
+from bot.intake import Intake
 from bot.logs import configure_logging
 from bot.requests import InvalidRequest, RawOptions
 from bot.settings import Settings, SettingsError, load_settings
@@ -167,7 +168,7 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
     service.add_listener(collect)
     try:
         await service.start()
-        admission = await service.submit(request, member_id=0)
+        admission = await service.submit(request, Intake(0))
         result = await done
         await service.executor.wait_idle()  # the job is marked done after its delivery
     finally:

@@ -13,11 +13,12 @@ from discord.ext import commands
 
 from bot.service import ImagineService
 from bot.settings import Settings
-from cogs.admission import AdmissionDesk, StatusBoard
+from cogs.admission import AdmissionDesk
 from cogs.buttons import PERSISTENT_BUTTONS, answer_stray_click
 from cogs.common import answer_failure
 from cogs.delivery import Delivery
-from cogs.result_tools import RESULT_BUTTONS
+from cogs.operations import RESULT_BUTTONS
+from cogs.status import StatusBoard
 
 if TYPE_CHECKING:
     from bot.db import Store
@@ -47,6 +48,7 @@ class ImagineBot(commands.Bot):
     delivery: Delivery
 
     def __init__(self, settings: Settings, service: ImagineService) -> None:
+        """Intents, mentions and the Discord-side parts every cog reads, made once."""
         # Slash commands, buttons and the context menu need no privileged intent; message
         # content is only needed to vary replies that do not mention the bot.
         intents = discord.Intents.default()

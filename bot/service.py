@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -21,7 +19,8 @@ from bot.downloads import ModelNotAvailable, missing_sources
 from bot.eta import seconds_per_unit, wait_seconds
 from bot.executor import Executor, ExecutorTuning, JobResult, Outlets, Runner
 from bot.handoff import Undeliverable
-from bot.images import decode_upload, fit_for_model, png_bytes, read_parameters
+from bot.images import read_parameters
+from bot.intake import AdmissionCaps, Intake
 from bot.metrics import Metrics, counting_refusals
 from bot.models import Catalog, load_catalog
 from bot.prompts import parse_weights
@@ -30,6 +29,7 @@ from bot.quota import MemberBanned, PromptBlocked, ShuttingDown
 from bot.ray_workers import workers_for
 from bot.requests import GenerationRequest, InvalidRequest, Job, RawOptions, validate
 from bot.settings import Settings
+from bot.uploads import DECODE_POOL, PreparedImage, prepare_upload
 from bot.workers import ProgressListener, ProgressListeners
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 # A job claimed this many times without finishing is failed and refunded at start-up.
 MAX_ATTEMPTS = 3
 
-# Uploads are decoded here, two at a time: a flood of them queues up instead of taking every
-# thread of the default pool (which the database connection and Discord's client share too).
-DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode-upload")
+
+class DefaultsRefused(ValueError):
+    """A /settings default that /imagine would refuse (the message names the option); nothing
+    is saved."""
 
 
 class ModelRunner(Runner, Protocol):
@@ -89,42 +90,7 @@ class Admission:
     position: int
 
 
-@dataclass(frozen=True)
-class PreparedImage:
-    """A start picture as PNG bytes and their hash. A member's upload (`upload_size`, its size
-    as uploaded) is kept at the largest model's area and drawn at each model's own
-    (`fitted_size`); a picture made for a job (Upscale, Zoom Out, Pan, a Reroll) is drawn at
-    its own size."""
-
-    png: bytes
-    hash: str
-    width: int
-    height: int
-    upload_size: tuple[int, int] | None = None
-
-    @property
-    def shape(self) -> tuple[str, int, int]:
-        """What validation needs of it: (hash, width, height)."""
-        return self.hash, self.width, self.height
-
-
 Listener = Callable[[JobResult], Awaitable[None]]
-
-
-def prepare_upload(data: bytes, settings: Settings, catalog: Catalog) -> PreparedImage:
-    """Check and decode a member's upload (raises ImageRejected), resized for the model with
-    the largest default area: whichever model draws it, the runner then only shrinks it."""
-    image = decode_upload(
-        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels
-    )
-    largest = max(
-        (catalog.limits_for(m.name, settings.limits) for m in catalog.usable_models()),
-        key=lambda limits: limits.default_width * limits.default_height,
-        default=settings.limits,
-    )
-    fitted = fit_for_model(image, largest)
-    png = png_bytes(fitted)
-    return PreparedImage(png, hashlib.sha256(png).hexdigest(), *fitted.size, image.size)
 
 
 def require_default_model(catalog: Catalog) -> None:
@@ -142,6 +108,7 @@ class ImagineService:
     def __init__(
         self, settings: Settings, store: Store, runner: ModelRunner, catalog: Catalog | None = None
     ) -> None:
+        """The executor, queue index and metrics this service owns, over `runner`."""
         self.settings = settings
         self.store = store
         self.runner = runner
@@ -224,6 +191,24 @@ class ImagineService:
         prompt_chunks(self.runner, request, self.settings.max_prompt_chunks)
         return request
 
+    def check_defaults(self, wanted: MemberDefaults) -> None:
+        """Raise DefaultsRefused for defaults /imagine would refuse (the same checks), so a
+        saved default can never be refused later."""
+        raw = RawOptions(
+            "check",
+            negative_prompt=wanted.negative_prompt,
+            steps=wanted.steps,
+            width=wanted.width,
+            height=wanted.height,
+            scheduler=wanted.scheduler,
+            count=wanted.count,
+            model=wanted.model,
+        )
+        try:
+            self.validate(raw)
+        except InvalidRequest as problem:
+            raise DefaultsRefused(str(problem)) from problem
+
     async def prepare_init_image(self, data: bytes) -> PreparedImage:
         """`prepare_upload` on the upload pool. Nothing is stored until the request using it
         is admitted."""
@@ -236,58 +221,32 @@ class ImagineService:
         return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, read_parameters, data)
 
     @counting_refusals
-    async def check_member(self, guild_id: int, member_id: int, prompt: str | None) -> None:
+    async def check_member(self, intake: Intake, prompt: str | None = None) -> None:
         """Raise MemberBanned (or PromptBlocked, when the prompt is known) before any slow work
         on a request; admission checks again, in its transaction."""
-        if (ban := await self.store.read(moderation.ban_of, guild_id, member_id)) is not None:
+        guild, member = intake.guild_id or 0, intake.member_id
+        if (ban := await self.store.read(moderation.ban_of, guild, member)) is not None:
             raise MemberBanned(ban.reason)
-        if prompt and (term := await self.store.read(moderation.blocked_term_in, guild_id, prompt)):
+        if prompt and (term := await self.store.read(moderation.blocked_term_in, guild, prompt)):
             raise PromptBlocked(term)
 
-    async def with_member_defaults(
-        self, raw: RawOptions, member_id: int
-    ) -> tuple[RawOptions, MemberDefaults]:
-        """Fill options the member left out from their /settings (see `saved_defaults`); the
-        rest fall through to the model's and the server's defaults in validation."""
-        defaults = await self.store.read(members.defaults, member_id)
-        filled = saved_defaults(raw, defaults, self.catalog)
-        return filled, defaults
+    async def member_defaults(self, member_id: int) -> MemberDefaults:
+        """A member's /settings, read once per request: options they left out come from
+        here (`saved_defaults`), and whether they want results privately."""
+        return await self.store.read(members.defaults, member_id)
 
     @counting_refusals
     async def submit(
-        self,
-        request: GenerationRequest,
-        *,
-        member_id: int,
-        guild_id: int | None = None,
-        channel_id: int | None = None,
-        interaction_id: int | None = None,
-        exempt: bool = False,
-        parent: tuple[int, int] | None = None,
-        init_image: PreparedImage | None = None,
-        weight: float = 1.0,
+        self, request: GenerationRequest, intake: Intake, init_image: PreparedImage | None = None
     ) -> Admission:
-        """Admit a validated request: raises AdmissionRefused (restarting, banned, blocked,
-        over the cost cap, too many jobs queued, over quota) without storing or charging
-        anything. `weight` is the member's share of the device against others' (see
-        `weight_of`)."""
+        """Admit a validated request from `intake`: raises AdmissionRefused (restarting,
+        banned, blocked, over the cost cap, too many jobs queued, over quota) without storing
+        or charging anything."""
         if not self.accepting:
             raise ShuttingDown()
-        job = await self.store.write(
-            admission.admit,
-            request,
-            member_id=member_id,
-            guild_id=guild_id,
-            channel_id=channel_id,
-            interaction_id=interaction_id,
-            default_limit=self.settings.daily_quota,
-            exempt=exempt,
-            max_queued=self.settings.max_queued_per_member,
-            max_cost=self.settings.max_request_cost,
-            parent=parent,
-            init_png=None if init_image is None else init_image.png,
-            weight=weight,
-        )
+        png = None if init_image is None else init_image.png
+        caps = AdmissionCaps.of(self.settings)
+        job = await self.store.write(admission.admit, request, intake, caps, png)
         self.queue.add(job)
         self.executor.wake()
         position, _ = self.queue.position(job.id) or (0, 0.0)
@@ -295,11 +254,6 @@ class ImagineService:
 
     def resident_models(self) -> frozenset[str]:  # on any worker, for /models
         return self.executor.lanes.resident_models()
-
-    def weight_of(self, role_ids: list[int]) -> float:
-        """A member's fair-share weight: the largest of their roles' in ROLE_WEIGHTS, else 1."""
-        weights = self.settings.role_weights
-        return max([1.0, *(weights[role] for role in role_ids if role in weights)])
 
     async def estimate_wait(self, request: GenerationRequest, member_id: int) -> float | None:
         """Seconds until a request `member_id` makes now would be done, from measured speed."""
@@ -347,17 +301,34 @@ class ImagineService:
             self.executor.note_cancelled(job_id)
         return outcome
 
+    async def ban(
+        self, guild_id: int, member_id: int, moderator_id: int, reason: str | None
+    ) -> list[Job]:
+        """Ban a member from a server; their queued jobs there are cancelled and refunded
+        (returned, for their statuses to be ended)."""
+        cancelled = await self.store.write(
+            moderation.ban, guild_id, member_id, moderator_id, reason
+        )
+        self._forget_queued(cancelled)
+        return cancelled
+
+    async def clear_queue(self, guild_id: int, member_id: int | None = None) -> list[Job]:
+        """Cancel and refund a server's queued jobs, one member's or everyone's."""
+        cancelled = await self.store.write(jobs.cancel_queued, guild_id, member_id)
+        self._forget_queued(cancelled)
+        return cancelled
+
+    def _forget_queued(self, cancelled: list[Job]) -> None:
+        for job in cancelled:
+            self.queue.remove(job.id)
+
     async def forget_member(self, member_id: int) -> int:
         """Delete a member's prompts and parameters, from the write-ahead log too; raises
         members.JobStillRunning while one of their jobs runs. Returns the jobs deleted."""
         deleted = await self.store.write(members.forget, member_id)
-        for job in self.queue.jobs_of(member_id):
-            self.queue.remove(job.id)
+        self._forget_queued(self.queue.jobs_of(member_id))
         await self.store.checkpoint()
         return deleted
-
-    def is_exempt(self, role_ids: list[int]) -> bool:
-        return not self.settings.quota_exempt_roles.isdisjoint(role_ids)
 
     async def _announce(self, result: JobResult) -> None:
         """Tell every listener. A listener's `Undeliverable` reaches the executor after the

@@ -1,6 +1,6 @@
 """The persistent buttons (a DynamicItem: its custom_id carries what it acts on, so it works
 after a restart) and the views built from them, and the dry run's Confirm view; the tools
-under a result (Upscale, Zoom Out, Pan) and its layout are in cogs/result_tools.py.
+under a result (Upscale, Zoom Out, Pan) and its layout are in cogs/operations.py.
 
 discord.py only logs an exception raised in a button's callback; here each one goes to the
 same funnel as a slash command's (`answer_failure`), so the member always gets an answer."""
@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import discord
 
-from bot.db import jobs, members
-from bot.requests import GenerationRequest, InvalidRequest
-from bot.service import PreparedImage
-from cogs.common import answer_failure, refusal_text, refuse
-from cogs.prompting import admit_jobs
+from bot.db import jobs
+from bot.requests import GenerationRequest
+from bot.uploads import PreparedImage
+from cogs.common import Refused, answer_failure, answering, refuse
+from cogs.entry import Ask
 from cogs.sources import image_attachment, raw_from_request
 
 if TYPE_CHECKING:
@@ -69,13 +69,10 @@ class Persistent:
     run: Callable[[discord.Interaction[ImagineBot]], Awaitable[None]]
 
     async def callback(self, interaction: discord.Interaction[ImagineBot]) -> None:
-        try:
+        async with answering(interaction):
             if self.malformed:
-                await refuse(interaction, NOT_OURS)
-                return
+                raise Refused(NOT_OURS)
             await self.run(interaction)
-        except Exception as error:
-            await answer_failure(interaction, error)
 
 
 async def answer_stray_click(interaction: discord.Interaction) -> None:
@@ -89,26 +86,26 @@ async def answer_stray_click(interaction: discord.Interaction) -> None:
         await refuse(interaction, NOT_OURS)
 
 
-def rules_of(record: jobs.JobRecord, interaction: discord.Interaction) -> int | None:
-    """The server whose rules a button press answers to: where it was pressed, or, on a
-    result delivered by DM, the job's own server."""
-    return interaction.guild_id or record.job.guild_id
+async def job_of(interaction: discord.Interaction[ImagineBot], job_id: int) -> jobs.JobRecord:
+    """The job a result button acts on; Refused when it is gone."""
+    record = await interaction.client.store.read(jobs.get, job_id)
+    if record is None:
+        raise Refused("That job is gone (its owner deleted their data).")
+    return record
 
 
 async def parent_image(
     interaction: discord.Interaction[ImagineBot], job_id: int, index: int
-) -> tuple[jobs.JobRecord, discord.Attachment] | None:
+) -> tuple[jobs.JobRecord, discord.Attachment]:
     """The job of a result button and the file of its image `index` on the pressed message;
-    or None after telling the member why not."""
-    record = await interaction.client.store.read(jobs.get, job_id)
-    if record is None or index >= record.job.request.count:
-        await refuse(interaction, "That image's job is gone (its owner deleted their data).")
-        return None
+    Refused when either is gone."""
+    record = await job_of(interaction, job_id)
+    if index >= record.job.request.count:
+        raise Refused("That image's job is gone (its owner deleted their data).")
     seed = record.job.request.seeds[index]
     attachment = image_attachment(interaction.message, f"seed-{seed}.png")
     if attachment is None:
-        await refuse(interaction, "That image is no longer attached to the message.")
-        return None
+        raise Refused("That image is no longer attached to the message.")
     return record, attachment
 
 
@@ -128,6 +125,8 @@ class CancelButton(
         self.job_id = job_id
 
     async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        """Cancel for its owner or a moderator of the job's server: at once if queued,
+        between steps if running."""
         bot = interaction.client
         record = await bot.store.read(jobs.get, self.job_id)
         if record is None:
@@ -187,19 +186,10 @@ class VaryButton(
 
     async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
         desk = interaction.client.desk
-        found = await parent_image(interaction, self.job_id, self.index)
-        if found is None:
-            return
-        record, attachment = found
-        guild_id = rules_of(record, interaction)
-        prompt = record.job.request.prompt
-        image = await desk.read_image(interaction, attachment, guild_id=guild_id, prompt=prompt)
-        if image is None:
-            return
-        raw = raw_from_request(record.job.request, interaction.client.service.catalog)
-        raw.strength = desk.strength(self.kind)
-        parent = (self.job_id, self.index)
-        await desk.queue(interaction, raw, image, parent=parent, guild_id=guild_id)
+        record, attachment = await parent_image(interaction, self.job_id, self.index)
+        entry = await desk.entry(interaction, record.job, self.index)
+        options = raw_from_request(record.job.request, interaction.client.service.catalog)
+        await desk.admit(entry, Ask(options, image=attachment, strength=desk.strength(self.kind)))
 
 
 class RerollButton(
@@ -223,59 +213,43 @@ class RerollButton(
 
     async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
         bot = interaction.client
-        record = await bot.store.read(jobs.get, self.job_id)
-        if record is None:
-            await refuse(interaction, "That job is gone (its owner deleted their data).")
-            return
+        record = await job_of(interaction, self.job_id)
         request = record.job.request
         if request.init_image_hash is not None and record.job.member_id != interaction.user.id:
             # Its image may be the owner's upload, never shown to anyone else.
-            await refuse(
-                interaction,
-                "Only the member who asked can reroll a job that started from an image.",
-            )
-            return
-        raw = raw_from_request(request, bot.service.catalog)
-        raw.count, raw.width, raw.height = request.count, request.width, request.height
-        guild_id, parent = rules_of(record, interaction), (self.job_id, 0)
-        if request.init_image_hash is not None:
-            png = await bot.store.read(jobs.init_image, request.init_image_hash)
-            if png is None:
-                await refuse(interaction, "The image this job started from is gone.")
-                return
-            image = PreparedImage(png, request.init_image_hash, request.width, request.height)
-            raw.strength = 1.0 if request.strength is None else request.strength
-            if raw.model != request.model:  # checked as the model its fill-only model paints for
-                raw.loras = None  # LoRAs chosen for the fill-only model; restored below
-            checked = await bot.desk.checked(interaction, raw, image)
-            if checked is None:
-                return
-            # An Upscale, Zoom Out or Pan again: its mode, model, kept box and name as they were.
-            new = replace(
-                checked[0],
-                mode=request.mode,
-                strength=request.strength,
-                keep_box=request.keep_box,
-                operation=request.operation,
-                model=request.model,
-                loras=request.loras,
-            )
-            await bot.desk.admit(
-                interaction,
-                new,
-                private=checked[1],
-                parent=parent,
-                init_image=image,
-                guild_id=guild_id,
-            )
-            return
-        try:  # as the job asked, without the member's current /settings (but their privacy)
-            new = bot.service.validate(raw)
-        except InvalidRequest as problem:
-            await refuse(interaction, refusal_text(problem))
-            return
-        private = await bot.desk.private_for(interaction)
-        await bot.desk.admit(interaction, new, private=private, parent=parent, guild_id=guild_id)
+            raise Refused("Only the member who asked can reroll a job that started from an image.")
+        entry = await bot.desk.entry(interaction, record.job)
+        await bot.desk.admit(entry, await reroll_ask(bot, request))
+
+
+async def reroll_ask(bot: ImagineBot, request: GenerationRequest) -> Ask:
+    """`request` again with a new seed, as the job asked it, without the member's current
+    /settings. One that started from an image (image-to-image, Upscale, Zoom Out, Pan) starts
+    from the same stored picture and keeps its mode, model, LoRAs, kept box and name."""
+    options = raw_from_request(request, bot.service.catalog)
+    options.count, options.width, options.height = request.count, request.width, request.height
+    if request.init_image_hash is None:
+        return Ask(options, own_defaults=False)
+    png = await bot.store.read(jobs.init_image, request.init_image_hash)
+    if png is None:
+        raise Refused("The image this job started from is gone.")
+    image = PreparedImage(png, request.init_image_hash, request.width, request.height)
+    options.strength = 1.0 if request.strength is None else request.strength
+    if options.model != request.model:  # checked as the model its fill-only model paints for,
+        options.loras = None  # without the LoRAs chosen for the fill-only one (kept below)
+
+    def as_before(checked: GenerationRequest) -> GenerationRequest:
+        return replace(
+            checked,
+            mode=request.mode,
+            strength=request.strength,
+            keep_box=request.keep_box,
+            operation=request.operation,
+            model=request.model,
+            loras=request.loras,
+        )
+
+    return Ask(options, image=image, own_defaults=False, derive=as_before)
 
 
 class ForgetMeButton(
@@ -297,26 +271,19 @@ class ForgetMeButton(
         self.member_id = member_id
 
     async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        """Delete the member's prompts, then end the statuses of their queued jobs."""
         if interaction.user.id != self.member_id:
-            await interaction.response.send_message(
-                "This button belongs to someone else.", ephemeral=True
-            )
-            return
-        deleted = None
-        try:
-            deleted = await interaction.client.service.forget_member(self.member_id)
-        except members.JobStillRunning:
-            text = "One of your jobs is running right now; try again when it has finished."
-        else:
-            text = (
-                f"Done: deleted {deleted} job(s) with their prompts and parameters. "
-                "Your quota counts are kept, without any text."
-            )
-        await interaction.response.edit_message(content=text, view=None)
-        if deleted is not None:  # their queued jobs went with their data: end those statuses
-            await interaction.client.delivery.withdraw_member(
-                self.member_id, "Job #{job} was cancelled: you deleted your data. It was refunded."
-            )
+            raise Refused("This button belongs to someone else.")
+        deleted = await interaction.client.service.forget_member(self.member_id)
+        await interaction.response.edit_message(
+            content=f"Done: deleted {deleted} job(s) with their prompts and parameters. "
+            "Your quota counts are kept, without any text.",
+            view=None,
+        )
+        # Their queued jobs went with their data: end those statuses.
+        await interaction.client.delivery.withdraw_member(
+            self.member_id, "Job #{job} was cancelled: you deleted your data. It was refunded."
+        )
 
 
 PERSISTENT_BUTTONS = (CancelButton, VaryButton, RerollButton, ForgetMeButton)
@@ -347,13 +314,11 @@ class ConfirmView(discord.ui.View):
         requests: list[GenerationRequest],
         panel: discord.Interaction,
         *,
-        private: bool,
         image: PreparedImage | None,
     ) -> None:
         super().__init__(timeout=600)
         self.requests = requests
         self.panel = panel
-        self.private = private
         self.image = image
         self.used = False
 
@@ -362,21 +327,18 @@ class ConfirmView(discord.ui.View):
         self, interaction: discord.Interaction[ImagineBot], button: discord.ui.Button
     ) -> None:
         if self.used:  # a double click racing the panel's update
-            await interaction.response.send_message("Already confirmed.", ephemeral=True)
-            return
+            raise Refused("Already confirmed.")
         self.used = True
         self.stop()
-        jobs = await admit_jobs(
-            interaction.client.desk,
-            interaction,
-            self.requests,
-            private=self.private,
-            init_image=self.image,
-        )
-        numbers = ", ".join(f"#{job.id}" for job in jobs)
-        text = f"Confirmed as job {numbers}." if jobs else "Not queued: see the message above."
-        with contextlib.suppress(discord.HTTPException):
-            await self.panel.edit_original_response(content=text, view=None)
+        desk, admitted = interaction.client.desk, []
+        try:
+            entry = await desk.entry(interaction)
+            admitted = await desk.admit(entry, Ask(requests=self.requests, image=self.image))
+        finally:  # the panel says what became of it, whatever the funnel answers
+            numbers = ", ".join(f"#{job.id}" for job in admitted)
+            text = f"Confirmed as job {numbers}." if admitted else "Not queued: see below."
+            with contextlib.suppress(discord.HTTPException):
+                await self.panel.edit_original_response(content=text, view=None)
 
     async def on_error(
         self, interaction: discord.Interaction[ImagineBot], error: Exception, item: discord.ui.Item

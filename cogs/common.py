@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import discord
 from discord import app_commands
 
+from bot.db.members import JobStillRunning
+from bot.images import ImageRejected
+from bot.operations import OperationRefused
 from bot.quota import (
+    AdmissionRefused,
     CostOverCap,
     MemberBanned,
     PromptBlocked,
@@ -21,6 +27,7 @@ from bot.quota import (
     units_text,
 )
 from bot.requests import InvalidRequest
+from bot.service import DefaultsRefused
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,26 @@ APOLOGY = "Something went wrong on our side; nothing was charged. Please try aga
 MAX_ANSWER = 1900
 ONLY_IN_SERVERS = "I make images only in servers, where their rules and quotas apply."
 NOTHING_CHARGED = "Nothing was queued or charged."
+
+
+Origin = discord.Interaction | discord.Message
+
+
+class Refused(Exception):
+    """A request turned away by the Discord side (no image to vary, a job that is gone): the
+    funnel tells the member this text, privately."""
+
+
+# What a member did wrong, answered with its own text; anything else is our fault.
+REFUSALS = (
+    Refused,
+    InvalidRequest,
+    AdmissionRefused,
+    ImageRejected,
+    OperationRefused,
+    DefaultsRefused,
+    JobStillRunning,
+)
 
 
 class AdmittedButUnanswered(Exception):
@@ -43,7 +70,7 @@ def bounded(text: str) -> str:
     return text if len(text) <= MAX_ANSWER else text[: MAX_ANSWER - 1] + "…"
 
 
-async def refuse(origin: discord.Interaction | discord.Message, text: str) -> None:
+async def refuse(origin: Origin, text: str) -> None:
     """Tell a member why nothing was queued: privately for an interaction, as a reply to a
     message (which cannot be private). It may quote their text, so it pings nobody."""
     text, quiet = bounded(text), discord.AllowedMentions.none()
@@ -66,33 +93,48 @@ def in_a_server(interaction: discord.Interaction) -> bool:
 server_only = app_commands.check(in_a_server)
 
 
-async def answer_failure(interaction: discord.Interaction, error: Exception) -> None:
-    """The one error funnel for slash commands, context menus and buttons: the member reads a
-    short private answer, never a traceback; an unexpected error is logged with its own."""
+async def answer_failure(origin: Origin, error: Exception) -> None:
+    """The one error funnel for slash commands, context menus, buttons, modals and replies: a
+    refusal gets its own text, anything else a short apology, never a traceback (logged with
+    its own). Privately for an interaction; a reply gets a reply that pings nobody."""
     cause = getattr(error, "original", error)  # app commands wrap it in CommandInvokeError
     if isinstance(error, app_commands.MissingPermissions):
         text = "You need the Manage Server permission for this command."
     elif isinstance(error, app_commands.NoPrivateMessage):
         text = ONLY_IN_SERVERS
+    elif isinstance(cause, REFUSALS):
+        text = refusal_text(cause)
     elif isinstance(cause, AdmittedButUnanswered):
-        log.error("%s failed after admission", _what(interaction), exc_info=error)
+        log.error("%s failed after admission", _what(origin), exc_info=error)
         text = (
             f"Your job #{cause.job_id} is queued, but its status message failed; the result "
             "will still be posted (a job that fails is refunded)."
         )
     else:
-        log.error("%s failed", _what(interaction), exc_info=error)
+        log.error("%s failed", _what(origin), exc_info=error)
         text = APOLOGY
     try:
-        await refuse(interaction, text)
+        await refuse(origin, text)
     except discord.HTTPException:
         log.warning("could not tell the member about the error")
 
 
-def _what(interaction: discord.Interaction) -> str:
-    if interaction.command is not None:
-        return f"command {interaction.command.qualified_name!r}"
-    data: Any = interaction.data or {}
+@contextlib.asynccontextmanager
+async def answering(origin: Origin) -> AsyncIterator[None]:
+    """Run an entry point's work so that whatever it raises reaches the funnel: for buttons
+    and replies, whose errors discord.py would only log."""
+    try:
+        yield
+    except Exception as error:
+        await answer_failure(origin, error)
+
+
+def _what(origin: Origin) -> str:
+    if isinstance(origin, discord.Message):
+        return f"reply {origin.id}"
+    if origin.command is not None:
+        return f"command {origin.command.qualified_name!r}"
+    data: Any = origin.data or {}
     return f"component {data.get('custom_id', '?')!r}"
 
 
@@ -126,7 +168,13 @@ def frees_up_text(status: QuotaStatus) -> str:
 
 def refusal_text(problem: Exception) -> str:
     """What a member reads when a request is turned away; nothing was queued or charged."""
-    if isinstance(problem, InvalidRequest):
+    if isinstance(problem, Refused):
+        return str(problem)
+    if isinstance(problem, JobStillRunning):
+        return "One of your jobs is running right now; try again when it has finished."
+    if isinstance(problem, DefaultsRefused):
+        return f"{problem} Your defaults were not changed."
+    if isinstance(problem, InvalidRequest | ImageRejected | OperationRefused):
         return f"{problem} Nothing was queued."
     if isinstance(problem, QuotaExceeded):
         return (

@@ -12,14 +12,14 @@ from typing import Any
 
 import discord
 
-from bot import canvas
+from bot import operations
 from bot.db import Store, jobs, members
 from bot.handoff import JobResult, Undeliverable
 from bot.images import grid, parameters_text, png_bytes
 from bot.requests import GenerationRequest, Job
-from cogs.admission import StatusBoard
 from cogs.common import loras_text
-from cogs.result_tools import operations_for, result_view
+from cogs.operations import operations_for, result_view
+from cogs.status import StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def describe(request: GenerationRequest, seconds: float | None = None) -> discor
     if request.strength is not None:
         embed.add_field(name="Strength", value=f"{request.strength:g} (from an image)")
     if request.operation is not None:
-        embed.add_field(name="Made with", value=canvas.label(request.operation))
+        embed.add_field(name="Made with", value=operations.label(request.operation))
     if seconds is not None:
         embed.set_footer(text=f"Generated in {seconds:.1f} s")
     return embed
@@ -182,7 +182,7 @@ class Delivery:
         if status is None:  # admitted before a restart: the stored preference still holds
             private = (await self.store.read(members.defaults, job.member_id)).private
             return Place(job, None, 0.0, private, None)
-        return Place(job, status.interaction, status.arrived, status.private, status.origin)
+        return Place(job, status.interaction, status.arrived, status.private, status.reply_to)
 
     async def _tell_failure(self, place: Place, what: str) -> None:
         """Tell the member their job `what` (failed: …) and that it was refunded; the status
@@ -231,13 +231,13 @@ class Delivery:
             "embed": describe(request, result.seconds),
             "allowed_mentions": place.requester,
         }
-        operations = operations_for(request, self.client.settings)
+        offered = operations_for(request, self.client.settings)
         number = 0
         while parts:
             part = parts.pop(0)
             indexes = [u.index for u in part if u.index is not None]
             message = first if number == 0 else {"content": f"Job #{job.id}, continued."}
-            view = result_view(job.id, indexes, reroll=number == 0, operations=operations)
+            view = result_view(job.id, indexes, reroll=number == 0, offered=offered)
             try:
                 sent = await self._post(
                     place,
@@ -329,6 +329,8 @@ class Delivery:
     async def _post_outside_interaction(
         self, job: Job, message: dict[str, Any], private: bool, part: int = 0
     ) -> discord.Message | None:
+        """Post in the job's channel (once: the nonce), else by DM when the channel is
+        closed to us or the results are private; None when neither works."""
         nonce = f"imagine-job-{job.id}" + (f"-{part}" if part else "")
         if not private:
             for file in message.get("files", []):

@@ -1,9 +1,9 @@
-"""/imagine: parse the options, then queue them through the admission desk, or show a dry run
-with a Confirm button. Results are posted by cogs/delivery.py."""
+"""/imagine: the options and the typed prompt handed to the admission desk, or a dry run of what
+it would queue (the parsed prompt, every job, cost and ETA) with a Confirm button. Results are
+posted by cogs/delivery.py."""
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import discord
@@ -11,15 +11,15 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.models import MAX_LORAS_TEXT, MAX_NAME_CHARS
-from bot.prompts import ParsedPrompt
+from bot.prompts import ParsedPrompt, parse_weights, weighted_terms
 from bot.quota import cost_text, units_phrase
 from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
-from bot.service import PreparedImage
-from cogs.admission import eta_text
+from bot.service import ImagineService, prompt_chunks
 from cogs.buttons import ConfirmView
-from cogs.common import loras_text, role_ids, server_only, standing_text
+from cogs.common import loras_text, server_only, standing_text
+from cogs.entry import Ask, Prepared
 from cogs.models import lora_choices, model_choices
-from cogs.prompting import admit_jobs, checked_jobs, dry_run_lines, parsed_or_refuse
+from cogs.status import eta_text
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -67,9 +67,9 @@ class ImagineCog(commands.Cog):
         model: app_commands.Range[str, 1, MAX_NAME_CHARS] | None = None,
         lora: app_commands.Range[str, 1, MAX_LORAS_TEXT] | None = None,
     ) -> None:
-        arrived = time.monotonic()
+        """The options and the typed prompt to the desk: queued, or shown as a dry run."""
         desk = self.bot.desk
-        raw = RawOptions(
+        options = RawOptions(
             prompt,
             seed,
             negative_prompt,
@@ -83,24 +83,12 @@ class ImagineCog(commands.Cog):
             model,
             lora,
         )
-        parsed = await parsed_or_refuse(interaction, self.bot.service, prompt)
-        if parsed is None:
-            return
-        prepared = None
-        if image is not None:  # defers: downloading and decoding can take a while
-            prepared = await desk.read_image(interaction, image, prompt=parsed.text)
-            if prepared is None:
-                return
-        checked = await checked_jobs(desk, interaction, parsed, raw, prepared)
-        if checked is None:
-            return
-        requests, private = checked
+        entry = await desk.entry(interaction)
+        ask = Ask(options, parsed=desk.parse(prompt), image=image)
         if preview:
-            await self.dry_run(interaction, requests, parsed, private=private, image=prepared)
+            await self.dry_run(interaction, await desk.prepare(entry, ask))
         else:
-            await admit_jobs(
-                desk, interaction, requests, private=private, arrived=arrived, init_image=prepared
-            )
+            await desk.admit(entry, ask)
 
     @imagine.autocomplete("model")
     async def model_autocomplete(
@@ -117,25 +105,16 @@ class ImagineCog(commands.Cog):
         return lora_choices(self.bot.service.catalog, chosen or None, typed)
 
     async def dry_run(
-        self,
-        interaction: discord.Interaction[ImagineBot],
-        requests: list[GenerationRequest],
-        parsed: ParsedPrompt,
-        *,
-        private: bool,
-        image: PreparedImage | None = None,
+        self, interaction: discord.Interaction[ImagineBot], prepared: Prepared
     ) -> None:
         """What would run (the parsed prompt and every job it makes), what it costs and when
         it would be done; nothing is stored. Every job costs what the first does, and each is
         charged on its own: the quota is checked against their total."""
-        service = self.bot.service
+        service, requests = self.bot.service, prepared.requests
+        intake = prepared.entry.intake
         request = requests[0]
-        quota = await service.quota(
-            interaction.guild_id,
-            interaction.user.id,
-            exempt=service.is_exempt(role_ids(interaction.user)),
-        )
-        wait = await service.estimate_wait(request, interaction.user.id)
+        quota = await service.quota(intake.guild_id, intake.member_id, exempt=intake.exempt)
+        wait = await service.estimate_wait(request, intake.member_id)
         total = round(sum(job.cost for job in requests), 3)
         cost = cost_text(request)
         if len(requests) > 1:
@@ -148,7 +127,7 @@ class ImagineCog(commands.Cog):
             cost += f". You have {units_phrase(quota.left)} left: Confirm will refuse it"
         lines = [
             "**Dry run**: nothing is queued until you press Confirm.",
-            *dry_run_lines(service, parsed, requests),
+            *dry_run_lines(service, prepared.parsed, requests),
             f"Seeds {', '.join(map(str, request.seeds))} · {request.steps} steps · guidance "
             f"{request.guidance:g} · {request.width}×{request.height} · {request.scheduler}",
             f"Model {request.model}"
@@ -156,11 +135,38 @@ class ImagineCog(commands.Cog):
             f"Cost: {cost}",
             f"Ready in {eta_text(wait)} after you confirm.",
         ]
-        view = ConfirmView(requests, interaction, private=private, image=image)
+        view = ConfirmView(requests, interaction, image=prepared.image)
         if interaction.response.is_done():  # deferred (privately) while its image was read
             await interaction.edit_original_response(content="\n".join(lines), view=view)
         else:
             await interaction.response.send_message("\n".join(lines), view=view, ephemeral=True)
+
+
+def dry_run_lines(
+    service: ImagineService, parsed: ParsedPrompt | None, requests: list[GenerationRequest]
+) -> list[str]:
+    """The parsed prompt for the dry run: flags, weights, chunks and the jobs it makes."""
+    lines = []
+    if parsed is not None and parsed.flags.shown():
+        lines.append("Flags: " + " ".join(f"`{flag[:60]}`" for flag in parsed.flags.shown()))
+    first = requests[0]
+    terms = weighted_terms(parse_weights(first.prompt))
+    if terms:
+        lines.append("Weights: " + ", ".join(terms[:10]) + (" …" if len(terms) > 10 else ""))
+    if len(requests) > 1:
+        lines.append(f"{len(requests)} jobs, each queued and charged on its own:")
+    limit = service.settings.max_prompt_chunks
+    for number, request in enumerate(requests, start=1):
+        chunks, negative = prompt_chunks(service.runner, request, limit)
+        label = f"{number}. " if len(requests) > 1 else "Prompt: "
+        lines.append(
+            f"{label}{request.prompt[:200]} · {chunks} of {limit} chunks"
+            + (f" (negative {negative})" if request.negative_prompt else "")
+            + f" · seed {request.seed}"
+        )
+    if first.negative_prompt:
+        lines.append(f"Negative prompt: {first.negative_prompt[:200]}")
+    return lines
 
 
 async def setup(bot: ImagineBot) -> None:

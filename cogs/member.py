@@ -10,12 +10,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import canvas
+from bot import operations
 from bot.db import admission, members
 from bot.db.members import MemberDefaults
+from bot.intake import quota_exempt
 from bot.models import MAX_NAME_CHARS
 from bot.quota import units_phrase
-from bot.requests import SCHEDULERS, InvalidRequest, RawOptions
+from bot.requests import SCHEDULERS
 from cogs.buttons import forget_me_view
 from cogs.common import frees_up_text, relative_time, role_ids, server_only, standing_text
 from cogs.models import model_choices
@@ -57,11 +58,12 @@ class MemberCog(commands.Cog):
     @app_commands.guild_only()
     @server_only
     async def quota(self, interaction: discord.Interaction[ImagineBot]) -> None:
+        """Units used and left, when they free up, jobs queued and the cap per request."""
         service, settings = self.bot.service, self.bot.settings
         status = await service.quota(
             interaction.guild_id,
             interaction.user.id,
-            exempt=service.is_exempt(role_ids(interaction.user)),
+            exempt=quota_exempt(settings, role_ids(interaction.user)),
         )
         active = await self.bot.store.read(admission.active_jobs, interaction.user.id)
         lines = [f"You have used {standing_text(status)}."]
@@ -89,7 +91,7 @@ class MemberCog(commands.Cog):
             request = record.job.request
             link = jump_url(record.job.guild_id, record.result_channel_id, record.result_message_id)
             where = f" [result]({link})" if link else ""
-            made = "" if request.operation is None else f" · {canvas.label(request.operation)}"
+            made = "" if request.operation is None else f" · {operations.label(request.operation)}"
             lines.append(
                 f"**#{record.job.id}** {relative_time(record.job.queued_at)} · {record.job.status}"
                 f"{made} · seed {request.seed} · {request.steps} steps · "
@@ -135,6 +137,7 @@ class MemberCog(commands.Cog):
         model: app_commands.Range[str, 1, MAX_NAME_CHARS] | None = None,
         reset: bool | None = None,
     ) -> None:
+        """Save the member's defaults after the same checks /imagine makes."""
         store = self.bot.store
         member_id = interaction.user.id
         current = MemberDefaults() if reset else await store.read(members.defaults, member_id)
@@ -149,26 +152,7 @@ class MemberCog(commands.Cog):
             "model": model[:MAX_NAME_CHARS].strip() if model else None,
         }
         wanted = replace(current, **{k: v for k, v in chosen.items() if v is not None})
-        try:  # the same checks /imagine makes, so a saved default can never be refused later
-            self.bot.service.validate(
-                RawOptions(
-                    "check",
-                    None,
-                    wanted.negative_prompt,
-                    wanted.steps,
-                    None,
-                    wanted.width,
-                    wanted.height,
-                    wanted.scheduler,
-                    wanted.count,
-                    model=wanted.model,
-                )
-            )
-        except InvalidRequest as problem:
-            await interaction.response.send_message(
-                f"{problem} Your defaults were not changed.", ephemeral=True
-            )
-            return
+        self.bot.service.check_defaults(wanted)  # refused through the funnel
         await store.write(members.set_defaults, member_id, wanted)
         await interaction.response.send_message(defaults_text(wanted), ephemeral=True)
 

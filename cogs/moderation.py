@@ -14,6 +14,7 @@ from discord.ext import commands
 
 from bot.blocklist import normalize_term
 from bot.db import admission, jobs, moderation, quotas
+from bot.intake import quota_exempt
 from bot.metrics import Figures
 from bot.quota import units_phrase
 from bot.requests import Job
@@ -119,7 +120,9 @@ class ModerationCog(commands.Cog):
         self, interaction: discord.Interaction[ImagineBot], member: discord.Member
     ) -> None:
         status = await self.service.quota(
-            interaction.guild_id, member.id, exempt=self.service.is_exempt(role_ids(member))
+            interaction.guild_id,
+            member.id,
+            exempt=quota_exempt(self.bot.settings, role_ids(member)),
         )
         active = await self.store.read(admission.active_jobs, member.id)
         limit = "exempt (a quota-exempt role)" if status.exempt else limit_text(status.limit)
@@ -187,11 +190,9 @@ class ModerationCog(commands.Cog):
         reason: str | None = None,
     ) -> None:
         reason = (reason or "").strip()[:300] or None
-        cancelled = await self.store.write(
-            moderation.ban, interaction.guild_id, member.id, interaction.user.id, reason
+        cancelled = await self.bot.service.ban(
+            interaction.guild_id, member.id, interaction.user.id, reason
         )
-        for job in cancelled:
-            self.bot.service.queue.remove(job.id)
         text = f"{member.mention} is banned from generating"
         text += f" ({reason})." if reason else "."
         if cancelled:
@@ -219,6 +220,7 @@ class ModerationCog(commands.Cog):
         interaction: discord.Interaction[ImagineBot],
         page: app_commands.Range[int, 1, 10_000] = 1,
     ) -> None:
+        """Running jobs, then a page of the queue in fair order, with members' shares."""
         queue = self.bot.service.queue
         running = await self.store.read(jobs.running, interaction.guild_id) if page == 1 else []
         offset = (page - 1) * QUEUE_PAGE
@@ -244,11 +246,9 @@ class ModerationCog(commands.Cog):
     async def queue_clear(
         self, interaction: discord.Interaction[ImagineBot], member: discord.Member | None = None
     ) -> None:
-        cancelled = await self.store.write(
-            jobs.cancel_queued, interaction.guild_id, member.id if member else None
+        cancelled = await self.bot.service.clear_queue(
+            interaction.guild_id, member.id if member else None
         )
-        for job in cancelled:
-            self.bot.service.queue.remove(job.id)
         whose = f"{member.mention}'s" if member else "all"
         await self._done(
             interaction,

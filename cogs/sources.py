@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import discord
 
-from bot import canvas
+from bot import operations
 from bot.models import Catalog
 from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
 
@@ -39,7 +39,7 @@ def raw_from_request(request: GenerationRequest, catalog: Catalog) -> RawOptions
         steps=request.steps,
         guidance=request.guidance,
         scheduler=request.scheduler,
-        model=canvas.drawing_model(request, catalog),
+        model=operations.drawing_model(request, catalog),
         loras=request.loras,
     )
 

@@ -12,12 +12,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.db import jobs
-from bot.images import ImageRejected
 from bot.requests import InvalidRequest, RawOptions
-from cogs.common import ONLY_IN_SERVERS, refusal_text, refuse, server_only
-from cogs.prompting import admit_jobs, checked_jobs, parsed_or_refuse
-from cogs.result_tools import queue_operation
-from cogs.sources import image_attachment, raw_from_parameters, raw_from_request
+from cogs.common import ONLY_IN_SERVERS, Refused, answering, server_only
+from cogs.entry import Ask
+from cogs.operations import operation_ask
+from cogs.sources import image_attachment
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -76,45 +75,11 @@ class VariationsCog(commands.Cog):
         message, else from the PNG's parameters, else from the message's text."""
         attachment = image_attachment(message)
         if attachment is None:
-            await refuse(interaction, "That message has no image to vary.")
-            return
-        image = await self.desk.read_image(interaction, attachment)
-        if image is None:
-            return
-        raw, parent = await self.known_parameters(message, attachment)
-        if raw is None:
-            if not message.content.strip():
-                await refuse(
-                    interaction,
-                    "I can't tell what that image shows. Reply to it, mention me and write a "
-                    "prompt, or use /imagine with the image option.",
-                )
-                return
-            raw = RawOptions(prompt=message.content)
-        raw.strength = self.desk.strength("subtle")
-        await self.desk.queue(interaction, raw, image, parent=parent)
-
-    async def known_parameters(
-        self, message: discord.Message, attachment: discord.Attachment
-    ) -> tuple[RawOptions | None, tuple[int, int] | None]:
-        """Parameters to reuse for an image: our job's (and the lineage), or the PNG's own."""
-        record = await self.bot.store.read(jobs.for_message, message.id)
-        if record is not None:
-            request = record.job.request
-            index = next(
-                (i for i, s in enumerate(request.seeds) if attachment.filename == f"seed-{s}.png"),
-                0,
-            )
-            raw = raw_from_request(request, self.bot.service.catalog)
-            return raw, (record.job.id, index)
-        if attachment.size <= self.bot.settings.max_upload_bytes:
-            try:
-                parameters = await self.bot.service.image_parameters(await attachment.read())
-            except (ImageRejected, discord.HTTPException, OSError, ValueError):
-                parameters = None
-            if parameters and parameters.get("prompt"):
-                return raw_from_parameters(parameters, self.bot.service.catalog), None
-        return None, None
+            raise Refused("That message has no image to vary.")
+        entry = await self.desk.entry(interaction)
+        text = RawOptions(prompt=message.content) if message.content.strip() else None
+        strength = self.desk.strength("subtle")
+        await self.desk.admit(entry, Ask(text, image=attachment, like=message, strength=strength))
 
     # --- replies --------------------------------------------------------------------------
 
@@ -139,52 +104,34 @@ class VariationsCog(commands.Cog):
             attachment = image_attachment(source)
         if attachment is None or (source is message and not mentioned):
             return
-        if message.guild is None:  # a DM has no server whose bans, blocklist and quota apply
-            await refuse(message, ONLY_IN_SERVERS)
-            return
-        await self.vary_reply(message, source, attachment)
+        async with answering(message):
+            if message.guild is None:  # a DM has no server whose bans, blocklist, quota apply
+                raise Refused(ONLY_IN_SERVERS)
+            await self.vary_reply(message, source, attachment)
 
     async def vary_reply(
         self, message: discord.Message, source: discord.Message, attachment: discord.Attachment
     ) -> None:
+        """A variation of the image replied to (or attached), or with `--upscale`, `--zoom`
+        or `--pan` that job of one of our results."""
         text = re.sub(rf"<@!?{self.bot.user.id}>", "", message.content).strip()
-        try:
-            operation, rest = operation_flag(text)
-        except InvalidRequest as problem:
-            await refuse(message, refusal_text(problem))
-            return
+        operation, rest = operation_flag(text)
         if operation is not None:
             await self.operate_reply(message, source, operation, rest)
             return
-        parsed = await parsed_or_refuse(message, self.bot.service, text)
-        if parsed is None:
-            return
+        parsed = self.desk.parse(text)
         reuse = parsed.text in ("", REUSE_PROMPT)
-        image = await self.desk.read_image(
-            message, attachment, prompt=None if reuse else parsed.text
+        entry = await self.desk.entry(message)
+        ask = Ask(
+            None if reuse else RawOptions(prompt=parsed.text),
+            parsed=parsed,
+            override=True,  # the flags override what the earlier job asked; its seed is not reused
+            repeat_prompt=reuse,
+            image=attachment,
+            like=None if source is message else source,
+            strength=self.desk.strength("strong"),  # unless --strength says otherwise
         )
-        if image is None:
-            return
-        known, parent = (None, None)
-        if source is not message:
-            known, parent = await self.known_parameters(source, attachment)
-        if reuse and known is None:
-            await refuse(message, "Tell me what to draw: write a prompt with your mention.")
-            return
-        raw = known or RawOptions(prompt=parsed.text)
-        raw.strength = self.desk.strength("strong")  # unless --strength says otherwise
-        # The flags override what the earlier job asked; its seed is not reused.
-        checked = await checked_jobs(
-            self.desk,
-            message,
-            parsed,
-            raw,
-            image,
-            override=True,
-            prompts=[raw.prompt] * parsed.flags.repeat if reuse else None,
-        )
-        if checked is not None:
-            await admit_jobs(self.desk, message, checked[0], parent=parent, init_image=image)
+        await self.desk.admit(entry, ask)
 
     async def operate_reply(
         self, message: discord.Message, source: discord.Message, operation: str, rest: str
@@ -193,22 +140,18 @@ class VariationsCog(commands.Cog):
         the same job as its button makes. It keeps the image's prompt, seed and model, so any
         other text or flag is refused rather than silently ignored."""
         if rest not in ("", REUSE_PROMPT):
-            await refuse(
-                message,
+            raise Refused(
                 "`--upscale`, `--zoom` and `--pan` keep the image's prompt, seed and model: "
-                "reply with the flag alone, like `--upscale subtle`. Nothing was queued.",
+                "reply with the flag alone, like `--upscale subtle`. Nothing was queued."
             )
-            return
         record = None
         if source is not message:
             record = await self.bot.store.read(jobs.for_message, source.id)
         if record is None:
-            await refuse(
-                message,
+            raise Refused(
                 "`--upscale`, `--zoom` and `--pan` work on my results: reply to one of them. "
-                "Nothing was queued.",
+                "Nothing was queued."
             )
-            return
         seeds = record.job.request.seeds
         found = [
             (index, attachment)
@@ -216,16 +159,14 @@ class VariationsCog(commands.Cog):
             if (attachment := image_attachment(source, f"seed-{seed}.png")) is not None
         ]
         if len(found) != 1:
-            await refuse(
-                message,
+            raise Refused(
                 "That message holds several images: press 🔎 under the one you want, or reply "
-                "to a single image. Nothing was queued.",
+                "to a single image. Nothing was queued."
             )
-            return
         index, attachment = found[0]
-        await queue_operation(
-            self.bot, message, record, index, attachment, operation, guild_id=message.guild.id
-        )
+        entry = await self.desk.entry(message, record.job, index)
+        ask = operation_ask(self.bot, record.job.request, index, attachment, operation)
+        await self.desk.admit(entry, ask)
 
 
 async def setup(bot: ImagineBot) -> None:

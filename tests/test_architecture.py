@@ -119,3 +119,93 @@ def test_only_bot_db_writes_sql():
         if name.startswith("bot.db"):
             continue
         assert "aiosqlite" not in {m.split(".")[0] for m in imports_at_run_time(path)}, name
+
+
+MAX_FUNCTION_LINES = 60
+MAX_PARAMETERS = 7  # self and cls not counted
+DOCSTRING_PAST_LINES = 20
+# The refusals a member's request can meet, answered by the one funnel (cogs/common.py).
+REFUSAL_NAMES = {
+    "Refused",
+    "InvalidRequest",
+    "AdmissionRefused",
+    "QuotaExceeded",
+    "TooManyQueued",
+    "CostOverCap",
+    "MemberBanned",
+    "PromptBlocked",
+    "ShuttingDown",
+    "ImageRejected",
+    "OperationRefused",
+    "DefaultsRefused",
+    "JobStillRunning",
+}
+# The funnel answers refusals; the desk may finish admitting a prompt's other jobs first.
+MAY_CATCH_REFUSALS = {"cogs.common", "cogs.admission"}
+QUEUE_INDEX_CHANGES = {"add", "remove", "load", "claimed"}
+QUEUE_INDEX_OWNERS = {"bot.service", "bot.executor", "bot.queue"}
+
+
+def functions() -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                found.append((f"{name}.{node.name}:{node.lineno}", node))
+    return found
+
+
+def is_slash_command(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """A slash command's callback takes one parameter per option Discord shows."""
+    return any("command" in ast.unparse(decorator) for decorator in node.decorator_list)
+
+
+def parameter_count(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    arguments = node.args
+    named = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
+    count = len(named) + bool(arguments.vararg) + bool(arguments.kwarg)
+    return count - bool(named and named[0].arg in ("self", "cls"))
+
+
+def test_functions_stay_short_and_narrow_and_the_long_ones_say_why():
+    problems = []
+    for where, node in functions():
+        size = node.end_lineno - node.lineno + 1
+        if size > MAX_FUNCTION_LINES:
+            problems.append(f"{where}: {size} lines")
+        if parameter_count(node) > MAX_PARAMETERS and not is_slash_command(node):
+            problems.append(f"{where}: {parameter_count(node)} parameters")
+        if size > DOCSTRING_PAST_LINES and ast.get_docstring(node) is None:
+            problems.append(f"{where}: {size} lines and no docstring")
+    assert problems == []
+
+
+def test_only_the_funnel_and_the_desk_catch_refusals():
+    catching = []
+    for name, path in modules().items():
+        if not name.startswith("cogs") or name in MAY_CATCH_REFUSALS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ExceptHandler) and node.type is not None:
+                caught = {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)}
+                caught |= {n.attr for n in ast.walk(node.type) if isinstance(n, ast.Attribute)}
+                if caught & REFUSAL_NAMES:
+                    catching.append(f"{name}:{node.lineno}")
+    assert catching == []
+
+
+def test_only_the_service_changes_the_queue_index():
+    changing = []
+    for name, path in modules().items():
+        if name in QUEUE_INDEX_OWNERS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in QUEUE_INDEX_CHANGES
+                and isinstance(node.func.value, ast.Attribute)
+                and node.func.value.attr in ("queue", "_queue")
+            ):
+                changing.append(f"{name}:{node.lineno}")
+    assert changing == []

@@ -6,6 +6,7 @@ from factories import Clock, make_request
 
 from bot.db import Store, admission, jobs, quotas
 from bot.db.schema import MIGRATIONS
+from bot.intake import AdmissionCaps, Intake
 from bot.quota import cost_text, units_phrase, units_text
 
 GUILD = 77
@@ -101,10 +102,8 @@ async def test_the_upgrade_keeps_every_members_standing_and_refunds_once(tmp_pat
     job = await store.write(
         admission.admit,
         make_request(count=2, steps=50),
-        member_id=1,
-        guild_id=GUILD,
-        channel_id=3,
-        max_queued=3,
+        Intake(1, GUILD, 3),
+        AdmissionCaps(max_queued=3),
     )
     assert job.request.cost == 4
     alice = await store.read(quotas.status, GUILD, 1, default_limit=0)

@@ -286,16 +286,16 @@ async def test_uploads_are_decoded_on_a_small_pool_of_their_own(
 ):
     import threading
 
-    import bot.service
+    import bot.uploads
 
     threads = []
-    decode = bot.service.decode_upload
+    decode = bot.uploads.decode_upload
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return decode(*args, **kwargs)
 
-    monkeypatch.setattr(bot.service, "decode_upload", recording)
+    monkeypatch.setattr(bot.uploads, "decode_upload", recording)
     handle = await slow_image_path(discord_world, imagine_bot, "slash with image")
     await handle.wait_original()
     assert threads and all(name.startswith("decode-upload") for name in threads), threads

@@ -429,3 +429,34 @@ async def test_a_moderator_of_another_server_cannot_cancel(discord_world, settin
             assert "cancelled" in (await ours.wait_response()).content
         finally:
             held_runner.release()
+
+
+async def test_a_refused_reply_is_answered_by_a_reply_that_pings_nobody(discord_world, imagine_bot):
+    w = discord_world
+    _, result = await result_of(imagine_bot, w.alice, prompt="a barn", seed=5)
+    mine = await w.fake.send_message(
+        w.bob, w.channel, "@everyone a barn --steps 9999", reply_to=result
+    )
+    answer = await w.fake.wait_for_message(lambda m: m.reference == mine.id)
+    assert "`steps`" in answer.content and "Nothing was queued" in answer.content
+    assert answer.mention_ids == [] and not answer.mention_everyone
+    assert len(job_rows(imagine_bot)) == 1  # only the first job
+
+
+async def test_a_reply_that_fails_on_our_side_still_gets_an_answer(
+    discord_world, imagine_bot, monkeypatch
+):
+    """A reply reaches the same funnel as a command: the member hears back, without the
+    traceback, where discord.py would only have logged it."""
+    w = discord_world
+    _, result = await result_of(imagine_bot, w.alice, prompt="a barn", seed=5)
+
+    async def broken(tx, message_id):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(jobs, "for_message", broken)
+    mine = await w.fake.send_message(w.alice, w.channel, "a red barn", reply_to=result)
+    answer = await w.fake.wait_for_message(lambda m: m.reference == mine.id)
+    assert "Something went wrong on our side" in answer.content
+    assert "disk on fire" not in answer.content and answer.mention_ids == []
+    assert len(job_rows(imagine_bot)) == 1

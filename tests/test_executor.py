@@ -13,6 +13,7 @@ from factories import make_request, pixels
 from bot.db import Store, admission, jobs, quotas, speeds
 from bot.eta import SpeedKey
 from bot.executor import Executor, ExecutorTuning, Outlets
+from bot.intake import Intake
 from bot.pipelines import PipelineOptions, PipelineRunner
 from bot.queue import QueueIndex
 from bot.requests import ImageSpec, InvalidRequest, RawOptions
@@ -41,7 +42,7 @@ async def service(settings, tiny_runner):
 async def submit(service, member, **options):
     options.setdefault("prompt", f"member {member}'s picture")
     request = service.validate(RawOptions(**options))
-    return await service.submit(request, member_id=member, guild_id=1, channel_id=2)
+    return await service.submit(request, Intake(member, 1, 2))
 
 
 async def test_compatible_jobs_share_a_batch_and_keep_their_seeds(service, tiny_runner):
@@ -228,9 +229,7 @@ async def test_out_of_memory_splits_the_batch_and_lowers_then_raises_the_cap(fau
     for round_ in range(4):
         for m in range(2):  # admitted straight into the store, then one wake-up: one batch
             request = service.validate(RawOptions(prompt="again", seed=100 + round_ * 2 + m))
-            await service.store.write(
-                admission.admit, request, member_id=m, guild_id=1, channel_id=2
-            )
+            await service.store.write(admission.admit, request, Intake(m, 1, 2))
         service.executor.wake()
         await asyncio.wait_for(service.executor.wait_idle(), 60)
     assert runner.calls == [2, 2, 2, 2]
@@ -253,9 +252,7 @@ async def test_calls_stay_within_what_the_memory_probe_says_fits(faulty):
     for round_ in range(12):
         for m in range(4):
             request = service.validate(RawOptions(prompt="again", seed=100 + round_ * 4 + m))
-            await service.store.write(
-                admission.admit, request, member_id=m, guild_id=1, channel_id=2
-            )
+            await service.store.write(admission.admit, request, Intake(m, 1, 2))
         service.executor.wake()
         await asyncio.wait_for(service.executor.wait_idle(), 60)
     assert max(runner.calls[5:]) == 3 and service.executor.caps.cap(key) == 3
@@ -446,7 +443,7 @@ async def run_on_workers(store, runners, members):
     runner; returns the executor, stopped, and what it delivered."""
     for member in range(members):
         request = replace(LIGHTHOUSE, seed=member)
-        await store.write(admission.admit, request, member_id=member, guild_id=1, channel_id=2)
+        await store.write(admission.admit, request, Intake(member, 1, 2))
     collected = Collector()
     executor = Executor(
         store,

@@ -8,6 +8,7 @@ import asyncio
 from factories import make_request
 
 from bot.db import Store, Tx, jobs
+from bot.intake import Intake
 from bot.service import ImagineService
 
 BACKLOG = 10_000
@@ -23,7 +24,7 @@ async def queue_directly(store: Store, count: int) -> None:
     async def insert_all(tx: Tx) -> None:
         for i in range(count):
             request = small(prompt=f"backlog {i}", seed=i)
-            await jobs.insert(tx, request, jobs.JobSource(i, 1, 1))
+            await jobs.insert(tx, request, Intake(i, 1, 1))
 
     await store.write(insert_all)
 
@@ -53,10 +54,10 @@ async def test_admission_and_cancel_keep_the_index_in_step(settings, held_runner
     held_runner.hold()
     await service.start()
     try:
-        first = await service.submit(small(), member_id=1)
+        first = await service.submit(small(), Intake(1))
         await held_runner.wait_calls(1)
-        second = await service.submit(small(), member_id=2)
-        third = await service.submit(small(), member_id=3)
+        second = await service.submit(small(), Intake(2))
+        third = await service.submit(small(), Intake(3))
         assert first.job.id not in service.queue  # claimed
         assert (second.position, third.position) == (1, 2)
         assert await service.cancel(second.job.id) is jobs.CancelOutcome.CANCELLED
@@ -85,10 +86,10 @@ async def test_jobs_the_index_never_heard_of_are_found_and_run(settings, held_ru
         # Now the other way: the index holds a job the store has cancelled.
         held_runner.hold()
         calls = len(held_runner.calls)
-        kept = await service.submit(small(), member_id=1)
+        kept = await service.submit(small(), Intake(1))
         await held_runner.wait_calls(calls + 1)
-        stale = await service.submit(small(), member_id=2)
-        fresh = await service.submit(small(width=96, height=96), member_id=3)
+        stale = await service.submit(small(), Intake(2))
+        fresh = await service.submit(small(width=96, height=96), Intake(3))
         await store.write(jobs.request_cancel, stale.job.id)  # behind the index's back
         held_runner.release()
         await asyncio.wait_for(service.executor.wait_idle(), 30)

@@ -9,6 +9,7 @@ import pytest
 from factories import Clock, make_request
 
 from bot.db import Store, admission, jobs, members, moderation, quotas
+from bot.intake import AdmissionCaps, Intake
 from bot.quota import (
     CostOverCap,
     MemberBanned,
@@ -35,16 +36,11 @@ async def store(tmp_path, clock):
     await store.close()
 
 
-async def admit(store, member=1, count=1, limit=5, prompt=None, request=None, **kwargs):
+async def admit(store, member=1, count=1, limit=5, prompt=None, request=None, exempt=False, **caps):
     request = replace(request or REQUEST, count=count, prompt=prompt or REQUEST.prompt)
+    intake = Intake(member, GUILD, 3, exempt=exempt)
     return await store.write(
-        admission.admit,
-        request,
-        member_id=member,
-        guild_id=GUILD,
-        channel_id=3,
-        default_limit=limit,
-        **kwargs,
+        admission.admit, request, intake, AdmissionCaps(daily_quota=limit, **caps)
     )
 
 

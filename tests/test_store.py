@@ -8,6 +8,7 @@ from factories import Clock, make_request
 
 from bot.db import Store, admission, jobs, quotas
 from bot.db.schema import MIGRATIONS
+from bot.intake import Intake
 
 REQUEST = make_request(
     prompt="a panda", negative_prompt="blur", seed=42, scheduler="Euler a", count=2
@@ -34,9 +35,7 @@ async def test_schema_is_migrated_with_wal_and_foreign_keys(tmp_path):
 
 
 async def test_admitted_job_keeps_every_parameter(store):
-    job = await store.write(
-        admission.admit, REQUEST, member_id=7, guild_id=8, channel_id=9, interaction_id=10
-    )
+    job = await store.write(admission.admit, REQUEST, Intake(7, 8, 9, 10))
     record = await store.read(jobs.get, job.id)
     assert record.job.request == REQUEST
     assert (record.job.member_id, record.job.guild_id, record.job.channel_id) == (7, 8, 9)
@@ -45,9 +44,9 @@ async def test_admitted_job_keeps_every_parameter(store):
 
 async def test_claim_marks_the_chosen_jobs_running_and_rechecks_each(store):
     other = replace(REQUEST, width=256, count=1)
-    first = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
-    odd = await store.write(admission.admit, other, member_id=2, guild_id=1, channel_id=1)
-    third = await store.write(admission.admit, REQUEST, member_id=3, guild_id=1, channel_id=1)
+    first = await store.write(admission.admit, REQUEST, Intake(1, 1, 1))
+    odd = await store.write(admission.admit, other, Intake(2, 1, 1))
+    third = await store.write(admission.admit, REQUEST, Intake(3, 1, 1))
     assert [j.id for j in await store.read(jobs.pending)] == [first.id, odd.id, third.id]
 
     batch_id, claimed = await store.write(jobs.claim_batch, [third.id, first.id])
@@ -73,18 +72,15 @@ async def test_claim_marks_the_chosen_jobs_running_and_rechecks_each(store):
 
 
 async def test_interrupted_jobs_are_queued_again_in_order(store):
-    a = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
-    b = await store.write(admission.admit, REQUEST, member_id=2, guild_id=1, channel_id=1)
+    a = await store.write(admission.admit, REQUEST, Intake(1, 1, 1))
+    b = await store.write(admission.admit, REQUEST, Intake(2, 1, 1))
     await store.write(jobs.claim_batch, [a.id])
     assert await store.write(jobs.recover_interrupted, max_attempts=3) == (1, [])
     assert [j.id for j in await store.read(jobs.pending)] == [a.id, b.id]
 
 
 async def test_concurrent_claims_never_hand_out_a_job_twice(store):
-    queued = [
-        (await store.write(admission.admit, REQUEST, member_id=m, guild_id=1, channel_id=1)).id
-        for m in range(10)
-    ]
+    queued = [(await store.write(admission.admit, REQUEST, Intake(m, 1, 1))).id for m in range(10)]
     claims = await asyncio.gather(
         *(store.write(jobs.claim_batch, queued[i : i + 4]) for i in range(0, 10, 2))
     )
@@ -97,17 +93,13 @@ async def test_a_transaction_cancelled_anywhere_leaves_the_store_whole(store, tm
     COMMIT. Each cancelled admission is all there or not there at all, and the next
     transaction starts cleanly."""
     for pauses in range(40):
-        task = asyncio.create_task(
-            store.write(admission.admit, REQUEST, member_id=pauses, guild_id=1, channel_id=1)
-        )
+        task = asyncio.create_task(store.write(admission.admit, REQUEST, Intake(pauses, 1, 1)))
         for _ in range(pauses):
             await asyncio.sleep(0)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await store.write(
-            admission.admit, REQUEST, member_id=1000 + pauses, guild_id=1, channel_id=1
-        )
+        await store.write(admission.admit, REQUEST, Intake(1000 + pauses, 1, 1))
     with sqlite3.connect(tmp_path / "db" / "bot.sqlite3") as raw:
         rows = raw.execute("SELECT id FROM jobs ORDER BY id").fetchall()
         charged = raw.execute("SELECT job_id FROM ledger ORDER BY job_id").fetchall()
@@ -115,7 +107,7 @@ async def test_a_transaction_cancelled_anywhere_leaves_the_store_whole(store, tm
 
 
 async def test_status_check_constraint_rejects_unknown_states(store, tmp_path):
-    await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
+    await store.write(admission.admit, REQUEST, Intake(1, 1, 1))
     with (
         sqlite3.connect(tmp_path / "db" / "bot.sqlite3") as raw,
         pytest.raises(sqlite3.IntegrityError),
@@ -124,7 +116,7 @@ async def test_status_check_constraint_rejects_unknown_states(store, tmp_path):
 
 
 async def test_jobs_claimed_three_times_fail_with_a_refund_at_start_up(store):
-    job = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
+    job = await store.write(admission.admit, REQUEST, Intake(1, 1, 1))
     for attempt in range(1, 4):
         assert (await store.write(jobs.claim_batch, [job.id]))[1][0].attempts == attempt
         requeued, failed = await store.write(jobs.recover_interrupted, max_attempts=3)
@@ -137,7 +129,7 @@ async def test_jobs_claimed_three_times_fail_with_a_refund_at_start_up(store):
 
 
 async def test_jobs_returned_by_a_shutdown_keep_their_attempts(store):
-    job = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
+    job = await store.write(admission.admit, REQUEST, Intake(1, 1, 1))
     await store.write(jobs.claim_batch, [job.id])
     await store.write(jobs.return_to_queue, [job.id])
     record = await store.read(jobs.get, job.id)
@@ -145,8 +137,8 @@ async def test_jobs_returned_by_a_shutdown_keep_their_attempts(store):
 
 
 async def test_a_job_delivered_just_before_a_crash_is_not_run_again(store):
-    delivered = await store.write(admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1)
-    blocked = await store.write(admission.admit, REQUEST, member_id=2, guild_id=1, channel_id=1)
+    delivered = await store.write(admission.admit, REQUEST, Intake(1, 1, 1))
+    blocked = await store.write(admission.admit, REQUEST, Intake(2, 1, 1))
     await store.write(jobs.claim_batch, [delivered.id, blocked.id])
     await store.write(jobs.record_delivery, delivered.id, 5, 6, withheld=0)
     await store.write(jobs.record_delivery, blocked.id, 5, 7, withheld=2)  # all withheld: refund
@@ -157,8 +149,6 @@ async def test_a_job_delivered_just_before_a_crash_is_not_run_again(store):
 
 
 async def test_a_jobs_fair_share_weight_outlives_a_restart(store):
-    job = await store.write(
-        admission.admit, REQUEST, member_id=1, guild_id=1, channel_id=1, weight=2.5
-    )
+    job = await store.write(admission.admit, REQUEST, Intake(1, 1, 1, weight=2.5))
     assert job.weight == 2.5
     assert [j.weight for j in await store.read(jobs.pending)] == [2.5]

@@ -13,6 +13,7 @@ from enum import Enum
 
 from bot.db import quotas
 from bot.db.connection import Tx
+from bot.intake import Intake
 from bot.requests import GenerationRequest, Job, JobStatus
 
 JOB_COLUMNS = (
@@ -51,6 +52,7 @@ class JobRecord:
 
 
 def job_from_row(row: sqlite3.Row) -> Job:
+    """A job as its row stores it, request and all."""
     request = GenerationRequest(
         prompt=row["prompt"],
         negative_prompt=row["negative_prompt"],
@@ -172,22 +174,11 @@ async def cancel_requested(tx: Tx, job_ids: list[int]) -> set[int]:
 # --- the lifecycle -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class JobSource:
-    """Who asked for a job, where to answer, and the image it varies, if any."""
-
-    member_id: int
-    guild_id: int | None
-    channel_id: int | None
-    interaction_id: int | None = None
-    parent: tuple[int, int] | None = None
-    weight: float = 1.0  # fair-share weight from the member's roles
-
-
 async def insert(
-    tx: Tx, request: GenerationRequest, source: JobSource, init_png: bytes | None = None
+    tx: Tx, request: GenerationRequest, source: Intake, init_png: bytes | None = None
 ) -> Job:
-    """Write a queued job (and its init image, so it can run again after a restart)."""
+    """Write a queued job from `source` (and its init image, so it can run again after a
+    restart)."""
     if init_png is not None:
         await tx.run(
             "INSERT OR IGNORE INTO init_images (hash, png, stored_at) VALUES (?, ?, ?)",

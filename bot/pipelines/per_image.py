@@ -26,7 +26,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from bot.canvas import paste_back, repaint_mask
+from bot.operations import paste_back, repaint_mask
 from bot.requests import BatchKey, ImageSpec
 
 

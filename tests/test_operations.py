@@ -1,4 +1,4 @@
-"""Upscale, Zoom Out and Pan as geometry and pixels (bot/canvas.py), and mode "inpaint" in the
+"""Upscale, Zoom Out and Pan as geometry and pixels (bot/operations.py), and mode "inpaint" in the
 runner on the tiny models: the kept pixels come back exactly, a seed gives the same pixels
 alone or batched, and large results go through the tiled VAE."""
 
@@ -9,7 +9,7 @@ import pytest
 from factories import make_request
 from test_images import encode, noise
 
-from bot import canvas
+from bot import operations
 from bot.images import ImageRejected, decode_upload
 from bot.models import Catalog, LoraEntry, ModelEntry
 from bot.requests import BatchKey, ImageSpec
@@ -31,7 +31,7 @@ RULES = {"max_side": 1024, "pan_step": 256}
     ],
 )
 def test_each_operation_makes_its_size_and_keeps_the_parent_where_it_was(operation, size, box):
-    chosen = canvas.plan(operation, 256, 192, **RULES)
+    chosen = operations.plan(operation, 256, 192, **RULES)
     assert (chosen.width, chosen.height) == size and chosen.keep_box == box
     assert chosen.mode == ("image" if box is None else "inpaint")
 
@@ -40,9 +40,9 @@ def test_each_operation_makes_its_size_and_keeps_the_parent_where_it_was(operati
 def test_zoom_sizes_are_multiples_of_8_with_the_parent_centred(side):
     for operation in ("zoom-1.5", "zoom-2"):
         try:
-            chosen = canvas.plan(operation, side, 64, max_side=2048, pan_step=256)
-        except canvas.CanvasRefused:
-            assert side * canvas.ZOOMS[operation] > 2048
+            chosen = operations.plan(operation, side, 64, max_side=2048, pan_step=256)
+        except operations.OperationRefused:
+            assert side * operations.ZOOMS[operation] > 2048
             continue
         assert chosen.width % 8 == 0 and chosen.height % 8 == 0
         left, top, right, bottom = chosen.keep_box
@@ -51,19 +51,24 @@ def test_zoom_sizes_are_multiples_of_8_with_the_parent_centred(side):
 
 
 def test_an_operation_past_max_size_is_refused_not_capped():
-    with pytest.raises(canvas.CanvasRefused, match="1024 pixels a side"):
-        canvas.plan("upscale-subtle", 768, 512, **RULES)
-    assert canvas.available(768, 512, **RULES) == ["pan-left", "pan-right", "pan-up", "pan-down"]
-    assert canvas.available(512, 512, **RULES) == list(canvas.OPERATIONS)
-    assert canvas.available(1024, 1024, **RULES) == []
-    assert "zoom-2" not in canvas.available(640, 320, **RULES)
+    with pytest.raises(operations.OperationRefused, match="1024 pixels a side"):
+        operations.plan("upscale-subtle", 768, 512, **RULES)
+    assert operations.available(768, 512, **RULES) == [
+        "pan-left",
+        "pan-right",
+        "pan-up",
+        "pan-down",
+    ]
+    assert operations.available(512, 512, **RULES) == list(operations.OPERATIONS)
+    assert operations.available(1024, 1024, **RULES) == []
+    assert "zoom-2" not in operations.available(640, 320, **RULES)
 
 
 def test_masks_feather_only_the_seams_that_meet_new_area():
-    chosen = canvas.plan("pan-right", 64, 64, max_side=1024, pan_step=64)
+    chosen = operations.plan("pan-right", 64, 64, max_side=1024, pan_step=64)
     size = (chosen.width, chosen.height)
-    repaint = np.asarray(canvas.repaint_mask(size, chosen.keep_box))
-    blend = np.asarray(canvas.blend_mask(size, chosen.keep_box))
+    repaint = np.asarray(operations.repaint_mask(size, chosen.keep_box))
+    blend = np.asarray(operations.blend_mask(size, chosen.keep_box))
     # The parent sits on the left; only its right side meets the new strip.
     assert (repaint[:, 64:] == 255).all() and (repaint[:, 64 - 16 : 64] == 255).all()
     assert (repaint[:, : 64 - 16] == 0).all()
@@ -73,18 +78,18 @@ def test_masks_feather_only_the_seams_that_meet_new_area():
 
 
 def test_zoom_masks_feather_all_four_sides():
-    chosen = canvas.plan("zoom-2", 64, 64, **RULES)
-    repaint = np.asarray(canvas.repaint_mask((128, 128), chosen.keep_box))
+    chosen = operations.plan("zoom-2", 64, 64, **RULES)
+    repaint = np.asarray(operations.repaint_mask((128, 128), chosen.keep_box))
     assert (repaint[32 + 16 : 96 - 16, 32 + 16 : 96 - 16] == 0).all()
     assert repaint.sum() // 255 == 128 * 128 - 32 * 32
 
 
 def test_paste_back_keeps_the_parent_exactly_past_the_feather():
     parent = noise(64, 64, seed=1)
-    chosen = canvas.plan("zoom-2", 64, 64, **RULES)
-    start = canvas.init_image(parent, chosen)
+    chosen = operations.plan("zoom-2", 64, 64, **RULES)
+    start = operations.init_image(parent, chosen)
     painted = noise(128, 128, seed=2)
-    result = np.asarray(canvas.paste_back(painted, start, chosen.keep_box)).astype(int)
+    result = np.asarray(operations.paste_back(painted, start, chosen.keep_box)).astype(int)
     inner = result[32 + 16 : 96 - 16, 32 + 16 : 96 - 16]
     assert (inner == np.asarray(parent)[16:-16, 16:-16]).all()
     assert (result[:32] == np.asarray(painted)[:32]).all()
@@ -95,19 +100,19 @@ def test_paste_back_keeps_the_parent_exactly_past_the_feather():
 
 def test_the_new_area_starts_from_the_parents_edges_not_black():
     parent = noise(64, 64, seed=3).point(lambda v: 100 + v // 4)  # a mid-grey picture
-    start = np.asarray(canvas.init_image(parent, canvas.plan("zoom-2", 64, 64, **RULES)))
+    start = np.asarray(operations.init_image(parent, operations.plan("zoom-2", 64, 64, **RULES)))
     assert start[:32].mean() > 90 and start[:, :32].min() > 50
-    upscaled = canvas.init_image(parent, canvas.plan("upscale-subtle", 64, 64, **RULES))
+    upscaled = operations.init_image(parent, operations.plan("upscale-subtle", 64, 64, **RULES))
     assert upscaled.size == (128, 128)
 
 
 def test_the_start_picture_is_decoded_as_safely_as_an_upload():
-    chosen = canvas.plan("upscale-subtle", 64, 64, **RULES)
+    chosen = operations.plan("upscale-subtle", 64, 64, **RULES)
     limits = {"max_bytes": 10**6, "max_pixels": 10**6}
-    png = canvas.start_picture(encode(noise(96, 96), "PNG"), (64, 64), chosen, **limits)
+    png = operations.start_picture(encode(noise(96, 96), "PNG"), (64, 64), chosen, **limits)
     assert decode_upload(png, **limits).size == (128, 128)  # brought back to 64² first
     with pytest.raises(ImageRejected):
-        canvas.start_picture(b"not an image" * 10, (64, 64), chosen, **limits)
+        operations.start_picture(b"not an image" * 10, (64, 64), chosen, **limits)
 
 
 def catalog_with_inpaint():
@@ -137,8 +142,8 @@ def test_an_operation_request_keeps_the_parent_and_costs_what_it_denoises():
         loras=(("base-only", 0.5), ("both", 1.0)),
     )
     catalog = catalog_with_inpaint()
-    upscale = canvas.plan("upscale-subtle", 256, 256, **RULES)
-    made = canvas.operation_request(checked, upscale, catalog)
+    upscale = operations.plan("upscale-subtle", 256, 256, **RULES)
+    made = operations.operation_request(checked, upscale, catalog)
     assert (made.mode, made.strength, made.operation, made.model) == (
         "image",
         0.3,
@@ -146,17 +151,17 @@ def test_an_operation_request_keeps_the_parent_and_costs_what_it_denoises():
         "base",
     )
     assert made.cost == 6 * 512 * 512 / (512 * 512 * 25)  # int(20 × 0.3) steps denoised
-    zoom = canvas.plan("zoom-2", 256, 256, **RULES)
-    painted = canvas.operation_request(replace(checked, strength=1.0), zoom, catalog)
+    zoom = operations.plan("zoom-2", 256, 256, **RULES)
+    painted = operations.operation_request(replace(checked, strength=1.0), zoom, catalog)
     assert (painted.mode, painted.strength, painted.keep_box) == ("inpaint", None, zoom.keep_box)
     assert painted.model == "painter" and painted.loras == (("both", 1.0),)
     assert painted.cost == 20 * 512 * 512 / (512 * 512 * 25)  # every step, the whole canvas
     assert painted.batch_key.mode == "inpaint" and painted.batch_key.image_steps is None
-    own = canvas.operation_request(replace(checked, model="plain"), zoom, catalog)
+    own = operations.operation_request(replace(checked, model="plain"), zoom, catalog)
     assert own.model == "plain" and own.loras == checked.loras  # inpainting mode of itself
-    assert canvas.drawing_model(painted, catalog) == "base"  # what a Vary of it draws with
-    assert canvas.drawing_model(own, catalog) == "plain"
-    assert canvas.drawing_model(made, catalog) == "base"
+    assert operations.drawing_model(painted, catalog) == "base"  # what a Vary of it draws with
+    assert operations.drawing_model(own, catalog) == "plain"
+    assert operations.drawing_model(made, catalog) == "base"
 
 
 # ---- the runner ---------------------------------------------------------------------------
@@ -168,8 +173,8 @@ def runner(tiny_runner):
 
 
 def zoom_specs(parent, seeds, guidance=7.5):
-    chosen = canvas.plan("zoom-2", *parent.size, **RULES)
-    start = canvas.init_image(parent, chosen)
+    chosen = operations.plan("zoom-2", *parent.size, **RULES)
+    start = operations.init_image(parent, chosen)
     key = BatchKey("", "inpaint", chosen.width, chosen.height, 3, "Euler a", cfg=True)
     specs = [
         ImageSpec("a lake", "", seed, guidance, init_image=start, keep_box=chosen.keep_box)

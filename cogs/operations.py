@@ -1,6 +1,6 @@
 """The buttons under a result: Upscale ×2, Zoom Out and Pan (`OperationButton`), the 🔎
-button that opens one image of several with all of them (`ToolsButton`), the admission of
-those jobs (`queue_operation`, shared with the reply flags), and the layout of every button
+button that opens one image of several with all of them (`OpenImageButton`), the admission of
+those jobs (`operation_ask`, shared with the reply flags), and the layout of every button
 under a result (`result_view`)."""
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import discord
 
-from bot import canvas
-from bot.db import jobs
+from bot import operations
 from bot.requests import GenerationRequest
-from bot.service import DECODE_POOL, PreparedImage
 from bot.settings import Settings
+from bot.uploads import DECODE_POOL, PreparedImage
 from cogs.buttons import (
     ANY_VALUE,
     Persistent,
@@ -26,42 +25,35 @@ from cogs.buttons import (
     VaryButton,
     parent_image,
     persistent_view,
-    rules_of,
 )
-from cogs.common import refuse
+from cogs.common import Refused
+from cogs.entry import Ask
 from cogs.sources import raw_from_request
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 
-async def queue_operation(
+def operation_ask(
     bot: ImagineBot,
-    origin: discord.Interaction[ImagineBot] | discord.Message,
-    record: jobs.JobRecord,
+    request: GenerationRequest,
     index: int,
-    attachment: discord.Attachment,
+    image: discord.Attachment,
     operation: str,
-    *,
-    guild_id: int | None,
-) -> None:
-    """Admit Upscale ×2, Zoom Out or Pan of image `index` of `record`'s job, from its delivered
-    file `attachment`: the parent's model, prompts, LoRAs and seed, through the same desk as
-    every request (bans, blocklist, quota by cost, the status message)."""
-    settings, request = bot.settings, record.job.request
-    try:
-        chosen = canvas.plan(
-            operation,
-            request.width,
-            request.height,
-            max_side=settings.limits.max_side,
-            pan_step=settings.pan_step,
-        )
-    except canvas.CanvasRefused as problem:
-        await refuse(origin, f"{problem} Nothing was queued.")
-        return
+) -> Ask:
+    """Upscale ×2, Zoom Out or Pan of image `index` of `request`, from its delivered file
+    `image`: the parent's model, prompts, LoRAs and seed, on the start picture the operation
+    makes (bot/operations.py). OperationRefused when the result would pass MAX_SIZE."""
+    settings = bot.settings
+    chosen = operations.plan(
+        operation,
+        request.width,
+        request.height,
+        max_side=settings.limits.max_side,
+        pan_step=settings.pan_step,
+    )
     start = partial(
-        canvas.start_picture,
+        operations.start_picture,
         parent_size=(request.width, request.height),
         chosen=chosen,
         max_bytes=settings.max_upload_bytes,
@@ -72,26 +64,15 @@ async def queue_operation(
         png = await asyncio.get_running_loop().run_in_executor(DECODE_POOL, start, data)
         return PreparedImage(png, hashlib.sha256(png).hexdigest(), chosen.width, chosen.height)
 
-    desk = bot.desk
-    image = await desk.read_image(
-        origin, attachment, guild_id=guild_id, prompt=request.prompt, prepare=prepare
-    )
-    if image is None:
-        return
-    raw = raw_from_request(request, bot.service.catalog)
-    raw.seed, raw.count = request.seeds[index], 1
-    raw.strength = operation_strength(operation, settings)
-    checked = await desk.checked(origin, raw, image)
-    if checked is None:
-        return
-    new = canvas.operation_request(checked[0], chosen, bot.service.catalog)
-    await desk.admit(
-        origin,
-        new,
-        private=checked[1],
-        parent=(record.job.id, index),
-        init_image=image,
-        guild_id=guild_id,
+    catalog = bot.service.catalog
+    options = raw_from_request(request, catalog)
+    options.seed, options.count = request.seeds[index], 1
+    return Ask(
+        options,
+        image=image,
+        prepare=prepare,
+        strength=operation_strength(operation, settings),
+        derive=partial(operations.operation_request, chosen=chosen, catalog=catalog),
     )
 
 
@@ -124,9 +105,9 @@ class OperationButton(
     template=rf"op:(?P<job_id>{ANY_VALUE}):(?P<index>{ANY_VALUE}):(?P<operation>{ANY_VALUE})",
 ):
     """Upscale ×2, Zoom Out or Pan one image of a result, from the image attached to the
-    message (bot/canvas.py says what each makes)."""
+    message (bot/operations.py says what each makes)."""
 
-    WORDS: ClassVar[dict[str, tuple[str, ...]]] = {"operation": canvas.OPERATIONS}
+    WORDS: ClassVar[dict[str, tuple[str, ...]]] = {"operation": operations.OPERATIONS}
 
     def __init__(self, job_id: int, index: int, operation: str) -> None:
         label, emoji = OPERATION_LOOKS[operation]
@@ -142,23 +123,14 @@ class OperationButton(
         self.job_id, self.index, self.operation = job_id, index, operation
 
     async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
-        found = await parent_image(interaction, self.job_id, self.index)
-        if found is None:
-            return
-        record, attachment = found
-        guild_id = rules_of(record, interaction)
-        await queue_operation(
-            interaction.client,
-            interaction,
-            record,
-            self.index,
-            attachment,
-            self.operation,
-            guild_id=guild_id,
-        )
+        bot = interaction.client
+        record, attachment = await parent_image(interaction, self.job_id, self.index)
+        entry = await bot.desk.entry(interaction, record.job, self.index)
+        ask = operation_ask(bot, record.job.request, self.index, attachment, self.operation)
+        await bot.desk.admit(entry, ask)
 
 
-class ToolsButton(
+class OpenImageButton(
     Persistent,
     discord.ui.DynamicItem[discord.ui.Button],
     template=rf"tools:(?P<job_id>{ANY_VALUE}):(?P<index>{ANY_VALUE})",
@@ -179,20 +151,16 @@ class ToolsButton(
         self.job_id, self.index = job_id, index
 
     async def run(self, interaction: discord.Interaction[ImagineBot]) -> None:
-        found = await parent_image(interaction, self.job_id, self.index)
-        if found is None:
-            return
-        record, attachment = found
+        record, attachment = await parent_image(interaction, self.job_id, self.index)
         if attachment.size > interaction.client.settings.max_upload_bytes:
-            await refuse(interaction, "That image is too large to open again.")
-            return
+            raise Refused("That image is too large to open again.")
         await interaction.response.defer(ephemeral=True, thinking=True)
         data = await attachment.read()
-        operations = operations_for(record.job.request, interaction.client.settings)
+        offered = operations_for(record.job.request, interaction.client.settings)
         await interaction.followup.send(
             f"Image #{self.index + 1} of job #{self.job_id}:",
             file=discord.File(io.BytesIO(data), attachment.filename),
-            view=tools_view(self.job_id, self.index, operations),
+            view=single_image_view(self.job_id, self.index, offered),
             ephemeral=True,
         )
 
@@ -201,14 +169,14 @@ def operations_for(request: GenerationRequest, settings: Settings) -> tuple[str,
     """The operations an image of `request` may take: those that stay within MAX_SIZE."""
     limits = settings.limits
     return tuple(
-        canvas.available(
+        operations.available(
             request.width, request.height, max_side=limits.max_side, pan_step=settings.pan_step
         )
     )
 
 
-def tools_view(
-    job_id: int, index: int, operations: Sequence[str], *, reroll: bool = False
+def single_image_view(
+    job_id: int, index: int, offered: Sequence[str], *, reroll: bool = False
 ) -> discord.ui.View:
     """Every button of a single image: Vary (Subtle, Strong) on row 0, Upscale ×2 on row 1,
     Zoom Out on row 2, Pan on row 3 (each only where the result stays within MAX_SIZE) and
@@ -216,39 +184,39 @@ def tools_view(
     varies = [VaryButton(job_id, index, kind) for kind in ("subtle", "strong")]
     for button in varies:
         button.row = 0
-    tools = [OperationButton(job_id, index, operation) for operation in operations]
+    tools = [OperationButton(job_id, index, operation) for operation in offered]
     return persistent_view(*varies, *tools, *([RerollButton(job_id)] if reroll else []))
 
 
 def result_view(
-    job_id: int, indexes: list[int], *, reroll: bool = True, operations: Sequence[str] = ()
+    job_id: int, indexes: list[int], *, reroll: bool = True, offered: Sequence[str] = ()
 ) -> discord.ui.View | None:
     """The buttons under a message of a result (one Reroll per result, on its first message).
 
     Discord allows five rows of five buttons, and an image has ten (Vary ×2, Upscale ×2,
-    Zoom Out ×2, Pan ×4), so only a message with one image shows them all (`tools_view`).
+    Zoom Out ×2, Pan ×4), so only a message with one image shows them all (`single_image_view`).
     A message with several shows, per image, its Vary pair and a 🔎 button that answers
-    privately with that image alone under all ten (`ToolsButton`: one more click, like
+    privately with that image alone under all ten (`OpenImageButton`: one more click, like
     Midjourney's U buttons): up to four images a row each; from five on only the 🔎 buttons,
-    five a row, since the opened image carries its Vary buttons too. `operations` are those
+    five a row, since the opened image carries its Vary buttons too. `offered` are the operations
     the images' size allows (`operations_for`)."""
     if not indexes:
         return None
     reroll_button = [RerollButton(job_id)] if reroll else []
     if len(indexes) == 1:
-        return tools_view(job_id, indexes[0], operations, reroll=reroll)
+        return single_image_view(job_id, indexes[0], offered, reroll=reroll)
     if len(indexes) <= 4:
         per_image: list[discord.ui.Item] = []
         for row, index in enumerate(indexes):
             buttons = [VaryButton(job_id, index, kind) for kind in ("subtle", "strong")]
-            for button in [*buttons, ToolsButton(job_id, index)]:
+            for button in [*buttons, OpenImageButton(job_id, index)]:
                 button.row = row
                 per_image.append(button)
         return persistent_view(*per_image, *reroll_button)
-    opens = [ToolsButton(job_id, index) for index in indexes]
+    opens = [OpenImageButton(job_id, index) for index in indexes]
     for number, button in enumerate(opens):
         button.row = number // 5
     return persistent_view(*opens, *reroll_button)
 
 
-RESULT_BUTTONS = (OperationButton, ToolsButton)
+RESULT_BUTTONS = (OperationButton, OpenImageButton)

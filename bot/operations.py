@@ -31,12 +31,12 @@ FEATHER = 16
 SIZE_STEP = 8
 
 
-class CanvasRefused(ValueError):
+class OperationRefused(ValueError):
     """The operation would make an image larger than allowed; the message says so."""
 
 
 @dataclass(frozen=True)
-class CanvasPlan:
+class OperationPlan:
     """What an operation makes of a `parent` size: the new size, and for Zoom Out and Pan
     (mode "inpaint") the box where the parent's pixels stay."""
 
@@ -54,7 +54,7 @@ def _multiple_of_8(value: float) -> int:
     return max(SIZE_STEP, round(value / SIZE_STEP) * SIZE_STEP)
 
 
-def plan(operation: str, width: int, height: int, *, max_side: int, pan_step: int) -> CanvasPlan:
+def plan(operation: str, width: int, height: int, *, max_side: int, pan_step: int) -> OperationPlan:
     """The size (and kept box) `operation` makes of a `width`×`height` parent. A result over
     `max_side` is refused rather than capped: "Zoom Out ×2" that zooms ×1.3 would mislead."""
     if operation in UPSCALES:
@@ -74,11 +74,11 @@ def plan(operation: str, width: int, height: int, *, max_side: int, pan_step: in
     else:
         raise ValueError(f"unknown operation {operation!r}; expected one of: {OPERATIONS}")
     if max(new_width, new_height) > max_side:
-        raise CanvasRefused(
+        raise OperationRefused(
             f"{label(operation)} would make a {new_width}×{new_height} image; this server's "
             f"limit is {max_side} pixels a side."
         )
-    return CanvasPlan(operation, new_width, new_height, box)
+    return OperationPlan(operation, new_width, new_height, box)
 
 
 def available(width: int, height: int, *, max_side: int, pan_step: int) -> list[str]:
@@ -87,7 +87,7 @@ def available(width: int, height: int, *, max_side: int, pan_step: int) -> list[
     for operation in OPERATIONS:
         try:
             plan(operation, width, height, max_side=max_side, pan_step=pan_step)
-        except CanvasRefused:
+        except OperationRefused:
             continue
         found.append(operation)
     return found
@@ -102,7 +102,7 @@ def label(operation: str) -> str:
     return f"Pan {PANS[operation]}" if operation in PANS else operation
 
 
-def init_image(parent: Image.Image, chosen: CanvasPlan) -> Image.Image:
+def init_image(parent: Image.Image, chosen: OperationPlan) -> Image.Image:
     """The picture the new job starts from: the parent resized ×2 (Upscale), or the parent on
     the larger canvas with the new area filled from its edges, smeared and blurred, so the
     fill already carries the nearby colours instead of black."""
@@ -161,7 +161,7 @@ def paste_back(
 def start_picture(
     data: bytes,
     parent_size: tuple[int, int],
-    chosen: CanvasPlan,
+    chosen: OperationPlan,
     *,
     max_bytes: int,
     max_pixels: int,
@@ -187,7 +187,7 @@ def drawing_model(request: GenerationRequest, catalog: Catalog) -> str:
 
 
 def operation_request(
-    checked: GenerationRequest, chosen: CanvasPlan, catalog: Catalog
+    checked: GenerationRequest, chosen: OperationPlan, catalog: Catalog
 ) -> GenerationRequest:
     """The job an operation admits, from `checked` (the parent's options validated with the
     start picture as init image). Upscale stays image-to-image on the parent's model. Zoom Out
