@@ -14,6 +14,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from bot.prompts import parse_weights
+from bot.requests import GenerationRequest, InvalidRequest
+
 _WORD = re.compile(r"[^\W_]+")
 # Letters read as the Latin letter they look like, before case-folding, so that capitals map as
 # they look (Greek `Ν` is N, its small `ν` is v).
@@ -67,3 +70,24 @@ def find_blocked(prompt: str, normalized_terms: list[str]) -> str | None:
             if joined in targets:
                 return joined
     return None
+
+
+def readings(text: str) -> list[str]:
+    """The text as typed and as the text encoder reads it: weights, escapes and `BREAK`
+    resolved, so `(nu:1)de` and `nu(:1)de` read `nude` (fragments of a chunk run together,
+    chunks apart). Text that does not parse is refused by validation; it is read as typed."""
+    try:
+        chunks = parse_weights(text)
+    except InvalidRequest:
+        return [text]
+    return [text, " ".join("".join(fragment.text for fragment in chunk) for chunk in chunks)]
+
+
+def member_texts(request: GenerationRequest, model_prefix: str) -> dict[str, str]:
+    """What the blocklist checks of a request, by option: the prompt and the member's own
+    negative prompt (it is shown with the result too). The model's negative prefix is the
+    owner's, not the member's: it is left out."""
+    negative = request.negative_prompt
+    if model_prefix and negative.startswith(model_prefix):
+        negative = negative[len(model_prefix) :].removeprefix(", ")
+    return {"prompt": request.prompt, "negative_prompt": negative}

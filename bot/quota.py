@@ -107,9 +107,10 @@ class MemberBanned(AdmissionRefused):
 
 
 class PromptBlocked(AdmissionRefused):
-    def __init__(self, term: str) -> None:
-        super().__init__(f"blocked term: {term}")
+    def __init__(self, term: str, option: str = "prompt") -> None:
+        super().__init__(f"blocked term in {option}: {term}")
         self.term = term
+        self.option = option
 
 
 class ShuttingDown(AdmissionRefused):

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from bot.blocklist import find_blocked, member_texts, readings
 from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
 from bot.db.members import MemberDefaults
 from bot.downloads import ModelNotAvailable, missing_sources
@@ -164,7 +165,7 @@ class ImagineService:
             await self._announce(JobResult(job, [], record.error, 0.0, job.batch_id or 0, 0))
         self.executor.start()
         if self.settings.metrics_port is not None:
-            await self.metrics.serve(self.settings.metrics_port)
+            await self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop admitting, let the running batch finish within `grace` seconds (or return its
@@ -190,6 +191,19 @@ class ImagineService:
         )
         prompt_chunks(self.runner, request, self.settings.max_prompt_chunks)
         return request
+
+    @counting_refusals
+    def check_audience(self, request: GenerationRequest, intake: Intake) -> None:
+        """Raise InvalidRequest("model") for a model the owner marked `nsfw` asked for outside
+        an age-restricted channel (a DM is none): Discord keeps adult content in those."""
+        if not self.catalog.models[request.model].nsfw or intake.age_restricted:
+            return
+        usable = [m.name for m in self.catalog.usable_models() if not m.nsfw]
+        raise InvalidRequest(
+            "model",
+            f"{request.model} works only in age-restricted channels; here choose one of: "
+            f"{', '.join(usable) or 'none is offered'}.",
+        )
 
     def check_defaults(self, wanted: MemberDefaults) -> None:
         """Raise DefaultsRefused for defaults /imagine would refuse (the same checks), so a
@@ -221,14 +235,26 @@ class ImagineService:
         return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, read_parameters, data)
 
     @counting_refusals
-    async def check_member(self, intake: Intake, prompt: str | None = None) -> None:
-        """Raise MemberBanned (or PromptBlocked, when the prompt is known) before any slow work
-        on a request; admission checks again, in its transaction."""
+    async def check_member(self, intake: Intake, texts: dict[str, str] | None = None) -> None:
+        """Raise MemberBanned, or PromptBlocked when a text the member typed (by option)
+        spells a blocked term as typed or as the text encoder reads it, before any slow work
+        on a request; admission checks the ban again, in its transaction."""
         guild, member = intake.guild_id or 0, intake.member_id
         if (ban := await self.store.read(moderation.ban_of, guild, member)) is not None:
             raise MemberBanned(ban.reason)
-        if prompt and (term := await self.store.read(moderation.blocked_term_in, guild, prompt)):
-            raise PromptBlocked(term)
+        texts = {option: text for option, text in (texts or {}).items() if text}
+        if not texts:
+            return
+        terms = await self.store.read(moderation.blocked_keys, guild)
+        for option, text in texts.items():
+            for reading in readings(text):
+                if term := find_blocked(reading, terms):
+                    raise PromptBlocked(term, option)
+
+    async def check_request(self, intake: Intake, request: GenerationRequest) -> None:
+        """`check_member` on a checked request's prompt and the member's negative prompt."""
+        prefix = self.catalog.models[request.model].negative_prompt
+        await self.check_member(intake, member_texts(request, prefix))
 
     async def member_defaults(self, member_id: int) -> MemberDefaults:
         """A member's /settings, read once per request: options they left out come from
@@ -244,6 +270,8 @@ class ImagineService:
         or charging anything."""
         if not self.accepting:
             raise ShuttingDown()
+        self.check_audience(request, intake)
+        await self.check_request(intake, request)
         png = None if init_image is None else init_image.png
         caps = AdmissionCaps.of(self.settings)
         job = await self.store.write(admission.admit, request, intake, caps, png)

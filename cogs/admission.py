@@ -33,7 +33,8 @@ from cogs.common import (
     role_ids,
 )
 from cogs.entry import Ask, Entry, Prepared, guild_id_of, member_of
-from cogs.sources import raw_from_parameters, raw_from_request
+from cogs.models import age_restricted
+from cogs.sources import SPOILER, raw_from_parameters, raw_from_request
 from cogs.status import Status, StatusBoard, position_text
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class AdmissionDesk:
             weight=role_weight(self.service.settings, roles),
             exempt=quota_exempt(self.service.settings, roles),
             private=defaults.private and interaction is not None,  # only they answer privately
+            age_restricted=age_restricted(origin.channel),
         )
         return Entry(origin, intake, defaults, time.monotonic())
 
@@ -89,6 +91,8 @@ class AdmissionDesk:
         the first, for an interaction). A refusal of the first is raised; one after it stops
         there, and the member is told which were queued and why the rest were not."""
         prepared = await self.prepare(entry, ask)
+        for request in prepared.requests:  # every job's texts first: `{xx,nu}de` queues neither
+            await self.service.check_request(prepared.entry.intake, request)
         admitted: list[Job] = []
         for request in prepared.requests:
             try:
@@ -106,13 +110,14 @@ class AdmissionDesk:
         nothing is admitted unless every job can be."""
         if ask.requests is not None:
             image = ask.image if isinstance(ask.image, PreparedImage) else None
-            return Prepared(entry, ask.requests, image, ask.parsed)
-        image, data = await self._read_image(entry, ask)
-        entry, options = await self._options(entry, ask, data)
-        requests = [
-            self._checked(entry, raw, image, ask) for raw in self._jobs(entry, ask, options)
-        ]
-        return Prepared(entry, requests, image, ask.parsed)
+            prepared = Prepared(entry, ask.requests, image, ask.parsed)
+        else:
+            image, data = await self._read_image(entry, ask)
+            entry, options = await self._options(entry, ask, data)
+            raws = self._jobs(entry, ask, options)
+            requests = [self._checked(entry, raw, image, ask) for raw in raws]
+            prepared = Prepared(entry, requests, image, ask.parsed)
+        return prepared
 
     async def _read_image(self, entry: Entry, ask: Ask) -> tuple[PreparedImage | None, bytes]:
         """Download (after checking the announced size, the ban list and the prompt known so
@@ -127,7 +132,8 @@ class AdmissionDesk:
                 f"The image is {attachment.size / 2**20:.1f} MiB; the limit is "
                 f"{limit / 2**20:g} MiB. Nothing was queued."
             )
-        await self.service.check_member(entry.intake, ask.known_prompt())  # before downloading
+        known = {"prompt": ask.known_prompt() or ""}
+        await self.service.check_member(entry.intake, known)  # before downloading
         origin = entry.origin
         if isinstance(origin, discord.Interaction) and not origin.response.is_done():
             await origin.response.defer(ephemeral=True, thinking=True)
@@ -162,7 +168,8 @@ class AdmissionDesk:
         if record is not None:
             request = record.job.request
             names = [f"seed-{seed}.png" for seed in request.seeds]
-            index = names.index(attachment.filename) if attachment.filename in names else 0
+            name = attachment.filename.removeprefix(SPOILER)  # a flagged image, as a spoiler
+            index = names.index(name) if name in names else 0
             return raw_from_request(request, catalog), (record.job.id, index)
         try:
             parameters = await self.service.image_parameters(data)
@@ -192,7 +199,9 @@ class AdmissionDesk:
         if ask.own_defaults:
             raw = saved_defaults(raw, entry.defaults, self.service.catalog)
         request = self.service.validate(raw, image)
-        return request if ask.derive is None else ask.derive(request)
+        request = request if ask.derive is None else ask.derive(request)
+        self.service.check_audience(request, entry.intake)  # so a dry run says it too
+        return request
 
     async def _admit_one(
         self, prepared: Prepared, request: GenerationRequest, *, followup: bool

@@ -199,5 +199,6 @@ def refusal_text(problem: Exception) -> str:
     if isinstance(problem, ShuttingDown):
         return "The bot is restarting; please try again in a minute. Nothing was charged."
     if isinstance(problem, PromptBlocked):
-        return "Your prompt contains a term this server blocks. Nothing was queued or charged."
+        option = "negative prompt" if problem.option == "negative_prompt" else "prompt"
+        return f"Your {option} contains a term this server blocks. {NOTHING_CHARGED}"
     raise TypeError(problem)

@@ -1,8 +1,11 @@
 """The prompt blocklist: what it catches, what it lets through, and a refusal through Discord."""
 
-import pytest
+import sqlite3
 
-from bot.blocklist import find_blocked, normalize_term
+import pytest
+from factories import make_request
+
+from bot.blocklist import find_blocked, member_texts, normalize_term, readings
 
 TERMS = [normalize_term(t) for t in ("nsfw", "gore", "bad word", "ass", "nude")]
 
@@ -92,3 +95,47 @@ async def test_a_decomposed_accent_is_refused_through_discord(discord_world, ima
     for prompt in ("a nu\u0301de statue", "a nud\u0435 statue"):
         refused = await (await imagine_bot.imagine(w.alice, prompt=prompt, seed=1)).wait_response()
         assert refused.ephemeral and "blocks" in refused.content, prompt
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["(nu:1)de", "nu(:1)de", "a photo of (nu:1.0)de woman", "[nu]de", "nu\\(de", "nu BREAK de"],
+)
+def test_the_blocklist_reads_what_the_text_encoder_reads(prompt):
+    assert any(find_blocked(text, TERMS) for text in readings(prompt)), readings(prompt)
+
+
+def test_the_models_own_negative_prefix_is_not_the_members():
+    request = make_request(negative_prompt="nude, blurry, my own words")
+    assert member_texts(request, "nude, blurry")["negative_prompt"] == "my own words"
+    assert member_texts(request, "")["negative_prompt"] == "nude, blurry, my own words"
+
+
+def blocked_rows(bot):
+    with sqlite3.connect(bot.service.settings.database_path) as raw:
+        return raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+
+
+@pytest.mark.parametrize(
+    ("options", "which"),
+    [
+        ({"prompt": "(nu:1)de"}, "prompt"),
+        ({"prompt": "a (nu:1.0)de statue --no blur"}, "prompt"),
+        ({"prompt": "{nu,xx}de"}, "prompt"),
+        ({"prompt": "{xx,nu}de"}, "prompt"),  # the second job is blocked: neither is queued
+        ({"prompt": "a statue", "negative_prompt": "(nu:1)de"}, "negative prompt"),
+        ({"prompt": "a statue --no nu(:1)de"}, "negative prompt"),
+    ],
+)
+async def test_weights_and_permutations_do_not_hide_a_blocked_term(
+    discord_world, imagine_bot, options, which
+):
+    w = discord_world
+    added = await w.fake.slash_command(
+        w.mod, w.channel, "mod", {"term": "nude"}, subcommands=("blocklist", "add")
+    )
+    assert "Blocked `nude`" in (await added.wait_response()).content
+    refused = await (await imagine_bot.imagine(w.alice, seed=1, **options)).wait_response()
+    assert refused.ephemeral and "contains a term this server blocks" in refused.content
+    assert f"Your {which} contains" in refused.content
+    assert blocked_rows(imagine_bot) == 0

@@ -104,10 +104,15 @@ async def blocked_terms(tx: Tx, guild_id: int) -> list[str]:
     return [row["term"] for row in rows]
 
 
+async def blocked_keys(tx: Tx, guild_id: int) -> list[str]:
+    """The server's blocked terms as matched: normalized."""
+    rows = await tx.all("SELECT normalized FROM blocklist WHERE guild_id = ?", (guild_id,))
+    return [row["normalized"] for row in rows]
+
+
 async def blocked_term_in(tx: Tx, guild_id: int, prompt: str) -> str | None:
     """The server's first blocked term that `prompt` spells, or None."""
-    rows = await tx.all("SELECT normalized FROM blocklist WHERE guild_id = ?", (guild_id,))
-    return find_blocked(prompt, [row["normalized"] for row in rows])
+    return find_blocked(prompt, await blocked_keys(tx, guild_id))
 
 
 # --- audit and stats -----------------------------------------------------------------------
