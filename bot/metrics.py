@@ -1,20 +1,24 @@
 """The bot's counters for Prometheus (METRICS_PORT) and for `/mod stats`, from one registry.
 
 Each service has a registry of its own, not prometheus_client's global one, so a test process
-can hold several bots. Figures that are a view of live state (queue depth per key, each
-worker's busy share and resident models) are read when scraped. The endpoint is served on the
-event loop (aiohttp), because those reads walk the queue index, which only the loop may touch.
+can hold several bots. Queue depth per batch key is kept as the queue index changes
+(`KeyDepths`), so a scrape costs the same however long the queue; each worker's busy share and
+resident models are read when scraped. The endpoint is served on the event loop (aiohttp),
+because the queue index and the depths belong to the loop. It has no authentication: it
+listens on loopback unless the owner sets METRICS_HOST.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import functools
 import inspect
+import logging
 import re
 import time
-from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -23,13 +27,23 @@ from prometheus_client import generate_latest as exposition
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from bot.quota import AdmissionRefused
-from bot.requests import InvalidRequest, Job
+from bot.requests import BatchKey, InvalidRequest, Job
 
 if TYPE_CHECKING:
     from bot.queue import QueueIndex
 
+log = logging.getLogger(__name__)
+
 SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 FILL = (0.125, 0.25, 0.5, 0.75, 0.999, 1.0)
+# Members choose most of a batch key, so the queue depth gauge has a series for the deepest
+# QUEUE_SERIES keys and one "other" series for the rest, however many keys are queued.
+QUEUE_SERIES = 20
+# One label per batch key field, so two different keys are never the same series.
+KEY_LABELS = tuple(field.name for field in fields(BatchKey))
+OTHER = tuple("other" for _ in KEY_LABELS)
+# Scrapes answered at once; more are answered 503 at once instead of waiting on the loop.
+MAX_SCRAPES = 4
 
 
 def reason_of(refusal: BaseException) -> str:
@@ -66,6 +80,63 @@ def counting_refusals(method: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
+def key_labels(key: BatchKey) -> tuple[str, ...]:
+    """A batch key's label values, in KEY_LABELS order."""
+    return tuple(_label_text(getattr(key, name)) for name in KEY_LABELS)
+
+
+def _label_text(value: object) -> str:
+    """A key field exactly (floats as Python writes them), LoRAs as `name:weight,…`."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(f"{name}:{weight}" for name, weight in value)
+    return str(value)
+
+
+class KeyDepths:
+    """Queued jobs per batch key, ranked as they change (`QueueIndex.watch_depths`), so the
+    deepest keys are read without a walk: keys by depth, and the depths some key has, sorted."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+        self._depth: dict[BatchKey, int] = {}
+        self._keys_at: dict[int, dict[BatchKey, None]] = {}
+        self._levels: list[int] = []
+
+    def __call__(self, key: BatchKey, depth: int) -> None:
+        """`key` now has `depth` jobs queued (0: none)."""
+        old = self._depth.pop(key, 0)
+        if old:
+            at = self._keys_at[old]
+            del at[key]
+            if not at:
+                del self._keys_at[old]
+                del self._levels[bisect.bisect_left(self._levels, old)]
+        if depth:
+            self._depth[key] = depth
+            if depth not in self._keys_at:
+                self._keys_at[depth] = {}
+                bisect.insort(self._levels, depth)
+            self._keys_at[depth][key] = None
+        self.jobs += depth - old
+
+    def __len__(self) -> int:
+        return len(self._depth)
+
+    def deepest(self, count: int) -> list[tuple[BatchKey, int]]:
+        """At most `count` (key, depth) pairs, deepest first: a step per pair returned."""
+        found: list[tuple[BatchKey, int]] = []
+        for depth in reversed(self._levels):
+            for key in self._keys_at[depth]:
+                if len(found) == count:
+                    return found
+                found.append((key, depth))
+        return found
+
+
 @dataclass(frozen=True)
 class Figures:
     """What `/mod stats` shows from the counters, since the bot started."""
@@ -85,9 +156,12 @@ class Metrics:
 
     def __init__(self, queue: QueueIndex | None = None) -> None:
         """Counters and histograms in a registry of their own, so each service (and each test)
-        counts apart; `queue` gives the queue depth when scraped."""
+        counts apart; `queue` tells the depth per key as it changes."""
         self.registry = CollectorRegistry()
-        self._queue = queue
+        self.depths = KeyDepths()
+        if queue is not None:
+            queue.watch_depths(self.depths)
+        self.scrape_slots = asyncio.Semaphore(MAX_SCRAPES)
         self._lanes: Sequence[Any] = ()
         self._started = time.monotonic()
         r = self.registry
@@ -186,18 +260,33 @@ class Metrics:
 
     # ---- the endpoint ---------------------------------------------------------------------
 
-    async def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Serve /metrics (any path) on `port` until `close()`."""
+    async def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Serve GET /metrics (every other path is 404) on `host`:`port` until `close()`."""
         app = web.Application()
-        app.router.add_get("/{tail:.*}", self._scrape)
+        app.router.add_get("/metrics", self.scrape)
         self._server = web.AppRunner(app, access_log=None)
         await self._server.setup()
         await web.TCPSite(self._server, host, port).start()
+        log.info("metrics at http://%s:%d/metrics (no authentication)", host, port)
 
-    async def _scrape(self, _request: web.Request) -> web.Response:
-        return web.Response(
-            body=exposition(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+    @property
+    def addresses(self) -> list[Any]:
+        """The socket addresses the endpoint listens on (none before `serve`)."""
+        return [] if self._server is None else list(self._server.addresses)
+
+    async def scrape(self, request: web.Request) -> web.StreamResponse:
+        """The registry rendered, holding one of the `scrape_slots` until it is sent; with
+        every slot taken, 503 at once."""
+        if self.scrape_slots.locked():
+            return web.Response(status=503, text="busy\n", headers={"Retry-After": "1"})
+        async with self.scrape_slots:
+            body = exposition(self.registry)
+            response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+            response.content_length = len(body)
+            await response.prepare(request)
+            await response.write(body)
+            await response.write_eof()
+            return response
 
     async def close(self) -> None:
         if self._server is not None:
@@ -206,8 +295,9 @@ class Metrics:
 
 
 class _LiveState:
-    """Gauges read at scrape time: queue depth per batch key, each worker's share of the time
-    since start spent running batches, and the models each worker holds."""
+    """Gauges read at scrape time: queue depth of the deepest batch keys (and the rest as
+    "other"), each worker's share of the time since start spent running batches, and the
+    models each worker holds."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -217,14 +307,14 @@ class _LiveState:
         m = self._metrics
         depth = GaugeMetricFamily(
             "imagine_queue_jobs",
-            "Queued jobs per batch key",
-            labels=["model", "mode", "size", "steps", "scheduler"],
+            f"Queued jobs per batch key, the {QUEUE_SERIES} deepest keys and the rest as other",
+            labels=KEY_LABELS,
         )
-        if m._queue is not None:
-            keys = Tally(job.request.batch_key for job in m._queue.page(0, len(m._queue)))
-            for key, jobs in sorted(keys.items(), key=lambda item: str(item[0])):
-                size = f"{key.width}x{key.height}"
-                depth.add_metric([key.model, key.mode, size, str(key.steps), key.scheduler], jobs)
+        deepest = m.depths.deepest(QUEUE_SERIES)
+        for key, jobs in deepest:
+            depth.add_metric(key_labels(key), jobs)
+        if len(m.depths) > len(deepest):
+            depth.add_metric(OTHER, m.depths.jobs - sum(jobs for _, jobs in deepest))
         yield depth
         share = GaugeMetricFamily(
             "imagine_worker_busy_share",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from bot.quota import MILLI, milliunits
@@ -35,6 +35,7 @@ RESIDENT_SLACK = 4.0
 MAX_PASSES = 3
 
 Turn = tuple[float, int]  # (virtual start, job id): the fair order
+DepthWatcher = Callable[[BatchKey, int], None]  # (key, jobs now queued with it)
 
 
 class RankedTurns:
@@ -150,7 +151,19 @@ class QueueIndex:
     loop owns it."""
 
     def __init__(self) -> None:
+        self._watcher: DepthWatcher | None = None
         self._reset()
+
+    def watch_depths(self, watcher: DepthWatcher) -> None:
+        """`watcher(key, jobs)` hears each key's depth now and whenever it changes, so the
+        metrics keep their gauges without walking the queue."""
+        self._watcher = watcher
+        self._tell_depths(self._by_key)
+
+    def _tell_depths(self, keys: Collection[BatchKey]) -> None:
+        if self._watcher is not None:
+            for key in keys:
+                self._watcher(key, len(self._by_key.get(key, ())))
 
     def _reset(self) -> None:
         self.clock = 0.0
@@ -180,6 +193,7 @@ class QueueIndex:
     def load(self, queued: Iterable[Job]) -> None:
         """Replace everything with `queued`, as at start-up: turns are dealt again from a fresh
         clock in queue order. Built in bulk (one sort per list), so a long backlog loads fast."""
+        stale = list(self._by_key)
         self._reset()
         turns: list[tuple[Turn, int]] = []
         for job in sorted(queued, key=lambda job: (job.queued_at, job.id)):
@@ -194,6 +208,7 @@ class QueueIndex:
         for index in (self._by_key, self._by_member):
             for listed in index.values():
                 listed.sort()
+        self._tell_depths({*stale, *self._by_key})
 
     def _deal(self, job: Job) -> Turn:
         """Give a job its member's next turn (later the lighter their weight) and remember it."""
@@ -216,6 +231,7 @@ class QueueIndex:
         bisect.insort(self._by_key.setdefault(job.request.batch_key, []), turn)
         bisect.insort(self._by_member.setdefault(job.member_id, []), turn)
         self._member_cost[job.member_id] = self._member_cost.get(job.member_id, 0) + cost
+        self._tell_depths((job.request.batch_key,))
 
     def remove(self, job_id: int) -> Job | None:
         """Take a job out (claimed, cancelled, forgotten); unknown ids are ignored."""
@@ -227,6 +243,7 @@ class QueueIndex:
         key, member = job.request.batch_key, job.member_id
         _discard(self._by_key, key, turn)
         _discard(self._by_member, member, turn)
+        self._tell_depths((key,))
         self._member_cost[member] -= milliunits(job.request.cost)
         self._images -= job.request.count
         if member not in self._by_member:

@@ -6,6 +6,7 @@ the package without a token. Each bad value stops start-up with one line naming 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class Settings:
     ray_workers: int | None = None
     worker_timeout: float = 600.0
     metrics_port: int | None = None
+    # The metrics endpoint has no authentication: loopback unless the owner says otherwise.
+    metrics_host: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
 
     def __repr__(self) -> str:  # never let the token reach a log line or traceback
@@ -161,6 +164,16 @@ def _parse_text(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _parse_address(name: str, raw: str) -> str:
+    try:
+        return str(ipaddress.ip_address(raw.strip()))
+    except ValueError:
+        raise SettingsError(
+            f"{name} must be an IP address to listen on (127.0.0.1, the default; 0.0.0.0 for "
+            f"every interface), got {raw!r}"
+        ) from None
+
+
 _parse_megabytes = _parse_float(0.1, 100.0)
 
 # variable -> (field, parser); one table, so .env.example and the README can list the same names.
@@ -207,6 +220,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RAY_WORKERS": ("ray_workers", _parse_int(1, 64)),
     "WORKER_TIMEOUT": ("worker_timeout", _parse_float(1.0, 86_400.0)),
     "METRICS_PORT": ("metrics_port", _parse_int(1, 65535)),
+    "METRICS_HOST": ("metrics_host", _parse_address),
     "LOG_LEVEL": ("log_level", lambda n, raw: _parse_choice(LOG_LEVELS)(n, raw.upper())),
 }
 _LIMIT_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
