@@ -338,24 +338,27 @@ class QueueIndex:
     def jobs_of(self, member_id: int) -> list[Job]:
         return [self._jobs[job_id] for _, job_id in self._by_member.get(member_id, [])]
 
-    def shares(self) -> list[MemberShare]:
+    def shares(self, guild_id: int | None = None) -> list[MemberShare]:
         """Each waiting member's jobs, units and the device share their weight gives them
-        while they have work queued, largest first."""
+        while they have work queued, largest first. With `guild_id`, only that server's jobs
+        and members (a walk over the queue); the share is still of the whole device."""
         weights = {
             member: max(self._jobs[job_id].weight for _, job_id in turns)
             for member, turns in self._by_member.items()
         }
         total = sum(weights.values()) or 1.0
-        found = [
-            MemberShare(
-                member,
-                len(self._by_member[member]),
-                self._member_cost[member] / MILLI,
-                weight,
-                weight / total,
-            )
-            for member, weight in weights.items()
-        ]
+        found: list[MemberShare] = []
+        for member, turns in self._by_member.items():
+            waiting = [self._jobs[job_id] for _, job_id in turns]
+            if guild_id is None:
+                cost, weight = self._member_cost[member], weights[member]
+            else:
+                waiting = [job for job in waiting if (job.guild_id or 0) == guild_id]
+                cost = sum(milliunits(job.request.cost) for job in waiting)
+                weight = max((job.weight for job in waiting), default=0.0)
+            if waiting:
+                share = MemberShare(member, len(waiting), cost / MILLI, weight, weight / total)
+                found.append(share)
         return sorted(found, key=lambda share: (-share.share, -share.units, share.member_id))
 
 

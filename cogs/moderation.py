@@ -1,7 +1,10 @@
 """/mod: quotas, bans, the queue, usage stats, the prompt blocklist and the audit log.
 
 Discord hides these from members without Manage Server by default, but server admins can change
-that, so every call is checked again here. Answers are private to the moderator.
+that, so every call is checked again here. Answers are private to the moderator, and show the
+moderator's own server only: one bot serves many servers, and a moderator of one is trusted
+with nothing of another's members. What the device as a whole is doing (busy share, loaded
+models, counts since start) is shown as such.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.blocklist import normalize_term
-from bot.db import admission, jobs, moderation, quotas
+from bot.db import jobs, moderation, quotas
 from bot.intake import quota_exempt
 from bot.metrics import Figures
 from bot.quota import units_phrase
@@ -124,11 +127,11 @@ class ModerationCog(commands.Cog):
             member.id,
             exempt=quota_exempt(self.bot.settings, role_ids(member)),
         )
-        active = await self.store.read(admission.active_jobs, member.id)
+        active = await self.store.read(moderation.active_jobs_in, interaction.guild_id, member.id)
         limit = "exempt (a quota-exempt role)" if status.exempt else limit_text(status.limit)
         text = (
             f"{member.mention}: {units_phrase(status.used)} in the last 24 hours; limit: "
-            f"{limit}; {active} job(s) queued or running.{frees_up_text(status)}"
+            f"{limit}; {active} job(s) queued or running here.{frees_up_text(status)}"
         )
         await self._done(interaction, text)
 
@@ -220,7 +223,8 @@ class ModerationCog(commands.Cog):
         interaction: discord.Interaction[ImagineBot],
         page: app_commands.Range[int, 1, 10_000] = 1,
     ) -> None:
-        """Running jobs, then a page of the queue in fair order, with members' shares."""
+        """This server's running jobs, then a page of its queue in fair order, with its
+        members' shares of the device."""
         queue = self.bot.service.queue
         running = await self.store.read(jobs.running, interaction.guild_id) if page == 1 else []
         offset = (page - 1) * QUEUE_PAGE
@@ -232,7 +236,7 @@ class ModerationCog(commands.Cog):
         lines = [job_line(None, job) for job in running]
         lines += [job_line(offset + i, job) for i, job in enumerate(waiting, start=1)]
         lines.append(f"Page {page}; {len(queue)} job(s) queued across every server.")
-        shares = queue.shares()[:SHARES_SHOWN]
+        shares = queue.shares(interaction.guild_id)[:SHARES_SHOWN]
         if shares:
             lines.append("Fair share of the GPU while they wait:")
             lines += [

@@ -137,6 +137,15 @@ async def audit_log(tx: Tx, guild_id: int, limit: int = 15) -> list[AuditEntry]:
     return [AuditEntry(**dict(row)) for row in rows]
 
 
+async def active_jobs_in(tx: Tx, guild_id: int, member_id: int) -> int:
+    """The member's jobs queued or running in one server: a moderator sees only their own."""
+    return await tx.value(
+        """SELECT COUNT(*) FROM jobs WHERE member_id = ? AND status IN ('queued', 'running')
+           AND COALESCE(guild_id, 0) = ?""",
+        (member_id, guild_id),
+    )
+
+
 async def usage_stats(tx: Tx, guild_id: int) -> UsageStats:
     """Images made, who made them, how long members waited, and how busy the device was."""
     day, week = tx.now - DAY, tx.now - 7 * DAY
