@@ -1,11 +1,17 @@
-"""Fuzz the upload intake with mutated images: real PNG, JPEG and WebP files made here (with
-their metadata: PNG text chunks carrying `parameters`, EXIF, XMP, ICC profiles, palettes,
-animation), mutated byte- and chunk-wise, then run through what the bot does with a member's
-upload: `read_parameters` (the Vary paths), `decode_upload` and `fit_for_model` (the init image).
-Every input must end in `ImageRejected` or an image, each within a time bound. Pure Pillow: no
-torch, no Discord.
+"""Fuzz what members send the bot, each input ending in a clean refusal or a correct result
+within a time bound. No torch, no Discord. Three targets:
 
-    .venv/bin/python -m bench.fuzz_intake --count 100000
+- `images`: real PNG, JPEG and WebP files made here (with their metadata: PNG text chunks
+  carrying `parameters`, EXIF, XMP, ICC profiles, palettes, animation), mutated byte- and
+  chunk-wise, through what the bot does with an upload: `read_parameters` (the Vary paths),
+  `decode_upload` and `fit_for_model` (the init image); `ImageRejected` or an image.
+- `prompts`: the prompt language (flags, weights, escapes, `BREAK`, permutations) mutated with
+  its own symbols, through parsing, the jobs it makes, validation and the blocklist's readings;
+  `InvalidRequest` or checked requests.
+- `operations`: Upscale, Zoom Out and Pan of mutated result files at random parent sizes:
+  `OperationRefused`, `ImageRejected` or a start picture of the planned size.
+
+    .venv/bin/python -m bench.fuzz_intake --count 100000 [--target prompts|operations]
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin, features
 
+from bot import operations
+from bot.blocklist import find_blocked, readings
 from bot.images import ImageRejected, decode_upload, fit_for_model, read_parameters
-from bot.requests import Limits
+from bot.models import Catalog
+from bot.prompts import parse_prompt
+from bot.requests import InvalidRequest, Limits, RawOptions, validate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 A1111_TEXT = (
@@ -255,6 +266,75 @@ def intake(data: bytes, limits: Limits, *, max_bytes: int, max_pixels: int) -> s
     return "accepted" if parameters is None else "accepted with parameters"
 
 
+# ---- the prompt language ------------------------------------------------------------------
+
+PROMPT_SEEDS = (
+    "a castle on a hill",
+    "a (red:1.3) [blue] ((castle)) on a hill BREAK at night",
+    "a {red, blue, green} {car, boat} --ar 3:2 --no blur, text --seed 7",
+    "portrait \\(detail\\) --steps 20 --cfg 6 --scheduler euler_a --repeat 2",
+    "(nu:1)de {nu,xx}de nu(:1)de [nu]de",
+    "a fox --count 2 --strength 0.5 --model tiny --lora x:0.5",
+)
+PROMPT_SYMBOLS = (
+    "(", ")", "[", "]", "{", "}", ",", ":", "\\", "--", "—", " BREAK ", ":1.3", ":-1", ":9e99",
+    "--ar 16:9", "--ar 0:0", "--no ", "--seed ", "--repeat 9", "--count 99", "\u0301", "\u200b",
+    "\x00", "@everyone", "ｎｕｄｅ", "9" * 40, "{" * 30, "(" * 50, " ",
+)  # fmt: skip
+BLOCKED = ["nude"]
+
+
+def mutate_prompt(text: str, rng: random.Random) -> str:
+    """One to six edits with the language's own symbols: insert, delete, or repeat a piece."""
+    for _ in range(rng.randint(1, 6)):
+        at = rng.randint(0, len(text))
+        edit = rng.random()
+        if edit < 0.6:
+            text = text[:at] + rng.choice(PROMPT_SYMBOLS) + text[at:]
+        elif edit < 0.8:
+            text = text[:at] + text[at + rng.randint(1, 8) :]
+        else:
+            text = text[:at] + text[at : at + rng.randint(1, 12)] * rng.randint(2, 40) + text[at:]
+    return text
+
+
+def prompt_intake(text: str, limits: Limits, catalog: Catalog) -> str:
+    """What the bot does with a typed prompt before admission: parse, make the jobs, validate
+    each, read each as the blocklist does. InvalidRequest is a refusal; anything else a bug."""
+    try:
+        parsed = parse_prompt(text, 16)
+        requests = [
+            validate(raw, limits, catalog) for raw in parsed.requests(RawOptions(text), limits)
+        ]
+    except InvalidRequest:
+        return "refused"
+    for request in requests:
+        for reading in readings(request.prompt):
+            find_blocked(reading, BLOCKED)
+    return f"accepted ({min(len(requests), 4)}{'+' if len(requests) > 4 else ''} jobs)"
+
+
+# ---- Upscale, Zoom Out, Pan -----------------------------------------------------------------
+
+
+def operation_intake(data: bytes, rng: random.Random, *, max_bytes: int, max_pixels: int) -> str:
+    """An operation on a result file at a random parent size, as the buttons run it."""
+    operation = rng.choice(operations.OPERATIONS)
+    parent = (rng.choice((64, 256, 512, 640, 1024)), rng.choice((64, 256, 512, 768, 1024)))
+    try:
+        chosen = operations.plan(operation, *parent, max_side=1024, pan_step=256)
+        png = operations.start_picture(
+            data, parent, chosen, max_bytes=max_bytes, max_pixels=max_pixels
+        )
+    except operations.OperationRefused:
+        return "refused: too large"
+    except ImageRejected:
+        return "rejected"
+    with Image.open(io.BytesIO(png)) as made:
+        assert made.size == (chosen.width, chosen.height), (made.size, chosen)
+    return "accepted"
+
+
 @dataclass
 class FuzzReport:
     count: int = 0
@@ -276,29 +356,26 @@ def fuzz(
     count: int,
     *,
     seed: int = 0,
-    limits: Limits | None = None,
+    target: str = "images",
     max_bytes: int = 10 * 2**20,
     max_pixels: int = 4096 * 4096,
     stop_after: float | None = None,
 ) -> FuzzReport:
-    """Run `count` mutated inputs; an input slower than `stop_after` seconds stops the run
-    (recorded as a failure), so a test fails at the first slow input instead of timing out."""
-    limits = limits or Limits()
+    """Run `count` mutated inputs of `target`; an input slower than `stop_after` seconds stops
+    the run (recorded as a failure), so a test fails at the first slow input instead of timing
+    out."""
     rng = random.Random(seed)
-    seeds = seed_files()
-    names, files = list(seeds), list(seeds.values())
+    run_one = _target(target, rng, max_bytes=max_bytes, max_pixels=max_pixels)
     report = FuzzReport()
     started = time.perf_counter()
     for _ in range(count):
-        name = rng.choice(names)
-        data = mutate(seeds[name], rng, files)
         began = time.perf_counter()
-        try:
-            outcome = intake(data, limits, max_bytes=max_bytes, max_pixels=max_pixels)
-        except Exception as error:  # what the fuzzer is for: record it and go on
-            outcome = f"error: {type(error).__name__}"
-            report.failures.append((name, f"{type(error).__name__}: {error}", data))
+        name, data, outcome = run_one()
         spent = time.perf_counter() - began
+        if outcome.startswith("error: "):
+            error = outcome.removeprefix("error: ")
+            report.failures.append((name, error, data))
+            outcome = "error: " + error.split(":")[0]
         report.count += 1
         report.outcomes[outcome] += 1
         if spent > report.slowest:
@@ -310,14 +387,47 @@ def fuzz(
     return report
 
 
+def _target(
+    target: str, rng: random.Random, *, max_bytes: int, max_pixels: int
+) -> Callable[[], tuple[str, bytes, str]]:
+    """One fuzzing step of `target`: (seed name, input, outcome or "error: ...")."""
+    seeds = seed_files()
+    names, files = list(seeds), list(seeds.values())
+    limits, catalog = Limits(), Catalog.single("tiny")
+
+    def guarded(name: str, data: bytes, run: Callable[[], str]) -> tuple[str, bytes, str]:
+        try:
+            return name, data, run()
+        except Exception as error:  # what the fuzzer is for: record it and go on
+            return name, data, f"error: {type(error).__name__}: {error}"
+
+    def image_step() -> tuple[str, bytes, str]:
+        name = rng.choice(names)
+        data = mutate(seeds[name], rng, files)
+        if target == "operations":
+            step = partial(operation_intake, data, rng, max_bytes=max_bytes, max_pixels=max_pixels)
+        else:
+            step = partial(intake, data, limits, max_bytes=max_bytes, max_pixels=max_pixels)
+        return guarded(name, data, step)
+
+    def prompt_step() -> tuple[str, bytes, str]:
+        text = mutate_prompt(rng.choice(PROMPT_SEEDS), rng)
+        return guarded("prompt", text.encode(), partial(prompt_intake, text, limits, catalog))
+
+    if target not in ("images", "prompts", "operations"):
+        raise ValueError(f"unknown target {target!r}")
+    return prompt_step if target == "prompts" else image_step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", choices=("images", "prompts", "operations"), default="images")
     parser.add_argument("--save", type=Path, help="write each failing input to this folder")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # Pillow warns on most damaged files; outcomes say enough
-    report = fuzz(args.count, seed=args.seed)
+    report = fuzz(args.count, seed=args.seed, target=args.target)
     print("\n".join(report.lines()))
     for index, (name, error, data) in enumerate(report.failures):
         print(f"FAILED ({name}): {error}")

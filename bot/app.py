@@ -46,6 +46,7 @@ class ImagineBot(commands.Bot):
     status_board: StatusBoard
     desk: AdmissionDesk
     delivery: Delivery
+    dynamic_buttons = (*PERSISTENT_BUTTONS, *RESULT_BUTTONS)  # buttons that outlive a restart
 
     def __init__(self, settings: Settings, service: ImagineService) -> None:
         """Intents, mentions and the Discord-side parts every cog reads, made once."""
@@ -75,7 +76,7 @@ class ImagineBot(commands.Bot):
         """Listen to the service and load the cogs. The command tree is not synced here:
         bot/lifecycle.py registers it after login, and only when it changed (syncing is rate
         limited), or `python -m bot sync` does."""
-        self.add_dynamic_items(*PERSISTENT_BUTTONS, *RESULT_BUTTONS)
+        self.add_dynamic_items(*self.dynamic_buttons)
         self.add_listener(answer_stray_click, "on_interaction")
         self.service.add_listener(self.delivery.deliver)
         self.service.add_progress_listener(self.status_board.on_progress)

@@ -75,14 +75,22 @@ class Persistent:
             await self.run(interaction)
 
 
-async def answer_stray_click(interaction: discord.Interaction) -> None:
+async def answer_stray_click(interaction: discord.Interaction[ImagineBot]) -> None:
     """discord.py drops a click whose custom_id is not on the clicked message (a client can
-    send any): answer it, so a forged id never leaves the member with an unanswered click."""
+    send any), or that no button of ours matches (an old message's, or a planted one): answer
+    it, so no click is left unanswered. Live views (Confirm) sit on ephemeral panels only."""
     if interaction.type is not discord.InteractionType.component:
         return
     custom_id = (interaction.data or {}).get("custom_id")
-    rows = interaction.message.components if interaction.message is not None else []
-    if custom_id not in [getattr(c, "custom_id", None) for row in rows for c in row.children]:
+    message = interaction.message
+    rows = message.components if message is not None else []
+    on_message = custom_id in [getattr(c, "custom_id", None) for row in rows for c in row.children]
+    ours = any(
+        item.__discord_ui_compiled_template__.fullmatch(str(custom_id))
+        for item in interaction.client.dynamic_buttons
+    )
+    in_a_live_view = message is not None and message.flags.ephemeral
+    if not on_message or not (ours or in_a_live_view):
         await refuse(interaction, NOT_OURS)
 
 

@@ -28,6 +28,24 @@ def test_mutated_images_end_in_a_refusal_or_an_image() -> None:
     assert report.outcomes["accepted with parameters"] > 10
 
 
+def test_the_prompt_language_ends_in_a_refusal_or_checked_jobs() -> None:
+    report = fuzz(3000, seed=17, target="prompts", stop_after=SLOWEST_INPUT)
+    failures = [f"{seed}: {error}" for seed, error, _ in report.failures]
+    assert not failures, "\n".join(report.lines() + failures[:10])
+    accepted = sum(n for outcome, n in report.outcomes.items() if outcome.startswith("accepted"))
+    assert report.outcomes["refused"] > 100 and accepted > 100, report.lines()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_operations_on_mutated_results_end_in_a_refusal_or_a_start_picture() -> None:
+    """Upscale, Zoom Out and Pan of damaged files at random parent sizes; the big decodes make
+    the bound looser than for uploads."""
+    report = fuzz(300, seed=19, target="operations", stop_after=3 * SLOWEST_INPUT)
+    failures = [f"{seed}: {error}" for seed, error, _ in report.failures]
+    assert not failures, "\n".join(report.lines() + failures[:10])
+    assert set(report.outcomes) == {"accepted", "rejected", "refused: too large"}, report.lines()
+
+
 async def first_words(inter, timeout: float = 10.0) -> str:
     """What the member first reads: the response, or the follow-up after a "thinking…" defer."""
     response = await inter.wait_response(timeout)
