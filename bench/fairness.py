@@ -9,8 +9,11 @@ and img2img jobs keyed by the steps they denoise.
 
 Flood: one member sends half of all requests, the most expensive half, while light members
 send the rest; arrivals are Poisson at `--load` of FIFO's batched capacity. Burst: every
-request of a 32-job draw arrives at once (bench.gpu's mixed burst), over 100 draws. Pure
-Python, seconds to run.
+request of a 32-job draw arrives at once (bench.gpu's mixed burst), over 100 draws. Thrash:
+three members keep jobs of the mix queued on model a while a fourth keeps one cheap job queued
+on model b, which does not fit beside a, on one worker holding one model at a time; run with
+model switches free (the policy before) and charged to the member who makes them (ours), and
+without the fourth member for reference. Pure Python, seconds to run.
 
     .venv/bin/python -m bench.fairness --jobs 2000 --load 1.1
 """
@@ -18,9 +21,10 @@ Python, seconds to run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.mix import CostModel, pick, sample_requests
@@ -35,6 +39,16 @@ LIGHT_MEMBERS = 200
 GOAL_P95_GAIN = 5.0  # light members' p95 wait, FIFO over fair, at least
 GOAL_THROUGHPUT = 0.05  # fair's throughput at most this much below FIFO's
 GOAL_FILL_GAIN = 1.3  # images per call on the burst, fair over FIFO, at least
+# Thrash: members 1-3 keep jobs queued on model a, THRASHER one cheap job on model b.
+ON_A = (1, 2, 3)
+THRASHER = 4
+DEPTH = 3  # jobs each member on model a keeps queued
+CHEAP = GenerationRequest(
+    prompt="cheap", seed=1, steps=20, guidance=7.5, width=256, height=256,
+    scheduler="Euler a", count=1, model="b",
+)  # fmt: skip
+GOAL_LOADS_SHARE = 1.1  # device time on loads, of the thrasher's fair share, at most
+GOAL_OTHERS_KEEP = 0.9  # the others' units/min, of their fair share's (3/4 of theirs alone)
 
 
 def realistic(requests: Sequence[GenerationRequest], rng: random.Random) -> list[GenerationRequest]:
@@ -185,6 +199,121 @@ def fifo_capacity_per_second(requests: list[GenerationRequest], cap: int, cost: 
     return len(burst) / replay(burst, FifoFormer(), cap, cost).makespan
 
 
+@dataclass
+class Switching:
+    """One worker's run under thrash: its model loads, and each member's waits and units."""
+
+    loads: int = 0
+    clock: float = 0.0
+    waits: dict[int, list[float]] = field(default_factory=dict)
+    units: dict[int, float] = field(default_factory=dict)
+
+
+def replay_switches(
+    index: QueueIndex, members: Sequence[int], args: argparse.Namespace, cost: CostModel
+) -> Switching:
+    """Members on model a keep DEPTH jobs of the mix queued, THRASHER (when among `members`)
+    one cheap job on model b; one worker holding one model at a time claims as the executor
+    does for `--thrash-minutes`, a switch taking `--load-seconds` before its call."""
+    rng, ids = random.Random(args.seed), itertools.count(1)  # the same draws for every policy
+    run, held, cap = Switching(), "a", args.max_batch_size
+    while run.clock < args.thrash_minutes * 60:
+        for member in members:
+            while len(index.jobs_of(member)) < (1 if member == THRASHER else DEPTH):
+                request = CHEAP if member == THRASHER else sample_requests(rng, 1, model="a")[0]
+                index.add(Job(next(ids), member, 1, 1, request, queued_at=run.clock))
+        resident = frozenset({held})
+        batch = index.next_batch(lambda key: cap, resident)
+        index.claimed(batch, resident)
+        key = batch[0].request.batch_key
+        if key.model != held:
+            held, run.loads, run.clock = key.model, run.loads + 1, run.clock + args.load_seconds
+        for job in batch:
+            run.waits.setdefault(job.member_id, []).append(run.clock - job.queued_at)
+            run.units[job.member_id] = run.units.get(job.member_id, 0.0) + job.request.cost
+        total = sum(job.request.count for job in batch)
+        run.clock += sum(cost.call_seconds(key, min(cap, total - s)) for s in range(0, total, cap))
+    return run
+
+
+def thrash_report(args: argparse.Namespace, cost: CostModel) -> dict:
+    """Loads, and each member's wait and units per minute, in one run: without the thrasher,
+    then with it, switches free (before) and charged to the member making them (ours)."""
+    everyone = (*ON_A, THRASHER)
+    runs = {
+        "no thrasher": replay_switches(QueueIndex(), ON_A, args, cost),
+        "switch free (before)": replay_switches(QueueIndex(switch_units=0.0), everyone, args, cost),
+        "switch charged (ours)": replay_switches(QueueIndex(), everyone, args, cost),
+    }
+    policies, members = [], []
+    for policy, run in runs.items():
+        minutes = run.clock / 60
+        others = [wait for member in ON_A for wait in run.waits[member]]
+        policies.append(
+            {
+                "policy": policy,
+                "loads": run.loads,
+                "device_on_loads": run.loads * args.load_seconds / run.clock,
+                "others_units_per_min": sum(run.units[member] for member in ON_A) / minutes,
+                "others_wait_p50_s": percentile(others, 50),
+                "thrasher_jobs": len(run.waits.get(THRASHER, [])),
+            }
+        )
+        members += [
+            {
+                "policy": policy,
+                "member": f"{member} on b (thrasher)" if member == THRASHER else f"{member} on a",
+                "jobs": len(waits),
+                "units_per_min": run.units[member] / minutes,
+                "wait_p50_s": percentile(waits, 50),
+                "wait_p95_s": percentile(waits, 95),
+            }
+            for member, waits in sorted(run.waits.items())
+        ]
+    return {"policies": policies, "members": members}
+
+
+def print_thrash(args: argparse.Namespace, thrash: dict) -> dict[str, str]:
+    """The thrash tables, each member's median wait ours over before, and the goal lines."""
+    print(
+        f"\nThrash: members 1-3 keep {DEPTH} jobs queued on model a, member {THRASHER} one "
+        f"cheap job ({CHEAP.cost:g} units) on model b; a load takes {args.load_seconds:g} s; "
+        f"{args.thrash_minutes:g} minutes"
+    )
+    for rows in (thrash["policies"], thrash["members"]):
+        columns = list(rows[0])
+        print(table(columns, [[_cell(column, row[column]) for column in columns] for row in rows]))
+    alone, before, ours = thrash["policies"]
+    wait = {(row["policy"], row["member"]): row["wait_p50_s"] for row in thrash["members"]}
+    changes = []
+    for policy, member in wait:
+        if policy == ours["policy"]:
+            was, now = wait[before["policy"], member], wait[policy, member]
+            ratio = f" (×{now / was:.2f})" if was >= 0.01 else ""
+            changes.append(f"{member} {was:.2f} s → {now:.2f} s{ratio}")
+    print("\nMedian wait, switches free → charged: " + "; ".join(changes))
+    fair = 1 / (len(ON_A) + 1)
+    keep = ours["others_units_per_min"] / ((1 - fair) * alone["others_units_per_min"])
+    fewer = before["loads"] / max(ours["loads"], 1)
+    goals = {
+        f"loads take at most {GOAL_LOADS_SHARE:g}× the thrasher's fair share of the device "
+        f"({fair:.0%}): {ours['device_on_loads']:.0%} ({fewer:.1f}× fewer loads than "
+        f"before, {before['device_on_loads']:.0%})": verdict(
+            ours["device_on_loads"] <= GOAL_LOADS_SHARE * fair
+        ),
+        f"members on a keep {GOAL_OTHERS_KEEP:.0%} of their fair share's units/min "
+        f"({keep:.0%}; before {before['others_units_per_min'] / alone['others_units_per_min']:.0%} "
+        "of theirs without the thrasher)": verdict(keep >= GOAL_OTHERS_KEEP),
+    }
+    return print_goals(goals)
+
+
+def _cell(column: str, value: object) -> str:
+    if isinstance(value, str | int):
+        return str(value)
+    return f"{value:.0%}" if column == "device_on_loads" else f"{value:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
@@ -192,6 +321,8 @@ def main() -> None:
     parser.add_argument("--burst-jobs", type=int, default=32, help="as bench.gpu's burst")
     parser.add_argument("--burst-draws", type=int, default=100)
     parser.add_argument("--max-batch-size", type=int, default=8, help="as MAX_BATCH_SIZE")
+    parser.add_argument("--thrash-minutes", type=float, default=30, help="of device time")
+    parser.add_argument("--load-seconds", type=float, default=4.0, help="a model switch")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench/results/fairness.json"))
     args = parser.parse_args()
@@ -226,6 +357,8 @@ def main() -> None:
     fill = ("former", "images_per_call", "batch_fill")
     print(table(list(fill), [[columns[c].format(r[c]) for c in fill] for r in bursts]))
     goals = check_goals(flooded, bursts)
+    thrash = thrash_report(args, cost)
+    thrash_goals = print_thrash(args, thrash)
     write_json(
         args.out,
         {
@@ -233,6 +366,8 @@ def main() -> None:
             "flood": flooded,
             "burst": bursts,
             "goals": goals,
+            "thrash": thrash,
+            "thrash_goals": thrash_goals,
         },
     )
 

@@ -108,14 +108,17 @@ async def return_lost(store: Store, batch: list[Job], max_attempts: int) -> list
 
 
 async def choose_call(
-    tx: Tx, queue: QueueIndex, cap: Callable[[BatchKey], int], lanes: Lanes, lane: Lane | None
+    tx: Tx,
+    queue: QueueIndex,
+    cap: Callable[[BatchKey], int],
+    lanes: Lanes,
+    lane: Lane | None,
+    resident: frozenset[str],
 ) -> list[Job]:
-    """The fair former's call for `lane`'s worker, preferring the models it holds. The queue's
-    last call is shared with another worker soon free that holds its model
-    (`share_of_last_call`), which is woken to take the rest."""
-    batch = queue.next_batch(
-        cap, resident=frozenset() if lane is None else lane.worker.resident_models()
-    )
+    """The fair former's call for `lane`'s worker, preferring the models it holds
+    (`resident`). The queue's last call is shared with another worker soon free that holds its
+    model (`share_of_last_call`), which is woken to take the rest."""
+    batch = queue.next_batch(cap, resident)
     if lane is None or len(batch) < 2 or sum(j.request.count for j in batch) < queue.images():
         return batch
     free_in = lanes.others_free_in(lane, batch[0].request.model)
@@ -268,26 +271,28 @@ class Executor:
         claim's transaction, so admissions already waiting for the database land first and can
         share the call; where the store disagrees with the index (a job cancelled, changed or
         queued behind its back), the index is rebuilt from the store and the choice made
-        again."""
+        again. The models the worker holds go to the queue, which charges a switch of model to
+        the member whose call makes it."""
         if not self._queue and await self._store.read(jobs.any_queued):
             await self.reload_queue()  # often a job admitted while we read; cheap when few
+        held = frozenset() if lane is None else lane.worker.resident_models()
         while True:
             chosen: list[Job] = []
-            claimed = await self._store.write(self._choose_and_claim, chosen, lane)
+            claimed = await self._store.write(self._choose_and_claim, chosen, lane, held)
             if not chosen:
                 return None
             if claimed is None or len(claimed[1]) != len(chosen):
                 await self.reload_queue(out_of_step=True)
             else:
-                self._queue.claimed(chosen)
+                self._queue.claimed(chosen, held)
             if claimed is not None:
                 self.metrics.claimed(claimed[1], self.caps.cap(chosen[0].request.batch_key))
                 return claimed
 
     async def _choose_and_claim(
-        self, tx: Tx, chosen: list[Job], lane: Lane | None
+        self, tx: Tx, chosen: list[Job], lane: Lane | None, held: frozenset[str]
     ) -> tuple[int, list[Job]] | None:
-        chosen.extend(await choose_call(tx, self._queue, self.caps.cap, self.lanes, lane))
+        chosen.extend(await choose_call(tx, self._queue, self.caps.cap, self.lanes, lane, held))
         return await jobs.claim_batch(tx, [job.id for job in chosen]) if chosen else None
 
     async def reload_queue(self, out_of_step: bool = False) -> None:

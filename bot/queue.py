@@ -14,6 +14,15 @@ Loading a model costs seconds to minutes, so a job on a model the worker holds m
 a head whose model it would have to load: only if its turn is within RESIDENT_SLACK units of
 the head's, and at most MAX_PASSES calls in a row, so the head waits a bounded time and the
 switch, when it comes, costs one load.
+
+That load, and the reload of the model it pushes out, are paid by the member whose call makes
+the switch: their finish moves on by 2 × SWITCH_UNITS / weight, as if the device had run that
+much of their work; loading the old model back is then free. A member keeping cheap jobs
+queued on a model that does not fit beside the loaded one thus switches only as often as their
+own share pays for two loads, the others keep theirs, and every job still runs (a charge moves
+that member's later turns by a fixed amount). A minimum residency would make everyone on the
+other model wait, thrash or not, and charge the loads to nobody. Where two models do fit
+together (the queue cannot tell), the member pays once for a reload that never comes.
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ BLOCK_SIZE = 256
 # for its model being loaded already to put it first, and how many calls in a row may do so.
 RESIDENT_SLACK = 4.0
 MAX_PASSES = 3
+# What loading a model is charged, in cost units: assumed (not measured on a GPU) about 4 s,
+# SD 1.5 in half precision from the page cache, and a unit about 0.25 s in batched calls.
+SWITCH_UNITS = 16.0
 
 Turn = tuple[float, int]  # (virtual start, job id): the fair order
 DepthWatcher = Callable[[BatchKey, int], None]  # (key, jobs now queued with it)
@@ -150,7 +162,9 @@ class QueueIndex:
     """Queued jobs by fair turn, by batch key and by member. Not thread-safe: the event
     loop owns it."""
 
-    def __init__(self) -> None:
+    def __init__(self, switch_units: float = SWITCH_UNITS) -> None:
+        """An empty index that charges each model switch `switch_units` twice (0: free)."""
+        self.switch_units = switch_units
         self._watcher: DepthWatcher | None = None
         self._reset()
 
@@ -176,6 +190,7 @@ class QueueIndex:
         self._finish: dict[int, float] = {}  # each member's latest finish tag
         self._member_cost: dict[int, int] = {}
         self._passed = (0, 0)  # (fair head's job id, calls that went before it)
+        self._returns: dict[str, frozenset[str]] = {}  # loaded by a charged switch: what it left
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -289,9 +304,10 @@ class QueueIndex:
             return None
         return self._jobs[best[1]]
 
-    def claimed(self, batch: Iterable[Job]) -> None:
-        """The batch left the queue: the virtual clock moves to its head's turn. A fair head
-        left behind (for a resident model) counts the time it was passed over."""
+    def claimed(self, batch: Iterable[Job], resident: frozenset[str] = frozenset()) -> None:
+        """The batch left the queue for a worker holding `resident`: the virtual clock moves to
+        its head's turn. A fair head left behind (for a resident model) counts the time it was
+        passed over; a switch of model is charged (see `_charge_switch`)."""
         batch = list(batch)
         first = self._order.first()
         if first is not None and all(job.id != first[1] for job in batch):
@@ -300,8 +316,22 @@ class QueueIndex:
         turns = [self._turns[job.id] for job in batch if job.id in self._turns]
         if turns:
             self.clock = max(self.clock, min(turns)[0])
+            self._charge_switch(batch[0], resident)
         for job in batch:
             self.remove(job.id)
+
+    def _charge_switch(self, head: Job, resident: frozenset[str]) -> None:
+        """A call on a model the worker lacks (while it holds others) costs its head's member
+        the load and the reload of what it leaves, unless it loads back what a charged switch
+        left, which that switch paid for. A worker that holds nothing loads free."""
+        model = head.request.model
+        if not resident or model in resident or not self.switch_units or head.id not in self._turns:
+            return
+        left = frozenset().union(*(self._returns.pop(held, ()) for held in resident))
+        if model in left:
+            return
+        self._returns[model] = resident
+        self._finish[head.member_id] += 2 * self.switch_units / head.weight
 
     def position(self, job_id: int) -> tuple[int, float] | None:
         """(1 for the next job to run, units of work up to and including it); None when the

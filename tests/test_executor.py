@@ -520,3 +520,40 @@ def test_a_lane_is_free_now_idle_later_by_its_steps_and_never_while_restarting(
     lanes.all = [lane, Lane(LocalWorker(empty, "empty"))]
     assert lanes.others_free_in(lane, "tiny") == math.inf
     assert Lanes().others_free_in(lane, "tiny") == math.inf
+
+
+class HoldsModels:
+    """A runner stand-in for claims alone: it holds the models it is given and runs nothing."""
+
+    def __init__(self, held):
+        self.held = frozenset(held)
+
+    def resident_models(self):
+        return self.held
+
+    def batch_limit(self, key):
+        return None
+
+
+async def test_a_claim_charges_a_switch_of_model_to_the_member_who_asks_for_it(settings):
+    """The executor tells the queue which models the claiming worker holds: member 2's call on
+    model b, on a worker holding c, costs member 2 the load and a reload, so their next job
+    waits behind all five of member 1's instead of coming third."""
+    store = await Store.open(settings.database_path)
+
+    async def admit(member, model):
+        return await store.write(admission.admit, make_request(model=model), Intake(member, 1, 2))
+
+    try:
+        first = await admit(2, "b")
+        for _ in range(5):
+            await admit(1, "a")
+        runner, queue = HoldsModels({"c"}), QueueIndex()
+        executor = Executor(store, runner, queue, ExecutorTuning(4), Outlets(Collector()))
+        await executor.reload_queue()
+        _, batch = await executor.claim_next(Lane(LocalWorker(runner)))
+        assert [job.id for job in batch] == [first.id]
+        queue.add(later := await admit(2, "b"))
+        assert queue.position(later.id)[0] == 6
+    finally:
+        await store.close()

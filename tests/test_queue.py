@@ -255,3 +255,66 @@ def test_preferring_the_resident_model_never_starves_the_head():
         if calls[-1] == [1]:
             break
     assert calls[-1] == [1] and len(calls) == queue_module.MAX_PASSES + 1
+
+
+def serve_one_model_at_a_time(index, calls, top_up, held="a"):
+    """Claim `calls` calls one image each, as a worker that holds one model at a time (the two
+    models do not fit together), topping the queue up before each; returns the units each
+    member was served, the number of switches and the ids claimed."""
+    served, switches, claimed = {}, 0, []
+    for _ in range(calls):
+        top_up()
+        batch = index.next_batch(lambda key: 1, resident=frozenset({held}))
+        if not batch:
+            break
+        index.claimed(batch, resident=frozenset({held}))
+        if batch[0].request.model != held:
+            held, switches = batch[0].request.model, switches + 1
+        for one in batch:
+            served[one.member_id] = served.get(one.member_id, 0.0) + one.request.cost
+            claimed.append(one.id)
+    return served, switches, claimed
+
+
+def test_a_member_alternating_cheap_jobs_on_another_model_pays_for_the_switches():
+    """Members 1, 3 and 4 keep three jobs queued each on model a, member 2 one cheap job on
+    model b, which does not fit beside a. Each switch to b is charged to member 2 as the load
+    and the reload of a (SWITCH_UNITS each), so over N calls there is at most one round trip
+    per 2 × SWITCH_UNITS calls of each other member (before: one per four calls or so), each
+    of them is served as many units as member 2 plus member 2's loads, and every job runs."""
+    index, next_id, submitted, others = QueueIndex(), iter(range(1, 10_000)), [], (1, 3, 4)
+
+    def top_up():
+        for member in others:
+            while len(index.jobs_of(member)) < 3:
+                submitted.append(job(next(next_id), member=member, model="a"))
+                index.add(submitted[-1])
+        if not index.jobs_of(2):
+            submitted.append(job(next(next_id), member=2, model="b", width=256, height=256))
+            index.add(submitted[-1])
+
+    calls, units = 240, queue_module.SWITCH_UNITS
+    served, switches, claimed = serve_one_model_at_a_time(index, calls, top_up)
+    assert 2 <= switches <= 2 * (calls / (2 * units * len(others)) + 1)  # before: 34
+    for member in others:
+        assert served[member] == pytest.approx(served[2] + switches * units, abs=2 * units + 1)
+    _, _, drained = serve_one_model_at_a_time(index, 100, lambda: None)
+    assert sorted(claimed + drained) == sorted(one.id for one in submitted) and not len(index)
+
+
+def test_loading_back_the_model_a_charged_switch_left_is_free():
+    """Only the switch away is charged: the call that loads a back puts no charge on its
+    member, whose next turn follows their own work alone. A worker that held nothing (at
+    start-up) loads its first model free."""
+    index = index_of(job(1, member=1, model="a"), job(2, member=2, model="b"))
+    index.claimed(index.next_batch(lambda key: 1), resident=frozenset())  # job 1 on a: free
+    index.claimed(index.next_batch(lambda key: 1), resident=frozenset({"a"}))  # job 2: b
+    index.add(job(3, member=1, model="a"))
+    index.claimed(index.next_batch(lambda key: 1), resident=frozenset({"b"}))  # job 3: a again
+    index.add(job(4, member=2, model="b"))
+    for n in range(5, 25):  # member 1's turns 2, 3, ..., 21
+        index.add(job(n, member=1, model="a"))
+    assert index.position(5) == (1, 1.0)  # member 1 paid nothing for loading a back
+    # Member 2's turn is their finish: their unit of work, the load of b and the reload of a.
+    charged = 1.0 + 2 * queue_module.SWITCH_UNITS
+    assert index.position(4)[0] == 1 + sum(1 for turn in range(2, 22) if turn < charged)
