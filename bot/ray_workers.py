@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bot.ray_cluster import connect_ray
 from bot.requests import BatchKey
 from bot.results import GeneratedImage
 from bot.workers import Call, StepReport, WorkerLost, WorkerProgress, step_reporter
@@ -121,21 +122,6 @@ def ray_plan(gpus: float, ray_workers: int | None) -> RayPlan:
     if gpus >= 1:
         return RayPlan(ray_workers or int(gpus), True)
     return RayPlan(ray_workers or 1, False)
-
-
-def connect_ray(address: str | None, cpu_workers: int | None) -> Any:
-    """Join the cluster at `address`, or start a local Ray instance with a core per CPU worker
-    (GPUs are found by Ray itself); a Ray already initialised in this process is used as it
-    is. Returns the ray module."""
-    import ray
-
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            cpus = max(os.cpu_count() or 1, cpu_workers or 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    return ray
 
 
 class RayWorker:
@@ -279,9 +265,9 @@ def ray_workers(
     count: int | None,
     timeout: float,
 ) -> list[RayWorker]:
-    """The Ray workers of the cluster (joined or started here): one per GPU, or `count` CPU
-    workers where it has no GPU. Each holds a runner built from `options` with `models`
-    loaded; Ray restarts one that dies."""
+    """The Ray workers of the cluster (joined, or started here: bot/ray_cluster.py): one per
+    GPU, or `count` CPU workers where it has no GPU. Each holds a runner built from `options`
+    with `models` loaded; Ray restarts one that dies."""
     ray = connect_ray(address, count)
     plan = ray_plan(ray.cluster_resources().get("GPU", 0), count)
     # Three threads: a call, its progress and its interrupt. Ray sets OMP_NUM_THREADS to the

@@ -2,33 +2,146 @@
 one torch thread each) answer /imagine with the pixels the local runner makes for the seed, and
 a worker killed, or stopped past WORKER_TIMEOUT, in the middle of a call loses no job and
 delivers each exactly once, while a call longer than WORKER_TIMEOUT that keeps stepping runs
-on. One bot for all of it: starting Ray workers takes seconds."""
+on. One bot for all of it: starting Ray workers takes seconds. The cluster is started as the
+bot starts one, from an environment with a bot token, an owner's RAY_AUTH_MODE=disabled and a
+token file others may read: it listens on loopback only, refuses clients without its token,
+keeps that token private and never hands a secret to a Ray process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
+import stat
 from dataclasses import replace
 
 import numpy as np
+import psutil
 import pytest
 from factories import pixels
 from harness.answers import attachment_names
 from harness.in_process import running_bot
 
 from bot.db import jobs
+from bot.ray_cluster import (
+    RayNotSecure,
+    answers_client,
+    connect_ray,
+    join_cluster,
+    private_token_file,
+    refuses_strangers,
+    secret_names,
+)
 
 ray = pytest.importorskip("ray")
 
+BOT_TOKEN = "MTIz.bot-token-that-must-stay-in-the-bot"
+
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray instance for the module; the bot finds it initialised and joins it."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster(tmp_path_factory):
+    """One local Ray instance for the module, started by connect_ray as the bot starts one
+    (the bot finds it initialised and uses it), from a hostile environment: the bot's token,
+    RAY_AUTH_MODE=disabled, and a token file that other users may read. Yields that file."""
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text("0123456789abcdef" * 4)
+    token.chmod(0o644)
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("DISCORD_TOKEN", BOT_TOKEN)
+        environment.setenv("RAY_AUTH_MODE", "disabled")
+        environment.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        environment.delenv("RAY_AUTH_TOKEN", raising=False)
+        connect_ray(None, 2)
+        yield token
+        ray.shutdown()
+
+
+def ray_processes(worker_pid: int) -> list[psutil.Process]:
+    """The processes this one started for Ray (GCS, raylet, agents, workers), checked to
+    include the core ones and the worker whose pid is given."""
+    processes = psutil.Process().children(recursive=True)
+    names = {process.name() for process in processes}
+    assert {"gcs_server", "raylet"} <= names
+    assert worker_pid in {process.pid for process in processes}
+    return processes
+
+
+@ray.remote
+def worker_pid() -> int:
+    return os.getpid()
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def bound_sockets(processes: list[psutil.Process]) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every socket of `processes` that listens (TCP) or is
+    bound and unconnected (UDP)."""
+    return [
+        (process.name(), connection.laddr.ip, connection.laddr.port)
+        for process in processes
+        for connection in process.net_connections(kind="inet")
+        if not connection.raddr
+    ]
+
+
+def test_a_local_cluster_is_on_loopback_without_secrets_and_refuses_clients_without_its_token(
+    ray_cluster,
+):
+    """One test, since a cluster takes seconds to start. Ray's GCS, raylet, agents and workers,
+    and the bot's own Ray core worker, listen on 127.0.0.1 alone; none of Ray's processes
+    holds the bot's token, which the bot keeps; a client that sends no token is refused
+    though the owner's environment said RAY_AUTH_MODE=disabled, and one with it is answered;
+    the token file, readable by others before, is 0600."""
+    processes = ray_processes(ray.get(worker_pid.remote()))
+    bound = bound_sockets([psutil.Process(), *processes])
+    assert bound and [socket for socket in bound if not is_loopback(socket[1])] == []
+    for process in processes:
+        environment = process.environ()
+        assert "DISCORD_TOKEN" not in environment, process.name()
+        assert BOT_TOKEN not in "\n".join(environment.values()), process.name()
+    assert os.environ["DISCORD_TOKEN"] == BOT_TOKEN
+    gcs = ray.get_runtime_context().gcs_address
+    assert refuses_strangers(gcs) is True
+    assert answers_client(gcs, {**os.environ, "RAY_AUTH_MODE": "token"}) is True
+    assert stat.S_IMODE(ray_cluster.stat().st_mode) == 0o600
+
+
+def test_secrets_are_found_by_the_words_of_their_names():
+    secret = ["DISCORD_TOKEN", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "OPENAI_API_KEY"]
+    harmless = ["TOKENIZERS_PARALLELISM", "RAY_AUTH_TOKEN", "PATH", "KEYBOARD", "MONKEY"]
+    assert secret_names(dict.fromkeys(secret + harmless, "x")) == secret
+
+
+def test_a_token_file_is_made_private_and_none_is_made_for_joining(tmp_path):
+    made = private_token_file(tmp_path / "new" / ".ray" / "auth_token", create=True)
+    other = private_token_file(tmp_path / "other", create=True)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600
+    assert stat.S_IMODE(made.parent.stat().st_mode) == 0o700
+    assert len(made.read_text()) == 64 and made.read_text() != other.read_text()
+    with pytest.raises(RayNotSecure, match="no Ray token"):
+        private_token_file(tmp_path / "missing", create=False)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_cluster_that_accepts_clients_without_a_token_is_not_joined(monkeypatch, tmp_path):
+    class NoRay:
+        def init(self, **options):
+            raise AssertionError("joined")
+
+    monkeypatch.setattr("bot.ray_cluster.refuses_strangers", lambda address: False)
+    with pytest.raises(RayNotSecure, match="accepts clients without a token"):
+        join_cluster(NoRay(), "10.0.0.7:6379")
+    # One that refuses them is joined only with the token in hand.
+    monkeypatch.setattr("bot.ray_cluster.refuses_strangers", lambda address: True)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "none"))
+    with pytest.raises(RayNotSecure, match="no Ray token"):
+        join_cluster(NoRay(), "10.0.0.7:6379")
 
 
 async def lane_running(service, job_id: int, timeout: float = 60.0):
