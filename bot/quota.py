@@ -82,6 +82,15 @@ class QuotaExceeded(AdmissionRefused):
         return self.request.cost
 
 
+class QuotaUsedUp(AdmissionRefused):
+    """Nothing is left of the member's quota: refused before any work on the request, such
+    as decoding its upload."""
+
+    def __init__(self, status: QuotaStatus) -> None:
+        super().__init__(f"quota: {units_text(status.used)} of {units_text(status.limit)} used")
+        self.status = status
+
+
 class TooManyQueued(AdmissionRefused):
     """The member already has `active` jobs queued or running, and `limit` is the most."""
 

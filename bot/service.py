@@ -13,12 +13,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from bot.blocklist import find_blocked, member_texts, readings
 from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
 from bot.db.members import MemberDefaults
 from bot.downloads import ModelNotAvailable, missing_sources
 from bot.eta import seconds_per_unit, wait_seconds
 from bot.executor import Executor, ExecutorTuning, JobResult, Outlets, Runner
+from bot.gate import Gate
 from bot.handoff import Undeliverable
 from bot.images import read_parameters
 from bot.intake import AdmissionCaps, Intake
@@ -26,7 +26,7 @@ from bot.metrics import Metrics, counting_refusals
 from bot.models import Catalog, load_catalog
 from bot.prompts import parse_weights
 from bot.queue import QueueIndex
-from bot.quota import MemberBanned, PromptBlocked, ShuttingDown
+from bot.quota import ShuttingDown
 from bot.ray_workers import workers_for
 from bot.requests import GenerationRequest, InvalidRequest, Job, RawOptions, validate
 from bot.settings import Settings
@@ -120,6 +120,7 @@ class ImagineService:
         self._closed = False
         self.queue = QueueIndex()
         self.metrics = Metrics(self.queue)
+        self.gate = Gate(settings, store, self.catalog, self.metrics)
         self.executor = Executor(
             store,
             runner,
@@ -192,19 +193,6 @@ class ImagineService:
         prompt_chunks(self.runner, request, self.settings.max_prompt_chunks)
         return request
 
-    @counting_refusals
-    def check_audience(self, request: GenerationRequest, intake: Intake) -> None:
-        """Raise InvalidRequest("model") for a model the owner marked `nsfw` asked for outside
-        an age-restricted channel (a DM is none): Discord keeps adult content in those."""
-        if not self.catalog.models[request.model].nsfw or intake.age_restricted:
-            return
-        usable = [m.name for m in self.catalog.usable_models() if not m.nsfw]
-        raise InvalidRequest(
-            "model",
-            f"{request.model} works only in age-restricted channels; here choose one of: "
-            f"{', '.join(usable) or 'none is offered'}.",
-        )
-
     def check_defaults(self, wanted: MemberDefaults) -> None:
         """Raise DefaultsRefused for defaults /imagine would refuse (the same checks), so a
         saved default can never be refused later."""
@@ -234,28 +222,6 @@ class ImagineService:
         bounded and parsed in linear time, but a PNG can still carry a megabyte of it."""
         return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, read_parameters, data)
 
-    @counting_refusals
-    async def check_member(self, intake: Intake, texts: dict[str, str] | None = None) -> None:
-        """Raise MemberBanned, or PromptBlocked when a text the member typed (by option)
-        spells a blocked term as typed or as the text encoder reads it, before any slow work
-        on a request; admission checks the ban again, in its transaction."""
-        guild, member = intake.guild_id or 0, intake.member_id
-        if (ban := await self.store.read(moderation.ban_of, guild, member)) is not None:
-            raise MemberBanned(ban.reason)
-        texts = {option: text for option, text in (texts or {}).items() if text}
-        if not texts:
-            return
-        terms = await self.store.read(moderation.blocked_keys, guild)
-        for option, text in texts.items():
-            for reading in readings(text):
-                if term := find_blocked(reading, terms):
-                    raise PromptBlocked(term, option)
-
-    async def check_request(self, intake: Intake, request: GenerationRequest) -> None:
-        """`check_member` on a checked request's prompt and the member's negative prompt."""
-        prefix = self.catalog.models[request.model].negative_prompt
-        await self.check_member(intake, member_texts(request, prefix))
-
     async def member_defaults(self, member_id: int) -> MemberDefaults:
         """A member's /settings, read once per request: options they left out come from
         here (`saved_defaults`), and whether they want results privately."""
@@ -270,8 +236,8 @@ class ImagineService:
         or charging anything."""
         if not self.accepting:
             raise ShuttingDown()
-        self.check_audience(request, intake)
-        await self.check_request(intake, request)
+        self.catalog.check_audience(request.model, intake.age_restricted)
+        await self.gate.check_request(intake, request)
         png = None if init_image is None else init_image.png
         caps = AdmissionCaps.of(self.settings)
         job = await self.store.write(admission.admit, request, intake, caps, png)

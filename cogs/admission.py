@@ -92,7 +92,7 @@ class AdmissionDesk:
         there, and the member is told which were queued and why the rest were not."""
         prepared = await self.prepare(entry, ask)
         for request in prepared.requests:  # every job's texts first: `{xx,nu}de` queues neither
-            await self.service.check_request(prepared.entry.intake, request)
+            await self.service.gate.check_request(prepared.entry.intake, request)
         admitted: list[Job] = []
         for request in prepared.requests:
             try:
@@ -120,9 +120,10 @@ class AdmissionDesk:
         return prepared
 
     async def _read_image(self, entry: Entry, ask: Ask) -> tuple[PreparedImage | None, bytes]:
-        """Download (after checking the announced size, the ban list and the prompt known so
-        far against the blocklist) and prepare the attachment. An interaction is deferred
-        first, privately: downloading and decoding can outlast Discord's 3 seconds."""
+        """Download and prepare the attachment, after what needs no pixels: its announced
+        size, the ban list, the prompt known so far against the blocklist, the member's queue
+        limit and quota; one at a time per member. An interaction is deferred first,
+        privately: downloading and decoding can outlast Discord's 3 seconds."""
         attachment = ask.image
         if not isinstance(attachment, discord.Attachment):
             return attachment, b""
@@ -133,15 +134,17 @@ class AdmissionDesk:
                 f"{limit / 2**20:g} MiB. Nothing was queued."
             )
         known = {"prompt": ask.known_prompt() or ""}
-        await self.service.check_member(entry.intake, known)  # before downloading
+        await self.service.gate.check_member(entry.intake, known)  # nothing downloaded yet
+        await self.service.gate.check_room(entry.intake)
         origin = entry.origin
         if isinstance(origin, discord.Interaction) and not origin.response.is_done():
             await origin.response.defer(ephemeral=True, thinking=True)
-        try:
-            data = await attachment.read()
-        except discord.HTTPException as error:
-            raise Refused("I could not download that image; please try again.") from error
-        return await (ask.prepare or self.service.prepare_init_image)(data), data
+        async with self.service.gate.one_decode(entry.intake.member_id):
+            try:
+                data = await attachment.read()
+            except discord.HTTPException as error:
+                raise Refused("I could not download that image; please try again.") from error
+            return await (ask.prepare or self.service.prepare_init_image)(data), data
 
     async def _options(self, entry: Entry, ask: Ask, data: bytes) -> tuple[Entry, RawOptions]:
         """The options before flags: those of `like`'s image when known (its job becomes the
@@ -200,7 +203,8 @@ class AdmissionDesk:
             raw = saved_defaults(raw, entry.defaults, self.service.catalog)
         request = self.service.validate(raw, image)
         request = request if ask.derive is None else ask.derive(request)
-        self.service.check_audience(request, entry.intake)  # so a dry run says it too
+        catalog = self.service.catalog  # an `nsfw` model, refused so a dry run says it too
+        catalog.check_audience(request.model, entry.intake.age_restricted)
         return request
 
     async def _admit_one(

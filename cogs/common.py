@@ -20,6 +20,7 @@ from bot.quota import (
     PromptBlocked,
     QuotaExceeded,
     QuotaStatus,
+    QuotaUsedUp,
     ShuttingDown,
     TooManyQueued,
     cost_text,
@@ -180,6 +181,11 @@ def refusal_text(problem: Exception) -> str:
         return (
             f"You have used {standing_text(problem.status)}; this request is "
             f"{cost_text(problem.request)}.{frees_up_text(problem.status)} {NOTHING_CHARGED}"
+        )
+    if isinstance(problem, QuotaUsedUp):
+        return (
+            f"You have used {standing_text(problem.status)}: none is left."
+            f"{frees_up_text(problem.status)} {NOTHING_CHARGED}"
         )
     if isinstance(problem, TooManyQueued):
         jobs = f"{problem.active} job" + ("" if problem.active == 1 else "s")

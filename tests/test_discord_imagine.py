@@ -4,6 +4,7 @@ talking to the fake Discord over HTTP and the gateway."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import TEST_LIMITS
 from factories import pixels
 from harness.answers import attachment_names, embed_field, job_id_of
 from harness.in_process import running_bot
+from test_admission_paths import mod
 from test_images import encode, noise
 
 from bot.db import Store, jobs
@@ -313,4 +315,71 @@ async def test_a_failure_after_admission_does_not_say_nothing_was_charged(
     assert "nothing was charged" not in answer.content
     assert "queued" in answer.content and "job #1" in answer.content
     monkeypatch.undo()
+    await imagine_bot.wait_idle()
+
+
+@pytest.mark.parametrize("limit", ["queue", "quota"])
+async def test_an_upload_that_admission_would_refuse_is_never_downloaded(
+    discord_world, imagine_bot, limit
+):
+    """What can be refused without the pixels (the member's queue limit, a quota used up) is
+    refused before the upload is downloaded and decoded on the shared pool."""
+    w = discord_world
+    if limit == "quota":
+        await mod(w, "quota", "set", member=w.alice, limit=0.003)
+        await imagine_bot.queued_job(await imagine_bot.imagine(w.alice, prompt="one", seed=9))
+        await imagine_bot.wait_idle()
+        expected = "none is left"
+    else:
+        imagine_bot.runner.hold()
+        for seed in (11, 12, 13):
+            await imagine_bot.queued_job(await imagine_bot.imagine(w.alice, prompt="x", seed=seed))
+        expected = "the limit is 3"
+    upload = ("in.png", encode(noise(64, 64, seed=2), "PNG"))
+    inter = await w.fake.slash_command(
+        w.alice, w.channel, "imagine", {"prompt": "a bay"}, attachments={"image": upload}
+    )
+    refused = await inter.wait_original()
+    assert refused.ephemeral and expected in refused.content
+    assert [r for r in w.fake.requests if r.path.startswith("/attachments/")] == []
+    imagine_bot.runner.release()
+    await imagine_bot.wait_idle()
+
+
+async def test_one_member_holds_at_most_one_decode_at_a_time(
+    discord_world, imagine_bot, monkeypatch
+):
+    w = discord_world
+    service = imagine_bot.service
+    decode = service.prepare_init_image
+    running: dict[int, int] = {}
+    most: dict[int, int] = {}
+    whose = contextvars.ContextVar("whose")
+
+    async def slow(data):
+        member = whose.get()
+        running[member] = running.get(member, 0) + 1
+        most[member] = max(most.get(member, 0), running[member])
+        await asyncio.sleep(0.3)
+        running[member] -= 1
+        return await decode(data)
+
+    one_decode = service.gate.one_decode
+
+    def tagged(member_id):
+        whose.set(member_id)
+        return one_decode(member_id)
+
+    monkeypatch.setattr(service, "prepare_init_image", slow)
+    monkeypatch.setattr(service.gate, "one_decode", tagged)
+    upload = ("in.png", encode(noise(64, 64, seed=2), "PNG"))
+    sent = [
+        await w.fake.slash_command(
+            member, w.channel, "imagine", {"prompt": "a bay"}, attachments={"image": upload}
+        )
+        for member in (w.alice, w.alice, w.alice, w.bob)
+    ]
+    for inter in sent:
+        assert "Queued as job #" in (await inter.wait_original(timeout=20)).content
+    assert most == {w.alice.id: 1, w.bob.id: 1}
     await imagine_bot.wait_idle()
