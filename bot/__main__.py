@@ -57,6 +57,7 @@ async def open_service(settings: Settings):
             max_batch_size=settings.max_batch_size,
             largest_side=settings.limits.max_side,
             safety_checker=settings.safety_checker,
+            keep_flagged=settings.nsfw_channels == "allow",
             memory_budget_bytes=(
                 None if settings.model_memory_gb is None else int(settings.model_memory_gb * 2**30)
             ),
@@ -168,7 +169,8 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
     service.add_listener(collect)
     try:
         await service.start()
-        admission = await service.submit(request, Intake(0))
+        # The owner's own terminal, not a Discord channel: their `nsfw` models work here too.
+        admission = await service.submit(request, Intake(0, age_restricted=True))
         result = await done
         await service.executor.wait_idle()  # the job is marked done after its delivery
     finally:

@@ -17,7 +17,8 @@ class Intake:
     """A request's origin: the member, the server whose rules apply (bans, blocklist, quota;
     None in a DM, where nothing is admitted), the channel and interaction to answer in, the
     member's fair-share `weight` and quota exemption (from their roles), whether results go
-    to them privately, and the image (job id, index) a variation starts from."""
+    to them privately, the image (job id, index) a variation starts from, and whether the
+    channel is age-restricted (models marked `nsfw` work only there; a DM is not)."""
 
     member_id: int
     guild_id: int | None = None
@@ -27,6 +28,7 @@ class Intake:
     weight: float = 1.0
     exempt: bool = False
     private: bool = False
+    age_restricted: bool = False
 
     def varying(self, job_id: int, index: int = 0) -> Intake:
         """The same origin, for a request that starts from image `index` of job `job_id`."""

@@ -3,8 +3,7 @@
 Two kinds of input, trusted differently. The owner's file is checked strictly at start-up
 (`load_catalog` raises `ModelsFileError`, a `SettingsError`, naming the key and the file).
 Members' choices are hostile: `Catalog.entry` and `Catalog.check_loras` bound them before
-parsing and refuse with `InvalidRequest`, naming the allowed values. Pure Python, no torch.
-"""
+parsing and refuse with `InvalidRequest`, naming the allowed values. Pure Python, no torch."""
 
 from __future__ import annotations
 
@@ -53,6 +52,7 @@ class ModelEntry:
     max_steps: int | None = None
     safety_checker: bool | None = None
     inpaint: str | None = None  # the allowlisted model that paints Zoom Out and Pan fills
+    nsfw: bool = False  # offered and admitted only in age-restricted channels
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,18 @@ class Catalog:
         return [
             m for m in self.models.values() if not (m.source in self.missing or m.name in hidden)
         ]
+
+    def check_audience(self, model: str, age_restricted: bool) -> None:
+        """Refuse with InvalidRequest("model") a model the owner marked `nsfw` outside an
+        age-restricted channel (a DM is none): Discord keeps adult content in those."""
+        if age_restricted or not self.models[model].nsfw:
+            return
+        here = [m.name for m in self.usable_models() if not m.nsfw]
+        raise InvalidRequest(
+            "model",
+            f"{model} works only in age-restricted channels; here choose one of: "
+            f"{', '.join(here) or 'none is offered'}.",
+        )
 
     def loras_for(self, model: str) -> list[LoraEntry]:
         """The LoRAs members can use with `model` now, by name."""
@@ -301,6 +313,7 @@ _MODEL_KEYS: dict[str, tuple[type, ...]] = {
     "max_steps": (int,),
     "safety_checker": (bool,),
     "inpaint": (str,),
+    "nsfw": (bool,),
 }
 _RANGES: dict[str, tuple[float, float]] = {
     "steps": (1, 150),

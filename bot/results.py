@@ -17,7 +17,9 @@ BLANK_IMAGE_ERROR = "the image came out blank (NaN); try another seed or fewer s
 @dataclass
 class GeneratedImage:
     """One output image; `withheld` images were flagged by the safety checker and must not be
-    delivered (their pixels are blacked out anyway). `error` says why an image is unusable."""
+    delivered (blacked out, unless NSFW_CHANNELS=allow kept their pixels: delivery then shows
+    them as spoilers in an age-restricted channel, and clears `withheld`, so they are charged).
+    `error` says why an image is unusable."""
 
     image: PIL.Image.Image
     withheld: bool

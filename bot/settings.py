@@ -26,6 +26,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EXECUTORS = ("local", "ray")
+# Images the safety checker flags: withheld everywhere, or shown as spoilers in age-restricted
+# channels (and withheld elsewhere).
+NSFW_CHANNELS = ("withhold", "allow")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Settings:
     channels_last: bool = False
     torch_compile: bool = False
     safety_checker: bool = True
+    nsfw_channels: str = "withhold"
     discord_api_base: str | None = None
     log_level: str = "INFO"
     max_upload_bytes: int = 10 * 2**20
@@ -189,6 +193,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "CHANNELS_LAST": ("channels_last", _parse_bool),
     "TORCH_COMPILE": ("torch_compile", _parse_bool),
     "SAFETY_CHECKER": ("safety_checker", _parse_bool),
+    "NSFW_CHANNELS": ("nsfw_channels", _parse_choice(NSFW_CHANNELS)),
     "DISCORD_API_BASE": ("discord_api_base", _parse_text),
     "MAX_UPLOAD_MB": (
         "max_upload_bytes",

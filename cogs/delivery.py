@@ -1,10 +1,16 @@
-"""Posting a finished job: its images (a grid first when there are several), the parameters
-that reproduce them, and the Vary/Reroll buttons; or why it failed or was cancelled."""
+"""Posting a finished job (its files and text: cogs/result_files.py) where its member will see
+it, with the Vary/Reroll buttons; or why it failed or was cancelled.
+
+Adult content stays in age-restricted channels. Images the safety checker flags are withheld
+and refunded, except where the owner allows them (NSFW_CHANNELS=allow) and the result goes to
+an age-restricted channel: there they are posted as spoilers. A model marked `nsfw` posts only
+there too. Whether the channel is age-restricted is read from Discord at delivery (the channel
+as it is now, also for a job delivered after a restart; no job row keeps a copy to go stale);
+a DM never is, so such a result is never sent by DM."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -12,112 +18,23 @@ from typing import Any
 
 import discord
 
-from bot import operations
 from bot.db import Store, jobs, members
 from bot.handoff import JobResult, Undeliverable
-from bot.images import grid, parameters_text, png_bytes
-from bot.requests import GenerationRequest, Job
-from cogs.common import loras_text
+from bot.requests import Job
+from cogs.models import age_restricted
 from cogs.operations import operations_for, result_view
+from cogs.result_files import describe, headline, pack, result_uploads, split, too_large
 from cogs.status import StatusBoard
 
 log = logging.getLogger(__name__)
 
 # Interaction tokens live 15 minutes; past this age we post to the channel instead.
 FOLLOWUP_WINDOW_SECONDS = 14 * 60
-MAX_FILES = 10  # Discord's attachments per message
 MAX_ERROR_TEXT = 1800  # an error quoted to a member, well inside a message's 2,000 characters
-
-
-def describe(request: GenerationRequest, seconds: float | None = None) -> discord.Embed:
-    """Everything needed to reproduce the images, shown under them."""
-    embed = discord.Embed(description=request.prompt[:4000], colour=discord.Colour.blurple())
-    if request.negative_prompt:
-        embed.add_field(name="Negative prompt", value=request.negative_prompt[:1024], inline=False)
-    seeds = request.seeds
-    embed.add_field(name="Seed" if len(seeds) == 1 else "Seeds", value=", ".join(map(str, seeds)))
-    embed.add_field(name="Steps", value=str(request.steps))
-    embed.add_field(name="Guidance", value=f"{request.guidance:g}")
-    embed.add_field(name="Size", value=f"{request.width}×{request.height}")
-    embed.add_field(name="Scheduler", value=request.scheduler)
-    embed.add_field(name="Model", value=request.model[:1024])
-    if request.loras:
-        embed.add_field(name="LoRAs", value=loras_text(request.loras)[:1024])
-    if request.strength is not None:
-        embed.add_field(name="Strength", value=f"{request.strength:g} (from an image)")
-    if request.operation is not None:
-        embed.add_field(name="Made with", value=operations.label(request.operation))
-    if seconds is not None:
-        embed.set_footer(text=f"Generated in {seconds:.1f} s")
-    return embed
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One file of a result: an image (`index` in the request) or the grid (`index` None)."""
-
-    filename: str
-    data: bytes
-    index: int | None = None
-
-    def file(self) -> discord.File:
-        return discord.File(io.BytesIO(self.data), self.filename)
-
-
-def result_uploads(request: GenerationRequest, result: JobResult) -> list[Upload]:
-    """PNGs of the images the safety checker let through, a grid first when there are
-    several. Runs in a thread: encoding big grids is slow."""
-    kept = [index for index, generated in enumerate(result.images) if not generated.withheld]
-    uploads = []
-    if len(kept) > 1:
-        sheet = grid([result.images[index].image for index in kept])
-        uploads.append(Upload("grid.png", png_bytes(sheet)))
-    for index in kept:
-        seed = request.seeds[index]
-        data = png_bytes(result.images[index].image, parameters_text(request, seed))
-        uploads.append(Upload(f"seed-{seed}.png", data, index))
-    return uploads
-
-
-def pack(uploads: list[Upload], limit: int) -> list[list[Upload]] | None:
-    """The uploads as messages Discord accepts: at most 10 files and `limit` bytes each. All
-    in one message, grid included, when that fits; else the images alone, in order, over as
-    many messages as needed. None when one image alone is over the limit."""
-    if len(uploads) <= MAX_FILES and sum(len(u.data) for u in uploads) <= limit:
-        return [uploads]
-    images = [upload for upload in uploads if upload.index is not None]
-    if any(len(upload.data) > limit for upload in images):
-        return None
-    parts: list[list[Upload]] = [[]]
-    for upload in images:
-        part = parts[-1]
-        if part and (
-            len(part) == MAX_FILES or sum(len(u.data) for u in part) + len(upload.data) > limit
-        ):
-            parts.append(part := [])
-        part.append(upload)
-    return parts
-
-
-def split(part: list[Upload]) -> list[list[Upload]] | None:
-    """After Discord refused `part` as too large: the images without the grid, else in
-    halves; None for a lone image."""
-    images = [upload for upload in part if upload.index is not None]
-    if images and len(images) < len(part):
-        return [images]
-    if len(images) > 1:
-        half = len(images) // 2
-        return [images[:half], images[half:]]
-    return None
 
 
 def shorten(text: str, limit: int = MAX_ERROR_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def too_large(error: discord.HTTPException) -> bool:
-    """Discord's 413 (or its 40005 code): the files were over the upload limit."""
-    return error.status == 413 or error.code == 40005
 
 
 @dataclass
@@ -130,6 +47,13 @@ class Place:
     arrived: float
     private: bool
     reply_to: discord.Message | None
+    channel_only: bool = False  # adult content: never sent by DM
+
+    @property
+    def followup_open(self) -> bool:
+        """Whether the interaction's token is young enough for a follow-up."""
+        young = time.monotonic() - self.arrived < FOLLOWUP_WINDOW_SECONDS
+        return self.interaction is not None and young
 
     @property
     def requester(self) -> discord.AllowedMentions:
@@ -215,19 +139,15 @@ class Delivery:
         parameters, Reroll and the record of where the result is; each carries the Vary
         buttons of its own images. A refusal for size splits further (grid first)."""
         job, request = place.job, place.job.request
-        uploads = await asyncio.to_thread(result_uploads, request, result)
+        spoilers = await self._spoilers(place, result)
+        uploads = await asyncio.to_thread(result_uploads, request, result, spoilers)
         parts = pack(uploads, self._upload_limit(place))
         if parts is None:
             raise Undeliverable("an image is larger than Discord accepts")
         kept = [u.index for u in uploads if u.index is not None]
         withheld = request.count - len(kept)
-        lines = [f"<@{job.member_id}> job #{job.id}"]
-        if withheld:
-            lines.append(f"{withheld} of {request.count} image(s) withheld by the safety checker.")
-            if withheld == request.count:
-                lines.append("They were refunded.")
         first = {
-            "content": "\n".join(lines),
+            "content": headline(job, withheld, len(spoilers)),
             "embed": describe(request, result.seconds),
             "allowed_mentions": place.requester,
         }
@@ -238,13 +158,14 @@ class Delivery:
             indexes = [u.index for u in part if u.index is not None]
             message = first if number == 0 else {"content": f"Job #{job.id}, continued."}
             view = result_view(job.id, indexes, reroll=number == 0, offered=offered)
+            buttons = {} if view is None else {"view": view}  # a follow-up refuses view=None
             try:
                 sent = await self._post(
                     place,
                     withheld=withheld if number == 0 else None,
                     part=number,
                     files=[upload.file() for upload in part],
-                    view=view,
+                    **buttons,
                     **message,
                 )
             except discord.HTTPException as error:
@@ -259,6 +180,37 @@ class Delivery:
             if sent is None:
                 raise Undeliverable("neither the channel nor a DM would take it")
             number += 1
+
+    async def _spoilers(self, place: Place, result: JobResult) -> frozenset[int]:
+        """The flagged images to post as spoilers. They, and the images of a model marked
+        `nsfw`, go only to an age-restricted channel: elsewhere flagged images are withheld,
+        and an `nsfw` model's result is Undeliverable (failed and refunded). Spoilers are no
+        longer withheld, so the job is charged for them."""
+        model = place.job.request.model
+        entry = self.client.service.catalog.models.get(model)
+        nsfw = entry is not None and entry.nsfw
+        flagged = frozenset(i for i, image in enumerate(result.images) if image.withheld)
+        shown = flagged if self.client.settings.nsfw_channels == "allow" else frozenset()
+        if not (nsfw or shown):
+            return frozenset()
+        if not await self._age_restricted(place):
+            if nsfw:
+                raise Undeliverable(f"{model} posts only in an age-restricted channel")
+            return frozenset()
+        place.channel_only = True
+        for index in shown:
+            result.images[index].withheld = False
+        return shown
+
+    async def _age_restricted(self, place: Place) -> bool:
+        """Whether the result goes to the job's channel (a follow-up or a post there, not a
+        DM) and Discord marks that channel age-restricted now."""
+        if place.job.channel_id is None or (place.private and not place.followup_open):
+            return False
+        try:
+            return age_restricted(await self._channel(place.job.channel_id))
+        except discord.HTTPException:
+            return False
 
     def _upload_limit(self, place: Place) -> int:
         """The most bytes one message may upload wherever it may end up (the follow-up, the
@@ -282,11 +234,7 @@ class Delivery:
         sent = None
         if job.attempts > 1 and not place.private and withheld is not None:
             sent = await self._earlier_post(job)
-        if (
-            sent is None
-            and interaction is not None
-            and time.monotonic() - place.arrived < FOLLOWUP_WINDOW_SECONDS
-        ):
+        if sent is None and interaction is not None and place.followup_open:
             try:
                 sent = await interaction.followup.send(
                     wait=True, ephemeral=place.private, **message
@@ -297,7 +245,7 @@ class Delivery:
             if place.reply_to is not None and part == 0:
                 message["reference"] = place.reply_to
                 message["mention_author"] = True
-            sent = await self._post_outside_interaction(job, message, place.private, part)
+            sent = await self._post_outside_interaction(place, message, part)
         if sent is not None and withheld is not None:
             try:
                 await self.store.write(
@@ -313,13 +261,13 @@ class Delivery:
     async def _earlier_post(self, job: Job) -> discord.Message | None:
         """A result posted before the process died, between posting and recording it: found
         in the channel's recent history, so a rerun after a crash does not post twice."""
-        headline = f"<@{job.member_id}> job #{job.id}"
+        first_line = f"<@{job.member_id}> job #{job.id}"
         try:
             channel = await self._channel(job.channel_id)
             async for message in channel.history(limit=50):
                 if (
                     message.author == self.client.user
-                    and message.content.split("\n")[0] == headline
+                    and message.content.split("\n")[0] == first_line
                 ):
                     return message
         except discord.HTTPException:
@@ -327,12 +275,14 @@ class Delivery:
         return None
 
     async def _post_outside_interaction(
-        self, job: Job, message: dict[str, Any], private: bool, part: int = 0
+        self, place: Place, message: dict[str, Any], part: int = 0
     ) -> discord.Message | None:
         """Post in the job's channel (once: the nonce), else by DM when the channel is
-        closed to us or the results are private; None when neither works."""
+        closed to us or the results are private (never adult content); None when neither
+        works."""
+        job = place.job
         nonce = f"imagine-job-{job.id}" + (f"-{part}" if part else "")
-        if not private:
+        if not place.private:
             for file in message.get("files", []):
                 file.reset()
             try:
@@ -343,6 +293,8 @@ class Delivery:
         for file in message.get("files", []):
             file.reset()
         message.pop("reference", None)
+        if place.channel_only and message.get("files"):
+            raise Undeliverable("its images are posted only in an age-restricted channel")
         try:
             member = await self.client.fetch_user(job.member_id)
             return await member.send(**message)

@@ -18,7 +18,7 @@ from bot.service import ImagineService, prompt_chunks
 from cogs.buttons import ConfirmView
 from cogs.common import loras_text, server_only, standing_text
 from cogs.entry import Ask, Prepared
-from cogs.models import lora_choices, model_choices
+from cogs.models import age_restricted, lora_choices, model_choices
 from cogs.status import eta_text
 
 if TYPE_CHECKING:
@@ -94,7 +94,8 @@ class ImagineCog(commands.Cog):
     async def model_autocomplete(
         self, interaction: discord.Interaction[ImagineBot], typed: str
     ) -> list[app_commands.Choice[str]]:
-        return model_choices(self.bot.service.catalog, typed)
+        here = age_restricted(interaction.channel)
+        return model_choices(self.bot.service.catalog, typed, age_restricted=here)
 
     @imagine.autocomplete("lora")
     async def lora_autocomplete(

@@ -19,7 +19,7 @@ from bot.quota import units_phrase
 from bot.requests import SCHEDULERS
 from cogs.buttons import forget_me_view
 from cogs.common import frees_up_text, relative_time, role_ids, server_only, standing_text
-from cogs.models import model_choices
+from cogs.models import age_restricted, model_choices
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -160,7 +160,8 @@ class MemberCog(commands.Cog):
     async def model_autocomplete(
         self, interaction: discord.Interaction[ImagineBot], typed: str
     ) -> list[app_commands.Choice[str]]:
-        return model_choices(self.bot.service.catalog, typed)
+        here = age_restricted(interaction.channel)
+        return model_choices(self.bot.service.catalog, typed, age_restricted=here)
 
 
 async def setup(bot: ImagineBot) -> None:

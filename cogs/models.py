@@ -1,7 +1,8 @@
 """/models: what a member may pick in /imagine from the owner's allowlist (bot/models.py),
 which models are in memory now (a job for one of those does not wait for a load), and the
 LoRAs with the models they fit; and the choices /imagine's `model:` and `lora:` autocomplete
-offer. Every answer is private."""
+offer. Every answer is private. Models the owner marked `nsfw` are offered only in
+age-restricted channels (`age_restricted`), where alone they are admitted."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ MAX_CHOICE_TEXT = 100  # Discord's longest choice name, and string choice value
 MAX_TYPED = MAX_LORAS_TEXT
 
 
+def age_restricted(channel: object) -> bool:
+    """Whether Discord marks `channel` age-restricted: a thread is when its parent channel is
+    (discord.py's `Thread.is_nsfw`); a DM, or a channel the bot does not know, is not."""
+    is_nsfw = getattr(channel, "is_nsfw", None)  # DMs and partial channels have none
+    return callable(is_nsfw) and bool(is_nsfw())
+
+
 def _short(text: str, limit: int = MAX_CHOICE_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -37,15 +45,18 @@ def _matches(typed: str, name: str, description: str) -> tuple[bool, str] | None
     return None
 
 
-def model_choices(catalog: Catalog, typed: str) -> list[app_commands.Choice[str]]:
+def model_choices(
+    catalog: Catalog, typed: str, *, age_restricted: bool = False
+) -> list[app_commands.Choice[str]]:
     """Allowlisted models whose name or description holds what the member typed, the default
-    first, then names that start with it; at most 25 (Discord's limit)."""
+    first, then names that start with it; at most 25 (Discord's limit). `nsfw` models only in
+    an age-restricted channel."""
     needle = typed[:MAX_TYPED].strip().lower()
     found = []
     for entry in catalog.usable_models():
         name = entry.name
         key = _matches(needle, name, entry.description)
-        if key is not None:
+        if key is not None and (age_restricted or not entry.nsfw):
             found.append((name != catalog.default, *key, name, entry.description))
     found.sort()
     return [
@@ -95,10 +106,15 @@ def defaults_line(catalog: Catalog, name: str, base: Limits) -> str:
     return " · ".join(parts)
 
 
-def models_text(catalog: Catalog, base: Limits, loaded: frozenset[str]) -> str:
-    """The /models answer, cut at whole lines to fit one message."""
+def models_text(
+    catalog: Catalog, base: Limits, loaded: frozenset[str], *, age_restricted: bool = False
+) -> str:
+    """The /models answer, cut at whole lines to fit one message; `nsfw` models only in an
+    age-restricted channel."""
     lines = [f"**Models** (pick one with `/imagine model:`; the default is **{catalog.default}**)"]
     for name, entry in catalog.models.items():
+        if entry.nsfw and not age_restricted:
+            continue
         state = (
             "not installed yet"
             if entry.source in catalog.missing
@@ -138,7 +154,12 @@ class ModelsCog(commands.Cog):
         service = self.bot.service
         # Loaded on any worker (the local thread, or each Ray actor): its own snapshot.
         loaded = service.resident_models()
-        text = models_text(service.catalog, service.settings.limits, loaded)
+        text = models_text(
+            service.catalog,
+            service.settings.limits,
+            loaded,
+            age_restricted=age_restricted(interaction.channel),
+        )
         await interaction.response.send_message(text, ephemeral=True)
 
 

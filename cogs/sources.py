@@ -10,16 +10,19 @@ from bot.models import Catalog
 from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Discord shows a file whose name starts with this as a spoiler: how an image the safety
+# checker flagged is posted in an age-restricted channel (NSFW_CHANNELS=allow).
+SPOILER = "SPOILER_"
 
 
 def image_attachment(
     message: discord.Message, name: str | None = None
 ) -> discord.Attachment | None:
-    """The attachment called `name`, else the first one that looks like an image (its bytes
-    are checked later: a name or a content type proves nothing)."""
+    """The attachment called `name` (or shown as a spoiler), else the first one that looks
+    like an image (its bytes are checked later: a name or a content type proves nothing)."""
     for attachment in message.attachments:
         if name is not None:
-            if attachment.filename == name:
+            if attachment.filename.removeprefix(SPOILER) == name:
                 return attachment
             continue
         content_type = attachment.content_type or ""

@@ -14,7 +14,7 @@ import pytest
 from conftest import TEST_LIMITS
 from factories import pixels
 from harness.answers import embed_field, job_id_of
-from harness.in_process import HeldRunner, running_bot
+from harness.in_process import HeldRunner, allowlist_runner, running_bot
 from PIL import Image
 
 from bot.db import jobs, members
@@ -55,18 +55,7 @@ def models_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models_runner(model_cache, models_file):
     """The real runner on the allowlist, with both models loaded once for the module."""
-    import torch
-
-    from bot.pipelines import PipelineOptions, PipelineRunner
-
-    torch.set_num_threads(1)  # as conftest's tiny_runner: a second thread fights the loop
-
-    runner = PipelineRunner(
-        PipelineOptions(device="cpu", cache_dir=model_cache), load_catalog(models_file, "tiny")
-    )
-    for name in ("tiny", "tiny-sdxl"):
-        runner.load(name)
-    return runner
+    return allowlist_runner(model_cache, models_file, ("tiny", "tiny-sdxl"))
 
 
 @pytest.fixture

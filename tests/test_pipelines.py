@@ -218,6 +218,25 @@ def test_safety_checker_withholds_flagged_images(flagging_model: Path, models_di
     assert not any(r.withheld for r in results)
 
 
+def test_with_keep_flagged_flagged_images_keep_their_pixels_and_their_flag(
+    flagging_model: Path, models_dir: Path
+) -> None:
+    """NSFW_CHANNELS=allow: delivery decides (a spoiler in an age-restricted channel, withheld
+    elsewhere), so the runner hands over the very pixels an unchecked call draws, still
+    flagged; by default they never leave the device."""
+    model, specs = str(flagging_model), SPECS[:2]
+    kept = PipelineRunner(PipelineOptions(device="cpu", cache_dir=models_dir, keep_flagged=True))
+    results = kept.generate(key(model=model), specs)
+    assert all(r.withheld for r in results)
+    unchecked = PipelineRunner(
+        PipelineOptions(device="cpu", cache_dir=models_dir, safety_checker=False)
+    )
+    drawn = unchecked.generate(key(model=model), specs)
+    for flagged, plain in zip(results, drawn, strict=True):
+        assert np.asarray(flagged.image).max() > 0
+        assert np.array_equal(np.asarray(flagged.image), np.asarray(plain.image))
+
+
 def test_generate_rejects_other_modes_and_accepts_empty(runner: PipelineRunner) -> None:
     with pytest.raises(ValueError, match="text, image"):
         runner.generate(key(mode="video"), SPECS[:1])

@@ -66,6 +66,9 @@ class PipelineOptions:
     cache_dir: Path = Path("data/models")
     attention_slicing: bool = False
     safety_checker: bool = True
+    # Flagged images keep their pixels (NSFW_CHANNELS=allow): delivery shows them as spoilers
+    # in age-restricted channels and withholds them elsewhere. Else they are blacked out here.
+    keep_flagged: bool = False
     # Images per VAE decode: a larger batch is decoded in slices of this size, which keeps
     # the decoder's large activations out of the batch's peak memory.
     vae_decode_batch: int = 1

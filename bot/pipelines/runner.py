@@ -106,13 +106,16 @@ def decode_latents(
 
 
 def safety_check(
-    pipe: Any, images: torch.Tensor, device: torch.device
+    pipe: Any, images: torch.Tensor, device: torch.device, keep_flagged: bool = False
 ) -> tuple[torch.Tensor, list[bool]]:
-    """The images with those the safety checker flags blacked out, and the flags: SD 1.x/2.x
+    """The images with those the safety checker flags blacked out (kept with `keep_flagged`,
+    for delivery to show as spoilers in age-restricted channels), and the flags: SD 1.x/2.x
     ship a checker (unless the model turns it off), SDXL none."""
     flags = None
     if hasattr(pipe, "run_safety_checker"):
-        images, flags = pipe.run_safety_checker(images, device, pipe.text_encoder.dtype)
+        seen = images.clone() if keep_flagged else images  # the checker blacks out in place
+        checked, flags = pipe.run_safety_checker(seen, device, pipe.text_encoder.dtype)
+        images = images if keep_flagged else checked
     return images, [bool(flag) for flag in flags] if flags else [False] * len(images)
 
 
@@ -275,12 +278,14 @@ class PipelineRunner:
         if self._interrupted.is_set():
             raise Interrupted("the call was interrupted")
         images, blank = decode_latents(pipe.vae, latents, self.options.vae_decode_batch)
-        images, withheld = safety_check(pipe, images, self.device)
+        keep = self.options.keep_flagged
+        images, withheld = safety_check(pipe, images, self.device, keep)
+        blacked = [flag and not keep for flag in withheld]
         pictures = pipe.image_processor.postprocess(
-            images, output_type="pil", do_denormalize=[not flag for flag in withheld]
+            images, output_type="pil", do_denormalize=[not flag for flag in blacked]
         )
         if key.mode == "inpaint":
-            pictures = pasted_back(pictures, specs, withheld, blank.tolist())
+            pictures = pasted_back(pictures, specs, blacked, blank.tolist())
         return [
             GeneratedImage(image=picture, withheld=flag, error=BLANK_IMAGE_ERROR if empty else None)
             for picture, flag, empty in zip(pictures, withheld, blank.tolist(), strict=True)

@@ -184,6 +184,24 @@ class FakeDiscord:
         """The DM channel between the bot and `member` (what POST /users/@me/channels returns)."""
         return self._state.dm_channel(member.user)
 
+    def add_channel(
+        self, guild: FakeGuild, name: str, *, age_restricted: bool = False
+    ) -> FakeChannel:
+        """A text channel in `guild`; `age_restricted` is Discord's NSFW flag. A connected bot
+        hears CHANNEL_CREATE."""
+        channel = self._state.add_channel(guild, name, nsfw=age_restricted)
+        self._hub.dispatch_if_connected(
+            "CHANNEL_CREATE", payloads.channel(self._state, channel), intent=Intent.GUILDS
+        )
+        return channel
+
+    def set_age_restricted(self, channel: FakeChannel, age_restricted: bool) -> None:
+        """A moderator turns the channel's age restriction on or off (CHANNEL_UPDATE)."""
+        channel.nsfw = age_restricted
+        self._hub.dispatch_if_connected(
+            "CHANNEL_UPDATE", payloads.channel(self._state, channel), intent=Intent.GUILDS
+        )
+
     def deny_send(self, channel: FakeChannel, permissions: int = Perm.SEND_MESSAGES) -> None:
         """Deny the bot `permissions` in `channel` with a member overwrite, so posting there
         answers 403 / 50013 Missing Permissions (interaction responses still work, as on

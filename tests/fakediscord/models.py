@@ -142,6 +142,7 @@ class FakeChannel:
     overwrites: list[Overwrite] = field(default_factory=list)
     recipient_id: int | None = None  # DMs only
     last_message_id: int | None = None
+    nsfw: bool = False  # age-restricted (guild channels only)
 
     @property
     def is_dm(self) -> bool:

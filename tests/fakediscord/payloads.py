@@ -121,7 +121,7 @@ def channel(
         ],
         "parent_id": None,
         "topic": None,
-        "nsfw": False,
+        "nsfw": ch.nsfw,
         "rate_limit_per_user": 0,
         "last_message_id": last,
         "flags": 0,

@@ -185,8 +185,10 @@ class FakeState:
         guild.members[user.id] = member
         return member
 
-    def add_channel(self, guild: FakeGuild, name: str) -> FakeChannel:
-        channel = FakeChannel(self.new_id(), name, 0, guild.id, position=len(guild.channels))
+    def add_channel(self, guild: FakeGuild, name: str, *, nsfw: bool = False) -> FakeChannel:
+        channel = FakeChannel(
+            self.new_id(), name, 0, guild.id, position=len(guild.channels), nsfw=nsfw
+        )
         guild.channels[channel.id] = channel
         self.channels[channel.id] = channel
         return channel

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -97,6 +98,22 @@ class HeldRunner:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
+
+
+def allowlist_runner(model_cache: Path, models_file: Path, names: Sequence[str]) -> Any:
+    """The real runner on the allowlist in `models_file`, with the models `names` loaded once,
+    for a module's tests to share."""
+    import torch
+
+    from bot.models import load_catalog
+    from bot.pipelines import PipelineOptions, PipelineRunner
+
+    torch.set_num_threads(1)  # as conftest's tiny_runner: a second thread fights the loop
+    options = PipelineOptions(device="cpu", cache_dir=model_cache)
+    runner = PipelineRunner(options, load_catalog(models_file, "tiny"))
+    for name in names:
+        runner.load(name)
+    return runner
 
 
 # ---- the bot in this process ----------------------------------------------------------------
