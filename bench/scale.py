@@ -42,6 +42,7 @@ from bench.gpu import as_raw, upload_for
 from bench.mix import sample_requests
 from bench.report import print_goals, table, verdict, write_json
 from bot.pipelines import PipelineOptions
+from bot.ray_cluster import connect_ray
 from bot.ray_workers import DeviceHost
 from bot.requests import GenerationRequest
 from bot.workers import Call
@@ -164,7 +165,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)  # the local executor's torch, like each Ray worker's
     # Logical CPUs for every worker to stay up side by side (1 + 2 for the bots, 2 bare); only
     # one setup runs at a time, so at most two of them compute at once.
-    ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
+    connect_ray(None, 5)  # closed as the bot's own: loopback, token, no secrets in Ray
     rng = random.Random(args.seed)
     burst = [shrunk(r, args.steps_divisor) for r in sample_requests(rng, args.jobs, model="tiny")]
     raws = [as_raw(r) for r in burst]
