@@ -207,18 +207,19 @@ def download(settings: Settings, model_id: str | None) -> int:
 
     allowlist = model_id is None and settings.models_file.is_file()
     catalog = load_catalog(settings.models_file, model_id or settings.model_id)
-    sources = catalog.sources() if model_id is None else [("model", model_id)]
+    sources = catalog.sources() if model_id is None else [("model", model_id, None)]
     cache, failed = settings.model_cache, 0
-    for kind, source in sources:
+    for kind, source, revision in sources:  # revision: the commit models.toml pins, or None
         try:
             if not is_hub_model(source):
                 if not source_available(kind, source, cache):
                     raise ModelNotAvailable(f"{source} is not a Hub id, and no such path exists")
                 print(f"{source} is built in or on disk: nothing to download")
             elif kind == "lora":
-                print(f"{source} is in {fetch_lora(source, cache)}")
+                print(f"{source} is in {fetch_lora(source, cache, revision=revision)}")
             else:
-                print(f"{source} is in {fetch_model(source, cache, safetensors_only=allowlist)}")
+                folder = fetch_model(source, cache, safetensors_only=allowlist, revision=revision)
+                print(f"{source} is in {folder}")
         except ModelNotAvailable as problem:
             print(f"error: {problem}", file=sys.stderr)
             failed = 1
@@ -272,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as problem:
         print(f"configuration error: {problem}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, [settings.discord_token])
+    configure_logging(
+        settings.log_level, [settings.discord_token], log_prompts=settings.log_prompts
+    )
     if command == "download":  # the Hub client reads this once, at import
         os.environ["HF_HUB_OFFLINE"] = "0"
     from bot.downloads import ModelNotAvailable, fetch_if_missing

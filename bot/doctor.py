@@ -27,7 +27,7 @@ from bot.discord_setup import (
     registered_names,
 )
 from bot.downloads import disk_free, size_text, source_available
-from bot.models import ModelsFileError, load_catalog
+from bot.models import LoraEntry, ModelEntry, ModelsFileError, load_catalog
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -184,8 +184,9 @@ async def check_commands(settings: Settings, bot: ImagineBot, report: Report) ->
 
 
 def check_models(settings: Settings, report: Report) -> None:
-    """Each model and LoRA of the allowlist (else MODEL_ID) on this machine, one line each;
-    nothing is downloaded. The default model also loads on the chosen device."""
+    """Each model and LoRA of the allowlist (else MODEL_ID) on this machine, at the revision
+    it pins, one line each; nothing is downloaded. The default model also loads on the chosen
+    device (from that revision's snapshot)."""
     try:
         catalog = load_catalog(settings.models_file, settings.model_id)
     except ModelsFileError as problem:
@@ -199,15 +200,16 @@ def check_models(settings: Settings, report: Report) -> None:
     entries += [("lora", lora) for lora in catalog.loras.values()]
     for kind, entry in entries:
         name = f"{'model' if kind == 'model' else 'LoRA'} {entry.name}" if allowlist else kind
-        if not source_available(kind, entry.source, settings.model_cache):
-            report.fail(name, f"{entry.source} is not in {settings.model_cache}", fetch)
+        source = _pinned(entry)
+        if not source_available(kind, entry.source, settings.model_cache, entry.revision):
+            report.fail(name, f"{source} is not in {settings.model_cache}", fetch)
         elif entry.name == catalog.default and kind == "model":
-            check_loads(settings, entry.source, name, report)
+            check_loads(settings, entry, name, report)
         else:
-            report.ok(name, f"{entry.source} is here")
+            report.ok(name, f"{source} is here")
 
 
-def check_loads(settings: Settings, source: str, name: str, report: Report) -> None:
+def check_loads(settings: Settings, entry: ModelEntry, name: str, report: Report) -> None:
     from bot.pipelines import ModelNotAvailable, PipelineOptions, load_pipeline
 
     options = PipelineOptions(
@@ -215,16 +217,22 @@ def check_loads(settings: Settings, source: str, name: str, report: Report) -> N
         dtype=None if settings.dtype == "auto" else settings.dtype,
         cache_dir=settings.model_cache,
         safety_checker=settings.safety_checker,
+        revision=entry.revision,
     )
     started = time.monotonic()
     try:
-        pipe = load_pipeline(source, options)
+        pipe = load_pipeline(entry.source, options)
     except (ModelNotAvailable, ValueError, OSError, RuntimeError) as problem:
         report.fail(name, str(problem).splitlines()[0], "see the message; `download` fetches")
         return
     seconds = time.monotonic() - started
-    report.ok(name, f"{source} loads on {pipe.device} in {seconds:.1f} s")
+    report.ok(name, f"{_pinned(entry)} loads on {pipe.device} in {seconds:.1f} s")
     del pipe
+
+
+def _pinned(entry: ModelEntry | LoraEntry) -> str:
+    """An entry's source, and the commit it is pinned to if any."""
+    return entry.source + ("" if entry.revision is None else f" at {entry.revision}")
 
 
 def check_device(settings: Settings, report: Report) -> None:

@@ -4,11 +4,14 @@ interruption, even of the process (bot/hub_transfer.py).
 
 One rule (`needed_files`) decides what "the model" is, for the download on start, for
 `python -m bot download`, for loading (`bot/pipelines/loading.py` loads the cached snapshot)
-and for `python -m bot doctor`. Torch-free, so a refusal costs no model import.
+and for `python -m bot doctor`. A `revision` (a commit id models.toml pins) names the snapshot
+each of them uses; without one, the commit `main` was at when it was fetched. Torch-free, so a
+refusal costs no model import.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import re
@@ -19,21 +22,19 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import huggingface_hub.constants
-from huggingface_hub import (
-    HfApi,
-    RepoFile,
-    get_cached_repo_tree,
-    hf_hub_download,
-    snapshot_download,
-)
+from huggingface_hub import HfApi, RepoFile, get_cached_repo_tree, snapshot_download
 from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
 from bot.hub_transfer import (
+    COMMIT,
     PARTIAL,
+    HubAnswerRefused,
     Progress,
     Quiet,
-    fetch_blob,
+    fetch_file,
+    record_main,
     repo_folder,
+    resolve_commit,
     run_reporting,
     size_text,
 )
@@ -117,25 +118,44 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
 
 
+def _refused(repo_id: str, exc: HubAnswerRefused) -> ModelNotAvailable:
+    return ModelNotAvailable(
+        f"Downloading {repo_id} was refused: {_first_line(exc)}. The Hub never answers this: "
+        "is HF_ENDPOINT a Hub you trust?"
+    )
+
+
+def _at(revision: str | None) -> str:
+    """For messages: " at <commit>" when a revision is pinned."""
+    return "" if revision is None else f" at {revision}"
+
+
 def lora_files(paths: Iterable[str]) -> list[str]:
     """What a LoRA repo is to the bot: its .safetensors files, nothing else."""
     return sorted(path for path in paths if path.endswith(SAFETENSORS))
 
 
-def _cached_listing(repo_id: str, cache_dir: Path) -> tuple[Path, list[str]] | None:
-    """The cached snapshot folder of `repo_id` and the repo's file listing, from disk only:
-    the Hub client keeps the listing beside the snapshot."""
+def _cached_listing(
+    repo_id: str, cache_dir: Path, revision: str | None
+) -> tuple[Path, list[str]] | None:
+    """The cached snapshot folder of `repo_id` at `revision` (None: where `main` was when it
+    was fetched) and the repo's file listing, from disk only: the Hub client keeps the listing
+    beside the snapshot."""
+    folder = repo_folder(repo_id, cache_dir)
     try:
-        listing = get_cached_repo_tree(repo_id, cache_dir=cache_dir)
-        commit = (repo_folder(repo_id, cache_dir) / "refs" / "main").read_text().strip()
+        listing = get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_dir)
+        commit = revision or (folder / "refs" / "main").read_text().strip()
     except (CachedRepoTreeNotFoundError, OSError, ValueError):
         return None
-    return repo_folder(repo_id, cache_dir) / "snapshots" / commit, [f.path for f in listing]
+    if not COMMIT.fullmatch(commit):
+        return None
+    return folder / "snapshots" / commit, [f.path for f in listing]
 
 
-def cached_model(model_id: str, cache_dir: Path) -> Path | None:
-    """The cached snapshot folder of `model_id` if it holds every needed file, else None."""
-    found = _cached_listing(model_id, cache_dir)
+def cached_model(model_id: str, cache_dir: Path, revision: str | None = None) -> Path | None:
+    """The cached snapshot folder of `model_id` (at `revision`, if pinned) if it holds every
+    needed file, else None."""
+    found = _cached_listing(model_id, cache_dir, revision)
     if found is None:
         return None
     folder, paths = found
@@ -147,9 +167,10 @@ def cached_model(model_id: str, cache_dir: Path) -> Path | None:
     return folder if all((folder / path).is_file() for path in needed) else None
 
 
-def cached_lora(source: str, cache_dir: Path) -> Path | None:
-    """The cached snapshot folder of a LoRA repo if it holds its .safetensors files, else None."""
-    found = _cached_listing(source, cache_dir)
+def cached_lora(source: str, cache_dir: Path, revision: str | None = None) -> Path | None:
+    """The cached snapshot folder of a LoRA repo (at `revision`, if pinned) if it holds its
+    .safetensors files, else None."""
+    found = _cached_listing(source, cache_dir, revision)
     if found is None:
         return None
     folder, paths = found
@@ -157,27 +178,27 @@ def cached_lora(source: str, cache_dir: Path) -> Path | None:
     return folder if needed and all((folder / path).is_file() for path in needed) else None
 
 
-def source_available(kind: str, source: str, cache_dir: Path) -> bool:
+def source_available(kind: str, source: str, cache_dir: Path, revision: str | None = None) -> bool:
     """Whether a model (`kind` "model") or a LoRA ("lora") can load without a download:
-    built in, an existing local path, or complete in the Hub cache."""
+    built in, an existing local path, or complete in the Hub cache (at `revision`, if pinned)."""
     if source in BUILTIN_SOURCES:
         return True
     if looks_like_path(source):
         return Path(source).expanduser().exists()
     cached = cached_model if kind == "model" else cached_lora
-    return cached(source, cache_dir) is not None
+    return cached(source, cache_dir, revision) is not None
 
 
-def missing_sources(sources: Iterable[tuple[str, str]], cache_dir: Path) -> set[str]:
-    """The sources of (kind, source) pairs that are not on this machine, each logged with the
-    command that fetches it: start-up never downloads what models.toml names."""
+def missing_sources(sources: Iterable[tuple[str, str, str | None]], cache_dir: Path) -> set[str]:
+    """The sources of (kind, source, revision) that are not on this machine, each logged with
+    the command that fetches it: start-up never downloads what models.toml names."""
     missing = set()
-    for kind, source in sources:
-        if not source_available(kind, source, cache_dir):
+    for kind, source, revision in sources:
+        if not source_available(kind, source, cache_dir, revision):
             log.warning(
-                "%s %s is not in %s: members are refused it until `python -m bot download` "
+                "%s %s%s is not in %s: members are refused it until `python -m bot download` "
                 "fetches it",
-                kind, source, cache_dir,
+                kind, source, _at(revision), cache_dir,
             )  # fmt: skip
             missing.add(source)
     return missing
@@ -196,6 +217,7 @@ class DownloadPlan:
     """The needed files of a repo, and those of them that are not on disk yet."""
 
     model_id: str
+    commit: str  # the one commit every file comes from
     files: dict[str, int]  # needed path -> size in bytes
     missing: dict[str, int]
     resumed: int = 0  # bytes already in partial files an earlier download left
@@ -205,27 +227,33 @@ class DownloadPlan:
         return max(sum(self.missing.values()) - self.resumed, 0)
 
 
-def plan_download(model_id: str, cache_dir: Path) -> DownloadPlan:
-    """Ask the Hub for the repo's file listing (sizes included) and its `model_index.json`."""
-    api = HfApi()
+def _repo_sizes(repo_id: str, commit: str) -> dict[str, int]:
+    """Every file of the repo at `commit`, with its size, from the Hub's listing."""
+    tree = HfApi().list_repo_tree(repo_id, recursive=True, revision=commit)
+    return {f.path: f.size for f in tree if isinstance(f, RepoFile)}
+
+
+def plan_download(model_id: str, cache_dir: Path, revision: str | None = None) -> DownloadPlan:
+    """Ask the Hub for the repo's file listing (sizes included) and its `model_index.json`, at
+    `revision` if pinned, else where `main` is now."""
     try:
-        index_path = hf_hub_download(model_id, MODEL_INDEX, cache_dir=cache_dir)
-        sizes = {
-            f.path: f.size
-            for f in api.list_repo_tree(model_id, recursive=True)
-            if isinstance(f, RepoFile)
-        }
-        index = json.loads(Path(index_path).read_text())
+        commit = resolve_commit(model_id, revision)
+        sizes = _repo_sizes(model_id, commit)
+        index_path = fetch_file(model_id, MODEL_INDEX, cache_dir, commit)
+        index = json.loads(index_path.read_text())
+    except HubAnswerRefused as exc:
+        raise _refused(model_id, exc) from exc
     except Exception as exc:  # the Hub client's errors: HTTP, connection, offline, not found
         raise ModelNotAvailable(
-            f"Model {model_id!r} could not be downloaded: {_first_line(exc)}. Check the id and the "
-            "network, or fetch it elsewhere with `python -m bot download` and copy MODEL_CACHE."
+            f"Model {model_id!r}{_at(revision)} could not be downloaded: {_first_line(exc)}. "
+            "Check the id, the revision and the network, or fetch it elsewhere with "
+            "`python -m bot download` and copy MODEL_CACHE."
         ) from exc
-    files = {path: sizes[path] for path in needed_files(sizes, index)}
-    snapshot = Path(index_path).parent
+    files = {path: sizes[path] for path in needed_files(sizes, index) if path in sizes}
+    snapshot = index_path.parent
     missing = {path: size for path, size in files.items() if not (snapshot / path).is_file()}
     resumed = sum(p.stat().st_size for p in _partials(model_id, cache_dir))
-    return DownloadPlan(model_id, files, missing, resumed)
+    return DownloadPlan(model_id, commit, files, missing, resumed)
 
 
 def _partials(model_id: str, cache_dir: Path) -> list[Path]:
@@ -239,13 +267,15 @@ def fetch_model(
     free_bytes: Callable[[Path], int] = disk_free,
     every: float = 5.0,
     safetensors_only: bool = False,
+    revision: str | None = None,
 ) -> Path:
-    """Download what `model_id` needs into `cache_dir` and return its snapshot folder. Refuses
-    with `NotEnoughDisk` before fetching anything if the rest will not fit (`free_bytes` says
-    what is free); logs progress every `every` seconds. Interrupted, even by the end of the
-    process, the next call fetches only what is missing, from where each file stopped.
-    `safetensors_only` refuses a model whose weights come only pickled (they can run code)."""
-    plan = plan_download(model_id, cache_dir)
+    """Download what `model_id` needs (at `revision`, if pinned) into `cache_dir` and return
+    its snapshot folder. Refuses with `NotEnoughDisk` before fetching anything if the rest will
+    not fit (`free_bytes` says what is free); logs progress every `every` seconds. Interrupted,
+    even by the end of the process, the next call fetches only what is missing, from where each
+    file stopped. `safetensors_only` refuses a model whose weights come only pickled (they can
+    run code)."""
+    plan = plan_download(model_id, cache_dir, revision)
     pickled = [p for p in plan.files if (w := _weight(p)) is not None and w[0] != SAFETENSORS]
     if safetensors_only and pickled:
         raise ModelNotAvailable(
@@ -253,7 +283,7 @@ def fetch_model(
             "safetensors only. Choose a repo that has .safetensors weights."
         )
     if not plan.missing:
-        return _snapshot(model_id, cache_dir, plan)
+        return _snapshot(model_id, cache_dir, plan.commit, list(plan.files), revision)
     free = free_bytes(Path(cache_dir))
     if plan.remaining > free:
         raise NotEnoughDisk(
@@ -270,7 +300,11 @@ def fetch_model(
     )  # fmt: skip
     progress = Progress(model_id, plan.remaining, repo_folder(model_id, cache_dir) / "blobs")
     try:
-        folder = run_reporting(lambda: _download(model_id, cache_dir, plan), every, progress, log)
+        folder = run_reporting(
+            lambda: _download(model_id, cache_dir, plan, revision), every, progress, log
+        )
+    except HubAnswerRefused as exc:
+        raise _refused(model_id, exc) from exc
     except Exception as exc:
         raise ModelNotAvailable(
             f"Downloading {model_id} stopped: {_first_line(exc)}. Start again to resume "
@@ -281,20 +315,24 @@ def fetch_model(
 
 
 def fetch_lora(
-    source: str, cache_dir: Path, *, free_bytes: Callable[[Path], int] = disk_free
+    source: str,
+    cache_dir: Path,
+    *,
+    free_bytes: Callable[[Path], int] = disk_free,
+    revision: str | None = None,
 ) -> Path:
-    """Download a LoRA repo's .safetensors files (nothing else) and return its snapshot folder;
-    refused, before fetching anything, when it has none or they would not fit on the disk."""
+    """Download a LoRA repo's .safetensors files (nothing else; at `revision`, if pinned) and
+    return its snapshot folder; refused, before fetching anything, when it has none or they
+    would not fit on the disk."""
     try:
-        sizes = {
-            f.path: f.size
-            for f in HfApi().list_repo_tree(source, recursive=True)
-            if isinstance(f, RepoFile)
-        }
+        commit = resolve_commit(source, revision)
+        sizes = _repo_sizes(source, commit)
+    except HubAnswerRefused as exc:
+        raise _refused(source, exc) from exc
     except Exception as exc:  # the Hub client's errors: HTTP, connection, offline, not found
         raise ModelNotAvailable(
-            f"LoRA {source!r} could not be downloaded: {_first_line(exc)}. Check the id and the "
-            "network."
+            f"LoRA {source!r}{_at(revision)} could not be downloaded: {_first_line(exc)}. "
+            "Check the id, the revision and the network."
         ) from exc
     files = lora_files(sizes)
     if not files:
@@ -308,29 +346,41 @@ def fetch_lora(
             f"{cache_dir} and {size_text(free)} is free."
         )
     log.info("downloading LoRA %s: %s", source, size_text(total))
-    return Path(
-        snapshot_download(source, cache_dir=cache_dir, allow_patterns=files, tqdm_class=Quiet)
-    )
+    try:
+        for path in files:
+            fetch_file(source, path, Path(cache_dir), commit)
+        return _snapshot(source, cache_dir, commit, files, revision)
+    except HubAnswerRefused as exc:
+        raise _refused(source, exc) from exc
+    except Exception as exc:
+        raise ModelNotAvailable(
+            f"Downloading LoRA {source} stopped: {_first_line(exc)}. Start again to resume."
+        ) from exc
 
 
-def _download(model_id: str, cache_dir: Path, plan: DownloadPlan) -> Path:
-    """Each missing file into its blob, resumably, then into the snapshot: the Hub client finds
-    the blob and links it as it links its own. Partial files left by another revision go."""
+def _download(model_id: str, cache_dir: Path, plan: DownloadPlan, revision: str | None) -> Path:
+    """Each missing file into its blob, resumably, linked into the snapshot of the plan's
+    commit. Partial files left by another revision go."""
     for path in plan.missing:
-        fetch_blob(model_id, path, Path(cache_dir))
-        hf_hub_download(model_id, path, cache_dir=cache_dir, tqdm_class=Quiet)
-    folder = _snapshot(model_id, cache_dir, plan)
+        fetch_file(model_id, path, Path(cache_dir), plan.commit)
+    folder = _snapshot(model_id, cache_dir, plan.commit, list(plan.files), revision)
     for partial in _partials(model_id, cache_dir):
         partial.unlink(missing_ok=True)
     return folder
 
 
-def _snapshot(model_id: str, cache_dir: Path, plan: DownloadPlan) -> Path:
-    return Path(
-        snapshot_download(
-            model_id, cache_dir=cache_dir, allow_patterns=list(plan.files), tqdm_class=Quiet
-        )
-    )
+def _snapshot(
+    repo_id: str, cache_dir: Path, commit: str, files: list[str], revision: str | None
+) -> Path:
+    """The snapshot folder of `commit`, every file of which is linked already: the Hub client
+    only records the repo's listing beside it (what `cached_model` reads). Its patterns match
+    each path literally, so no file the listing names besides these is fetched through it.
+    Unpinned, `refs/main` then points at `commit`."""
+    options = {"cache_dir": cache_dir, "allow_patterns": [glob.escape(p) for p in files]}
+    folder = Path(snapshot_download(repo_id, revision=commit, tqdm_class=Quiet, **options))
+    if revision is None:
+        record_main(repo_id, Path(cache_dir), commit)
+    return folder
 
 
 def fetch_if_missing(model_id: str, cache_dir: Path, *, allowed: bool) -> None:

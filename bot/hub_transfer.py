@@ -1,26 +1,81 @@
 """Moving a Hub file into the cache so that an interruption, even of the process, loses
 nothing: it arrives in `blobs/<etag>.partial`, which the next attempt continues with an HTTP
 Range request, and becomes the blob the Hub client would have written (size checked, sha256
-too for LFS files) once complete. Progress goes to the log, not to progress bars."""
+too for LFS files) once complete, linked from `snapshots/<commit>/<path>` as the Hub client
+links it. Progress goes to the log, not to progress bars.
+
+What the Hub answers (an ETag, a commit, a file's path) becomes a path in the cache only once
+it has the form the Hub gives it: a blob is named by a git sha1 or a sha256, a snapshot by a
+40-hex commit id, and a file's path stays inside its snapshot. Anything else is refused
+(`HubAnswerRefused`) before anything is written."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfFileMetadata, get_hf_file_metadata, hf_hub_url
+from huggingface_hub import HfApi, HfFileMetadata, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.file_download import http_get, repo_folder_name
 from huggingface_hub.utils import WeakFileLock, build_hf_headers
 from tqdm.auto import tqdm
 
 PARTIAL = ".partial"  # a blob being downloaded: kept across restarts, unlike the Hub client's
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # the etag of an LFS file is the sha256 of its bytes
+# A blob's name: the git sha1 of a plain file or the sha256 of an LFS file, as the Hub gives it.
+_BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a full git commit id: what a snapshot folder is named
+
+
+class HubAnswerRefused(OSError):
+    """The Hub (or whatever HF_ENDPOINT names) answered metadata of a form the Hub never gives,
+    which would have become a path outside the cache; nothing was written."""
+
+
+def _shown(value: object) -> str:
+    """A value from the Hub echoed in an error, bounded."""
+    text = str(value)
+    return repr(text[:80] + ("…" if len(text) > 80 else ""))
+
+
+def checked_commit(commit: str | None, what: str) -> str:
+    """`commit` if it is a full commit id, else HubAnswerRefused naming `what` it was for."""
+    if commit is None or not COMMIT.fullmatch(commit):
+        raise HubAnswerRefused(
+            f"the commit the Hub gave for {what} is {_shown(commit)}, not a 40-hex commit id; "
+            "nothing was written"
+        )
+    return commit
+
+
+def _checked_blob_name(etag: str | None, path: str) -> str:
+    if etag is None:
+        raise OSError(f"the Hub gave no ETag for {path}")
+    if not _BLOB_NAME.fullmatch(etag):
+        raise HubAnswerRefused(
+            f"the Hub's ETag for {path} is {_shown(etag)}, not a git sha1 or a sha256 (40 or "
+            "64 hex digits); nothing was written"
+        )
+    return etag
+
+
+def _snapshot_file(folder: Path, commit: str, path: str) -> Path:
+    """Where `path` of the repo in `folder` sits in the snapshot of `commit`, refused unless
+    it is a plain relative path that stays inside that snapshot."""
+    parts = path.split("/")
+    if "\\" in path or "\0" in path or any(part in ("", ".", "..") for part in parts):
+        raise HubAnswerRefused(
+            f"the Hub listed a file {_shown(path)}, which is not a path inside the repo; "
+            "nothing was written"
+        )
+    return folder / "snapshots" / checked_commit(commit, path) / Path(*parts)
 
 
 def repo_folder(model_id: str, cache_dir: Path) -> Path:
@@ -78,19 +133,54 @@ class Progress:
         )
 
 
-def fetch_blob(model_id: str, path: str, cache_dir: Path) -> None:
-    """Download `path` into `blobs/<etag>` by way of `<etag>.partial`, asking only for the bytes
-    after those a stopped download left there. Under the Hub client's lock for that blob, so
-    two processes never append to one partial file."""
-    meta = get_hf_file_metadata(hf_hub_url(model_id, path))
-    if meta.etag is None:
-        raise OSError(f"the Hub gave no ETag for {path}")
+def resolve_commit(model_id: str, revision: str | None) -> str:
+    """The commit to fetch: `revision` when models.toml pins one, else the commit `main` is
+    at now, as the Hub says (checked, since it names the snapshot folder)."""
+    if revision is not None:
+        return checked_commit(revision, model_id)
+    return checked_commit(HfApi().model_info(model_id, revision="main").sha, model_id)
+
+
+def record_main(model_id: str, cache_dir: Path, commit: str) -> None:
+    """Note `commit` as where `main` is, as the Hub client's `refs/main` does."""
+    refs = repo_folder(model_id, cache_dir) / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    written = refs / "main.writing"
+    written.write_text(checked_commit(commit, model_id))
+    written.replace(refs / "main")
+
+
+def fetch_file(model_id: str, path: str, cache_dir: Path, commit: str) -> Path:
+    """`path` of `model_id` at `commit` in the cache as the Hub client lays it out: its bytes
+    in `blobs/<etag>` (fetched resumably unless there), linked from the snapshot."""
+    pointer = _snapshot_file(repo_folder(model_id, cache_dir), commit, path)
+    if pointer.is_file():
+        return pointer
+    blob = fetch_blob(model_id, path, cache_dir, commit)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.unlink(missing_ok=True)  # a link to a blob that is gone
+    try:
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    except OSError:  # no symbolic links here (Windows without developer mode): a copy
+        shutil.copyfile(blob, pointer)
+    return pointer
+
+
+def fetch_blob(model_id: str, path: str, cache_dir: Path, commit: str) -> Path:
+    """Download `path` at `commit` into `blobs/<etag>` by way of `<etag>.partial`, asking only
+    for the bytes after those a stopped download left there. Under the Hub client's lock for
+    that blob, so two processes never append to one partial file. The ETag names the blob
+    only if it is a git sha1 or a sha256: HubAnswerRefused otherwise, before any write."""
+    meta = get_hf_file_metadata(hf_hub_url(model_id, path, revision=commit))
+    etag = _checked_blob_name(meta.etag, path)
     folder = repo_folder(model_id, cache_dir)
-    lock = cache_dir / ".locks" / folder.name / f"{meta.etag}.lock"
+    lock = Path(cache_dir) / ".locks" / folder.name / f"{etag}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    blob = folder / "blobs" / etag
     with WeakFileLock(lock):
-        _resume_blob(meta, folder / "blobs" / meta.etag, path)
+        _resume_blob(meta, blob, path)
+    return blob
 
 
 def _resume_blob(meta: HfFileMetadata, blob: Path, path: str) -> None:

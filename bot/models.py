@@ -7,7 +7,6 @@ parsing and refuse with `InvalidRequest`, naming the allowed values. Pure Python
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -15,20 +14,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bot.downloads import is_hub_model
+from bot.lora_text import MAX_LORAS_TEXT as MAX_LORAS_TEXT  # the cogs bound `lora:` with it
+from bot.lora_text import MAX_NAME_CHARS, NAME, Loras, lora_pairs, parse_loras, shown
 from bot.requests import SCHEDULERS, InvalidRequest, Limits
 from bot.settings import SettingsError
 
-MAX_LORAS = 5  # per request: each one is loaded and fused for the call
-MAX_NAME_CHARS = 64
-MAX_LORA_WEIGHT = 2.0  # weights from −2 to 2; beyond that a LoRA only burns the image
-# Longest `lora:` text worth parsing: every LoRA's name, a colon, a weight and a separator.
-MAX_LORAS_TEXT = MAX_LORAS * (MAX_NAME_CHARS + 10)
-# Owner-given names: what a member types, and what PNG parameters carry as `<lora:name:w>`,
-# so no spaces, colons, commas or angle brackets.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SEPARATORS = re.compile(r"[\s,]+")
-
-Loras = tuple[tuple[str, float], ...]
+# A pinned revision: a full commit id, the one Hub revision that never moves.
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class ModelsFileError(SettingsError):
@@ -53,6 +46,7 @@ class ModelEntry:
     safety_checker: bool | None = None
     inpaint: str | None = None  # the allowlisted model that paints Zoom Out and Pan fills
     nsfw: bool = False  # offered and admitted only in age-restricted channels
+    revision: str | None = None  # the Hub commit the source is pinned to (None: main)
 
 
 @dataclass(frozen=True)
@@ -63,6 +57,7 @@ class LoraEntry:
     source: str  # a Hub id (its .safetensors file), a local .safetensors file, or a built-in
     models: tuple[str, ...]
     description: str = ""
+    revision: str | None = None  # the Hub commit the source is pinned to (None: main)
 
 
 @dataclass
@@ -86,7 +81,7 @@ class Catalog:
             return self.models[self.default]
         model = self.models.get(name.strip()) if isinstance(name, str) else None
         if model is None:
-            what = f"there is no model {_shown(str(name))}"
+            what = f"there is no model {shown(str(name))}"
         elif model.name in self.fill_only:
             what = f"{model.name} only paints the new area of Zoom Out and Pan"
         elif model.source in self.missing:
@@ -140,7 +135,7 @@ class Catalog:
         weight) pairs, checked and sorted by name. InvalidRequest("lora") names what fits."""
         if loras is None or loras == "":
             return ()
-        pairs = parse_loras(loras) if isinstance(loras, str) else _pairs(loras)
+        pairs = parse_loras(loras) if isinstance(loras, str) else lora_pairs(loras)
         fitting = {lora.name for lora in self.loras_for(model)}
         for name, _ in pairs:
             if name not in fitting:
@@ -155,7 +150,7 @@ class Catalog:
                     what = (
                         "is not a LoRA on this server" if known is None else "is not installed yet"
                     )
-                raise InvalidRequest("lora", f"{_shown(name)} {what}; {allowed}.")
+                raise InvalidRequest("lora", f"{shown(name)} {what}; {allowed}.")
         return pairs
 
     def limits_for(self, model: str, base: Limits) -> Limits:
@@ -180,72 +175,12 @@ class Catalog:
             default_scheduler=entry.scheduler or base.default_scheduler,
         )
 
-    def sources(self) -> list[tuple[str, str]]:
-        """Every source the allowlist names, as (kind, source), kind "model" or "lora"."""
-        found = [("model", m.source) for m in self.models.values()]
-        found += [("lora", lora.source) for lora in self.loras.values()]
+    def sources(self) -> list[tuple[str, str, str | None]]:
+        """Every source the allowlist names, as (kind, source, revision), kind "model" or
+        "lora", revision the commit it is pinned to or None."""
+        found = [("model", m.source, m.revision) for m in self.models.values()]
+        found += [("lora", lora.source, lora.revision) for lora in self.loras.values()]
         return list(dict.fromkeys(found))
-
-
-def _shown(name: str) -> str:
-    """A member's name echoed back, bounded so a refusal cannot be made arbitrarily long."""
-    return repr(name[:MAX_NAME_CHARS] + ("…" if len(name) > MAX_NAME_CHARS else ""))
-
-
-def _weight(name: str, value: Any) -> float:
-    problem = f"the weight of {_shown(name)} must be a number from -2 to 2"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest("lora", f"{problem}.")
-    if not math.isfinite(value) or abs(value) > MAX_LORA_WEIGHT:
-        raise InvalidRequest("lora", f"{problem}, got {value}.")
-    return round(float(value), 2)
-
-
-def _checked(pairs: list[tuple[str, float]]) -> Loras:
-    if len(pairs) > MAX_LORAS:
-        raise InvalidRequest("lora", f"at most {MAX_LORAS} LoRAs per request.")
-    names = [name for name, _ in pairs]
-    if len(set(names)) < len(names):
-        twice = next(name for name in names if names.count(name) > 1)
-        raise InvalidRequest("lora", f"{_shown(twice)} is named twice; name each LoRA once.")
-    return tuple(sorted(pairs))
-
-
-def _pairs(value: Any) -> Loras:
-    """(name, weight) pairs from the command line or read back from an image's parameters."""
-    if not isinstance(value, list | tuple) or len(value) > MAX_LORAS:
-        raise InvalidRequest("lora", f"give at most {MAX_LORAS} LoRAs as `name:weight`.")
-    pairs = []
-    for pair in value:
-        if not (isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-            raise InvalidRequest("lora", "give each LoRA as `name:weight`.")
-        pairs.append((pair[0], _weight(pair[0], pair[1])))
-    return _checked(pairs)
-
-
-def parse_loras(text: str) -> Loras:
-    """`lora:` text as a member types it: `name` or `name:weight` (weight 1 by default),
-    separated by spaces or commas. Bounded before it is split; sorted by name."""
-    if len(text) > MAX_LORAS_TEXT:
-        raise InvalidRequest(
-            "lora", f"is {len(text)} characters long; at most {MAX_LORAS_TEXT} are allowed."
-        )
-    words = [word for word in _SEPARATORS.split(text) if word]
-    if len(words) > MAX_LORAS:
-        raise InvalidRequest("lora", f"at most {MAX_LORAS} LoRAs per request.")
-    pairs = []
-    for word in words:
-        name, colon, weight_text = word.partition(":")
-        if not _NAME.fullmatch(name):
-            raise InvalidRequest("lora", f"{_shown(word)} is not `name` or `name:weight`.")
-        weight: Any = 1.0
-        if colon:
-            try:
-                weight = float(weight_text)
-            except ValueError:
-                weight = weight_text
-        pairs.append((name, _weight(name, weight)))
-    return _checked(pairs)
 
 
 # --- The owner's file -------------------------------------------------------------------------
@@ -303,6 +238,7 @@ def _catalog(data: dict[str, Any], where: _Where) -> Catalog:
 
 _MODEL_KEYS: dict[str, tuple[type, ...]] = {
     "source": (str,),
+    "revision": (str,),
     "description": (str,),
     "steps": (int,),
     "guidance": (int, float),
@@ -356,7 +292,7 @@ def _lora(
 ) -> LoraEntry:
     key = f"loras.{name}"
     _check_name(name, key, where)
-    _known_keys(table, {"source", "models", "description"}, key, where)
+    _known_keys(table, {"source", "revision", "models", "description"}, key, where)
     _check_source(table, key, where)
     description = table.get("description", "")
     _check_type(description, (str,), f"{key}.description", where)
@@ -368,7 +304,8 @@ def _lora(
         or not all(isinstance(model, str) and model in models for model in fits)
     ):
         raise where.error(f"{key}.models", f"must list the models this LoRA fits, from: {choices}.")
-    return LoraEntry(name, table["source"], tuple(dict.fromkeys(fits)), description)
+    revision = table.get("revision")
+    return LoraEntry(name, table["source"], tuple(dict.fromkeys(fits)), description, revision)
 
 
 def _check_source(table: Mapping[str, Any], key: str, where: _Where) -> None:
@@ -377,10 +314,22 @@ def _check_source(table: Mapping[str, Any], key: str, where: _Where) -> None:
         raise where.error(
             f"{key}.source", "must be a Hub id (owner/name), a local path or a built-in name."
         )
+    # Only a full commit id pins: a branch or tag moves on the Hub, a short id is not taken.
+    revision = table.get("revision")
+    if revision is not None and not (isinstance(revision, str) and _COMMIT.fullmatch(revision)):
+        raise where.error(
+            f"{key}.revision",
+            f"must be a commit id of the Hub repo, 40 hex digits in lowercase (a branch or tag "
+            f"name moves; a commit does not), got {revision!r}.",
+        )
+    if revision is not None and not is_hub_model(source):
+        raise where.error(
+            f"{key}.revision", f"pins a Hub repo's commit, and {source!r} is not a Hub id."
+        )
 
 
 def _check_name(name: str, key: str, where: _Where) -> None:
-    if not _NAME.fullmatch(name):
+    if not NAME.fullmatch(name):
         raise where.error(
             key,
             f"is not a usable name: up to {MAX_NAME_CHARS} letters, digits, '.', '_' or '-', "

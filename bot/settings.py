@@ -48,6 +48,7 @@ class Settings:
     nsfw_channels: str = "withhold"
     discord_api_base: str | None = None
     log_level: str = "INFO"
+    log_prompts: bool = False  # member text in discord.py's debug lines (bot/logs.py)
     max_upload_bytes: int = 10 * 2**20
     max_upload_pixels: int = 4096 * 4096
     vary_subtle: float = 0.35
@@ -227,6 +228,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "METRICS_PORT": ("metrics_port", _parse_int(1, 65535)),
     "METRICS_HOST": ("metrics_host", _parse_address),
     "LOG_LEVEL": ("log_level", lambda n, raw: _parse_choice(LOG_LEVELS)(n, raw.upper())),
+    "LOG_PROMPTS": ("log_prompts", _parse_bool),
 }
 _LIMIT_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MAX_STEPS": ("max_steps", _parse_int(1, 150)),

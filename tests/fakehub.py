@@ -10,12 +10,18 @@ by setting `huggingface_hub.constants.ENDPOINT` (this process).
 the connection after n bytes of that file, once (the client resumes with a Range request),
 and with `then=status` fails that file from then on (a run that stops mid-file, as if the
 process had been killed there); `failing[path] = status` answers that file's GET with an error
-(a run that stops there); `requests` records what the client asked for."""
+(a run that stops there); `requests` records what the client asked for.
+
+`revisions` serves other commits of a repo besides `main` (which is at COMMIT): a repo pinned to
+one of them gets its files, any other revision gets the Hub's "revision not found". A hostile
+Hub: `etags[path]` answers that file with any ETag header, `main_commit` says `main` is at any
+commit."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +51,17 @@ def folder_files(folder: Path) -> dict[str, bytes]:
 
 
 class FakeHub:
-    def __init__(self, repos: dict[str, dict[str, bytes]], *, chunk_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        repos: dict[str, dict[str, bytes]],
+        *,
+        chunk_delay: float = 0.0,
+        revisions: dict[str, dict[str, dict[str, bytes]]] | None = None,
+    ) -> None:
         self.repos = repos
+        self.revisions = revisions or {}  # repo id -> commit -> files, besides main
+        self.main_commit = COMMIT
+        self.etags: dict[str, str] = {}
         self.chunk_delay = chunk_delay
         self.requests: list[HubRequest] = []
         self.failing: dict[str, int] = {}
@@ -58,8 +73,8 @@ class FakeHub:
         self._cuts[path] = (count, then)
 
     def downloads(self) -> list[str]:
-        """Files whose bytes were asked for (GET of a file), in order."""
-        return [r.path.split(f"/resolve/{COMMIT}/", 1)[-1].split("/resolve/main/", 1)[-1]
+        """Files whose bytes were asked for (GET of a file, at any revision), in order."""
+        return [re.sub(r"^.*?/resolve/[^/]+/", "", r.path)
                 for r in self.requests if r.method == "GET" and "/resolve/" in r.path]  # fmt: skip
 
     async def __aenter__(self) -> FakeHub:
@@ -80,7 +95,8 @@ class FakeHub:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _repo(self, request: web.Request) -> tuple[str, dict[str, bytes]]:
+    def _repo(self, request: web.Request) -> tuple[str, str, dict[str, bytes]]:
+        """The repo id, the commit and the files a request asks for."""
         self.requests.append(HubRequest(request.method, request.path, request.headers.get("Range")))
         repo_id = f"{request.match_info['owner']}/{request.match_info['name']}"
         if repo_id not in self.repos:
@@ -89,16 +105,25 @@ class FakeHub:
                 content_type="application/json",
                 headers={"X-Error-Code": "RepoNotFound"},
             )
-        return repo_id, self.repos[repo_id]
+        revision = request.match_info.get("revision", "main")
+        if revision in ("main", COMMIT, self.main_commit):
+            return repo_id, self.main_commit, self.repos[repo_id]
+        if revision not in self.revisions.get(repo_id, {}):
+            raise web.HTTPNotFound(
+                text='{"error": "Invalid rev id"}',
+                content_type="application/json",
+                headers={"X-Error-Code": "RevisionNotFound"},
+            )
+        return repo_id, revision, self.revisions[repo_id][revision]
 
     async def _info(self, request: web.Request) -> web.Response:
-        repo_id, files = self._repo(request)
+        repo_id, commit, files = self._repo(request)
         return web.json_response(
             {
                 "_id": "0" * 24,
                 "id": repo_id,
                 "modelId": repo_id,
-                "sha": COMMIT,
+                "sha": commit,
                 "private": False,
                 "disabled": False,
                 "gated": False,
@@ -113,7 +138,7 @@ class FakeHub:
         )
 
     async def _tree(self, request: web.Request) -> web.Response:
-        _, files = self._repo(request)
+        _, _, files = self._repo(request)
         folders = sorted({p.rsplit("/", 1)[0] for p in files if "/" in p})
         entries = [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in folders]
         entries += [
@@ -123,7 +148,7 @@ class FakeHub:
         return web.json_response(entries)
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
-        _, files = self._repo(request)
+        _, commit, files = self._repo(request)
         path = request.match_info["path"]
         if request.method not in ("GET", "HEAD"):
             raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
@@ -133,8 +158,8 @@ class FakeHub:
             return web.Response(status=self.failing[path], text="failing on purpose")
         data = files[path]
         headers = {
-            "X-Repo-Commit": COMMIT,
-            "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            "X-Repo-Commit": commit,
+            "ETag": self.etags.get(path, f'"{hashlib.sha256(data).hexdigest()}"'),
             "Accept-Ranges": "bytes",
         }
         if request.method == "HEAD":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import discord
 import pytest
-from fakehub import FakeHub, folder_files, point_client_at
+from fakehub import COMMIT, FakeHub, folder_files, point_client_at
 from harness.in_process import running_bot
 
 from bot import doctor
@@ -139,6 +139,47 @@ async def test_a_download_stopped_mid_file_resumes_from_its_partial_file_after_a
     assert folder_files(folder) == {path: repo_files[path] for path in needed}
     assert (folder / BIG).resolve().parent == blobs.resolve()  # linked as the Hub client does
     assert list(blobs.glob(f"*{PARTIAL}")) == []
+
+
+@pytest.mark.parametrize(
+    "etag", ["../../escaped", "../../../escaped", "{outside}/escaped", "not-hex", "A" * 40]
+)
+@pytest.mark.parametrize("path", ["model_index.json", BIG])
+async def test_a_crafted_etag_is_refused_naming_the_file_and_nothing_is_written_outside_the_cache(
+    hub, tmp_path, etag, path
+):
+    """A Hub blob is named by a git sha1 or a sha256; an ETag of any other form (a relative or
+    absolute path, or not hex) never becomes a file name."""
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    hub.etags[path] = f'"{etag.format(outside=outside)}"'
+    with pytest.raises(ModelNotAvailable) as refused:
+        await asyncio.to_thread(fetch_model, REPO, cache)
+    message = str(refused.value)
+    assert "\n" not in message and f"was refused: the Hub's ETag for {path} is " in message
+    assert "nothing was written" in message
+    written = [p for p in tmp_path.rglob("*") if not p.is_dir()]
+    assert all(cache in p.parents for p in written), written
+    assert not any("escaped" in p.name or p.name.startswith("AAAA") for p in written)
+    assert path not in hub.downloads()  # its bytes were never asked for
+
+
+async def test_a_crafted_commit_or_file_path_from_the_hub_never_becomes_a_folder(
+    hub, repo_files, tmp_path
+):
+    cache = tmp_path / "cache"
+    hub.main_commit = "../../../escaped"
+    with pytest.raises(ModelNotAvailable) as refused:
+        await asyncio.to_thread(fetch_model, REPO, cache)
+    assert f"the commit the Hub gave for {REPO} is '../../../escaped'" in str(refused.value)
+    hub.main_commit = COMMIT
+    index = {**json.loads(repo_files["model_index.json"]), "..": ["diffusers", "Escape"]}
+    crafted = {"../escaped": b"x", "model_index.json": json.dumps(index).encode()}
+    hub.repos[REPO] = {**repo_files, **crafted}
+    with pytest.raises(ModelNotAvailable) as refused:
+        await asyncio.to_thread(fetch_model, REPO, cache)
+    assert "the Hub listed a file '../escaped', which is not a path inside" in str(refused.value)
+    assert not any("escaped" in p.name for p in tmp_path.rglob("*"))
 
 
 async def test_a_model_the_hub_does_not_have_fails_with_one_line(hub, tmp_path):

@@ -4,6 +4,7 @@ the allowlist from a stand-in Hub, and the doctor's line per model."""
 import asyncio
 import dataclasses
 import io
+import json
 import math
 import random
 from pathlib import Path
@@ -18,16 +19,9 @@ from bot import doctor
 from bot.__main__ import download
 from bot.db import Store
 from bot.db.members import MemberDefaults
-from bot.downloads import ModelNotAvailable, source_available
-from bot.models import (
-    MAX_LORAS,
-    MAX_LORAS_TEXT,
-    Catalog,
-    ModelEntry,
-    ModelsFileError,
-    load_catalog,
-    parse_loras,
-)
+from bot.downloads import ModelNotAvailable, fetch_model, source_available
+from bot.lora_text import MAX_LORAS, MAX_LORAS_TEXT, parse_loras
+from bot.models import Catalog, ModelEntry, ModelsFileError, load_catalog
 from bot.requests import DEFAULT_SCHEDULER, InvalidRequest, Limits, RawOptions, validate
 from bot.service import ImagineService, require_default_model, saved_defaults
 from bot.settings import Settings
@@ -152,6 +146,98 @@ def test_a_malformed_file_stops_start_up_naming_the_key(tmp_path, text, key, fra
         load_catalog(path, "tiny")
     assert str(path) in str(refused.value)
     assert key in str(refused.value) and fragment in str(refused.value)
+
+
+PINNED = "fedcba9876543210fedcba9876543210fedcba98"  # a commit of the fake Hub other than main
+NOT_ON_HUB = "1" * 40
+
+
+@pytest.mark.parametrize(
+    ("table", "line", "fragment"),
+    [
+        ("models.a", "revision = 'main'", "got 'main'"),
+        ("models.a", "revision = 'v1.0'", "a branch or tag name moves"),
+        ("models.a", "revision = '0123abc'", "40 hex digits"),
+        ("models.a", f"revision = '{PINNED.upper()}'", "in lowercase"),
+        ("models.a", f"revision = '{PINNED}/../x'", "40 hex digits"),
+        ("models.a", "revision = 1234", "must be text"),
+        ("models.b", f"revision = '{PINNED}'", "'tiny' is not a Hub id"),
+        ("loras.l", "revision = 'main'", "40 hex digits"),
+        ("loras.l", "revision = ['x']", "40 hex digits"),
+    ],
+)
+def test_a_bad_revision_stops_start_up_with_a_line_naming_it(tmp_path, table, line, fragment):
+    tables = {"models.a": "source = 'owner/model'", "models.b": "source = 'tiny'"}
+    tables["loras.l"] = "source = 'owner/lora'\nmodels = ['a']"
+    text = "default = 'a'\n" + "".join(
+        f"[{name}]\n{body}\n{line if name == table else ''}\n" for name, body in tables.items()
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ModelsFileError) as refused:
+        load_catalog(path, "tiny")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{path}: `{table}.revision` ")
+    assert fragment in message
+
+
+async def test_a_pinned_revision_is_downloaded_loaded_and_checked_at_that_commit(
+    model_cache, tmp_path, monkeypatch, capsys
+):
+    main = folder_files(model_cache / "tiny-sd")
+    scheduler = json.loads(main["scheduler/scheduler_config.json"])
+    marked = json.dumps({**scheduler, "beta_end": 0.0125}).encode()
+    revisions = {
+        "test/tiny-sd": {PINNED: {**main, "scheduler/scheduler_config.json": marked}},
+        "test/pixel-lora": {PINNED: {"pixel.safetensors": b"pinned" * 20}},
+    }
+    repos = {"test/tiny-sd": main, "test/pixel-lora": {"pixel.safetensors": b"main" * 20}}
+    pins = f"""
+default = "pinned"
+[models.pinned]
+source = "test/tiny-sd"
+revision = "{PINNED}"
+[models.latest]
+source = "test/tiny-sd"
+[loras.pixel]
+source = "test/pixel-lora"
+revision = "{PINNED}"
+models = ["pinned"]
+"""
+    cache = tmp_path / "cache"
+    settings = Settings(
+        discord_token="", device="cpu", model_cache=cache, models_file=write(tmp_path, pins)
+    )
+    async with FakeHub(repos, revisions=revisions) as hub:
+        point_client_at(hub, monkeypatch)
+        assert await asyncio.to_thread(download, settings, None) == 0, capsys.readouterr()
+        with pytest.raises(ModelNotAvailable) as gone:
+            await asyncio.to_thread(fetch_model, "test/tiny-sd", cache, revision=NOT_ON_HUB)
+    assert f"'test/tiny-sd' at {NOT_ON_HUB} could not be downloaded" in str(gone.value)
+    lora_gets = [r.path for r in hub.requests if r.method == "GET" and "pixel-lora/res" in r.path]
+    assert lora_gets == [f"/test/pixel-lora/resolve/{PINNED}/pixel.safetensors"]
+
+    from bot.pipelines import PipelineOptions, PipelineRunner
+    from bot.pipelines.loading import lora_file
+
+    catalog = load_catalog(settings.models_file, "unused")
+    runner = PipelineRunner(PipelineOptions(device="cpu", cache_dir=cache), catalog)
+    assert runner.load("pinned").scheduler.config.beta_end == 0.0125  # the pinned commit's
+    assert runner.load("latest").scheduler.config.beta_end == scheduler["beta_end"]  # main's
+    pinned_lora = lora_file("test/pixel-lora", PipelineOptions(cache_dir=cache, revision=PINNED))
+    assert pinned_lora.read_bytes() == b"pinned" * 20
+    assert not source_available("lora", "test/pixel-lora", cache)  # main was never fetched
+
+    out = io.StringIO()
+    doctor.check_models(settings, doctor.Report(out))
+    lines = {line.split(":", 1)[0]: line for line in out.getvalue().splitlines()}
+    assert f"test/tiny-sd at {PINNED} loads on cpu" in lines["✓ model pinned"]
+    assert f"test/pixel-lora at {PINNED} is here" in lines["✓ LoRA pixel"]
+    settings.models_file.write_text(pins.replace(PINNED, NOT_ON_HUB, 1))
+    out = io.StringIO()
+    doctor.check_models(settings, doctor.Report(out))
+    lines = {line.split(":", 1)[0]: line for line in out.getvalue().splitlines()}
+    assert f"test/tiny-sd at {NOT_ON_HUB} is not in" in lines["✗ model pinned"]
+    assert "test/tiny-sd is here" in lines["✓ model latest"]
 
 
 def test_members_choose_only_from_the_allowlist(catalog):

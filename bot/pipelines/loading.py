@@ -2,9 +2,9 @@
 Hub id, a local folder or a built-in source, ready on its device; finding a LoRA's file.
 
 Loading never downloads (bot/downloads.py does, on start or with `python -m bot download`):
-a Hub model is loaded from its complete cached snapshot, and a model that is not on this
-machine fails with the command that fetches it. The pipeline class comes from the model's own
-model_index.json.
+a Hub model is loaded from its complete cached snapshot (of the commit its allowlist entry
+pins, if any), and a model that is not on this machine fails with the command that fetches
+it. The pipeline class comes from the model's own model_index.json.
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ class PipelineOptions:
     memory_budget_bytes: int | None = None
     # Results above this many pixels are encoded and decoded by the VAE in tiles.
     vae_tiling_pixels: int = 1024 * 1024
+    # The Hub commit a source is read at: its allowlist entry's `revision`, set per model and
+    # LoRA like `safety_checker` (bot/pipelines/residency.py); None: where `main` was fetched.
+    revision: str | None = None
 
 
 def _not_available(model_id: str, options: PipelineOptions, reason: str) -> ModelNotAvailable:
@@ -100,10 +103,13 @@ def _not_available(model_id: str, options: PipelineOptions, reason: str) -> Mode
             if huggingface_hub.constants.HF_HUB_OFFLINE
             else ""
         )
+        pinned = options.revision
         hint = (
             f"Fetch it once with `python -m bot download {model_id}` or "
             f"`huggingface-cli download {model_id} --cache-dir {cache}`, then start the bot "
             f"again.{offline}"
+            if pinned is None
+            else f"models.toml pins {pinned}: fetch it with `python -m bot download`.{offline}"
         )
     return ModelNotAvailable(f"Model {model_id!r} is not available: {reason}. {hint}")
 
@@ -121,7 +127,7 @@ def _model_folder(model_id: str, options: PipelineOptions) -> str:
         if not (folder / MODEL_INDEX).is_file():
             raise _not_available(model_id, options, "the folder holds no model_index.json")
         return str(folder)
-    snapshot = cached_model(model_id, options.cache_dir)
+    snapshot = cached_model(model_id, options.cache_dir, options.revision)
     return model_id if snapshot is None else str(snapshot)
 
 
@@ -187,7 +193,12 @@ def load_pipeline(model_id: str, options: PipelineOptions) -> DiffusionPipeline:
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = family.from_pretrained(
-            source, dtype=dtype, cache_dir=str(options.cache_dir), local_files_only=True, **extra
+            source,
+            dtype=dtype,
+            cache_dir=str(options.cache_dir),
+            local_files_only=True,
+            revision=options.revision,  # never another commit's snapshot, if it is cached
+            **extra,
         )
     except (OSError, HFValidationError, EntryNotFoundError) as exc:
         # huggingface_hub's "not cached", "offline", "not found" and connection errors are all
@@ -213,17 +224,20 @@ def load_pipeline(model_id: str, options: PipelineOptions) -> DiffusionPipeline:
 
 def lora_file(source: str, options: PipelineOptions) -> Path:
     """The .safetensors file of a LoRA: a built-in (built on first use), a local file or
-    folder, or a Hub id's cached snapshot. Never downloads; safetensors only."""
+    folder, or a Hub id's cached snapshot (at `options.revision`, if pinned). Never downloads;
+    safetensors only."""
     built = built_in(source, options.cache_dir, BUILT_IN_LORAS)
     if built is not None:
         return built
     if looks_like_path(source):
         path = Path(source).expanduser()
     else:
-        snapshot = cached_lora(source, options.cache_dir)
+        snapshot = cached_lora(source, options.cache_dir, options.revision)
         if snapshot is None:
+            at = "" if options.revision is None else f" at {options.revision}"
             raise ModelNotAvailable(
-                f"LoRA {source!r} is not on this machine; fetch it with `python -m bot download`."
+                f"LoRA {source!r}{at} is not on this machine; fetch it with "
+                "`python -m bot download`."
             )
         path = snapshot
     if path.is_file() and path.suffix == ".safetensors":

@@ -77,14 +77,15 @@ class ResidentModels:
             return frozenset(self._resident)
 
     def source(self, model: str) -> tuple[str, PipelineOptions]:
-        """Where `model` loads from and with which options: its allowlist entry's (its own
-        safety checker setting, if any), or the name itself without an allowlist."""
+        """Where `model` loads from and with which options: its allowlist entry's (its pinned
+        revision, its own safety checker setting, if any), or the name itself without one."""
         entry = None if self.catalog is None else self.catalog.models.get(model)
         if entry is None:  # no allowlist, or a name only a test or the command line uses
             return model, self.options
+        options = replace(self.options, revision=entry.revision)
         if entry.safety_checker is None:
-            return entry.source, self.options
-        return entry.source, replace(self.options, safety_checker=entry.safety_checker)
+            return entry.source, options
+        return entry.source, replace(options, safety_checker=entry.safety_checker)
 
     def load(self, model: str) -> Resident:
         """`model`, loaded now (after unloading the least recently used models it would not
@@ -145,9 +146,9 @@ class ResidentModels:
         for name, _ in active:
             if name not in resident.adapters:
                 entry = None if self.catalog is None else self.catalog.loras.get(name)
-                source = name if entry is None else entry.source
+                source, pin = (name, None) if entry is None else (entry.source, entry.revision)
                 resident.pipe.load_lora_weights(
-                    str(lora_file(source, self.options)), adapter_name=name
+                    str(lora_file(source, replace(self.options, revision=pin))), adapter_name=name
                 )
                 resident.adapters.add(name)
                 resident.size = module_bytes(resident.pipe.components.values())
