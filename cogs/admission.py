@@ -45,6 +45,21 @@ UNKNOWN_IMAGE = (
 )
 
 
+async def download(attachment: discord.Attachment) -> bytes:
+    try:
+        return await attachment.read()
+    except discord.HTTPException as error:
+        raise Refused("I could not download that image; please try again.") from error
+
+
+def stand_in(attachment: discord.Attachment) -> PreparedImage:
+    """A picture of the attachment's announced size (Discord's, else 512²), for checking the
+    options before the real one is decoded: the sizes an upload is drawn at come from it."""
+    sides = [attachment.width, attachment.height]
+    width, height = (s if isinstance(s, int) and 0 < s <= 1 << 16 else 512 for s in sides)
+    return PreparedImage(b"", "", width, height, upload_size=(width, height))
+
+
 class AdmissionDesk:
     """Every Discord request passes here, so quotas, refusals and the status message are the
     same whether it came from /imagine, a button, the context menu or a reply."""
@@ -110,41 +125,46 @@ class AdmissionDesk:
         nothing is admitted unless every job can be."""
         if ask.requests is not None:
             image = ask.image if isinstance(ask.image, PreparedImage) else None
-            prepared = Prepared(entry, ask.requests, image, ask.parsed)
-        else:
-            image, data = await self._read_image(entry, ask)
-            entry, options = await self._options(entry, ask, data)
-            raws = self._jobs(entry, ask, options)
-            requests = [self._checked(entry, raw, image, ask) for raw in raws]
-            prepared = Prepared(entry, requests, image, ask.parsed)
-        return prepared
+            return Prepared(entry, ask.requests, image, ask.parsed)
+        if isinstance(ask.image, discord.Attachment):
+            return await self._prepare_upload(entry, ask, ask.image)
+        entry, options = await self._options(entry, ask, b"")
+        raws = self._jobs(entry, ask, options)
+        requests = [self._checked(entry, raw, ask.image, ask) for raw in raws]
+        return Prepared(entry, requests, ask.image, ask.parsed)
 
-    async def _read_image(self, entry: Entry, ask: Ask) -> tuple[PreparedImage | None, bytes]:
-        """Download and prepare the attachment, after what needs no pixels: its announced
-        size, the ban list, the prompt known so far against the blocklist, the member's queue
-        limit and quota; one at a time per member. An interaction is deferred first,
-        privately: downloading and decoding can outlast Discord's 3 seconds."""
-        attachment = ask.image
-        if not isinstance(attachment, discord.Attachment):
-            return attachment, b""
+    async def _prepare_upload(
+        self, entry: Entry, ask: Ask, attachment: discord.Attachment
+    ) -> Prepared:
+        """`prepare` with an attachment to read. Whatever needs no pixels is refused before
+        the file is downloaded and decoded: its announced size, the ban list and the prompt
+        known so far, the options themselves (checked on a stand-in of the picture's announced
+        size), then the member's queue limit and quota. One member reads one image at a
+        time. An interaction is deferred first, privately: reading can outlast
+        Discord's 3 seconds."""
         limit = self.service.settings.max_upload_bytes
         if attachment.size > limit:
             raise Refused(
                 f"The image is {attachment.size / 2**20:.1f} MiB; the limit is "
                 f"{limit / 2**20:g} MiB. Nothing was queued."
             )
-        known = {"prompt": ask.known_prompt() or ""}
-        await self.service.gate.check_member(entry.intake, known)  # nothing downloaded yet
-        await self.service.gate.check_room(entry.intake)
+        gate = self.service.gate
+        await gate.check_member(entry.intake, {"prompt": ask.known_prompt() or ""})
         origin = entry.origin
         if isinstance(origin, discord.Interaction) and not origin.response.is_done():
             await origin.response.defer(ephemeral=True, thinking=True)
-        async with self.service.gate.one_decode(entry.intake.member_id):
-            try:
-                data = await attachment.read()
-            except discord.HTTPException as error:
-                raise Refused("I could not download that image; please try again.") from error
-            return await (ask.prepare or self.service.prepare_init_image)(data), data
+        async with gate.one_decode(entry.intake.member_id):
+            # Only `like` needs the file for the options (its PNG may carry them).
+            data = await download(attachment) if ask.like is not None else b""
+            entry, options = await self._options(entry, ask, data)
+            raws = self._jobs(entry, ask, options)
+            for raw in raws:
+                self._checked(entry, raw, stand_in(attachment), ask)
+            await gate.check_room(entry.intake)
+            data = data or await download(attachment)
+            image = await (ask.prepare or self.service.prepare_init_image)(data)
+        requests = [self._checked(entry, raw, image, ask) for raw in raws]
+        return Prepared(entry, requests, image, ask.parsed)
 
     async def _options(self, entry: Entry, ask: Ask, data: bytes) -> tuple[Entry, RawOptions]:
         """The options before flags: those of `like`'s image when known (its job becomes the
