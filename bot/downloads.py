@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny"  # built from code by bot/pipelines/tiny.py, never downloaded
 # Every source built from code by bot/pipelines/tiny.py: usable offline, never downloaded.
-BUILTIN_SOURCES = {TINY_MODEL, "tiny-sdxl", "tiny-inpaint", "tiny-lora"}
+BUILTIN_SOURCES = {TINY_MODEL, "tiny-sdxl", "tiny-inpaint", "tiny-flux", "tiny-lora"}
 SAFETENSORS = ".safetensors"  # the one weight format taken from models.toml: a pickle can run code
 MODEL_INDEX = "model_index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.downloads import is_hub_model
+from bot.families import FLOW_FAMILIES, FLOW_SCHEDULERS
 from bot.lora_text import MAX_LORAS_TEXT as MAX_LORAS_TEXT  # the cogs bound `lora:` with it
 from bot.lora_text import MAX_NAME_CHARS, NAME, Loras, lora_pairs, parse_loras, shown
-from bot.requests import SCHEDULERS, InvalidRequest, Limits
+from bot.requests import ALL_SCHEDULERS, InvalidRequest, Limits
 from bot.settings import SettingsError
 
 # A pinned revision: a full commit id, the one Hub revision that never moves.
@@ -47,6 +48,9 @@ class ModelEntry:
     inpaint: str | None = None  # the allowlisted model that paints Zoom Out and Pan fills
     nsfw: bool = False  # offered and admitted only in age-restricted channels
     revision: str | None = None  # the Hub commit the source is pinned to (None: main)
+    # "sd", "sdxl", "flux" (bot/families.py): learnt at start-up from the model's own
+    # model_index.json (`Catalog.learn_families`), never set in models.toml; None: unknown.
+    family: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,18 @@ class Catalog:
         if name is not None and not isinstance(name, str):
             return frozenset()
         entry = self.models.get(self.default if name is None else name.strip())
+        if entry is None:
+            return frozenset()
         options = ("steps", "guidance", "width", "height", "scheduler")
-        return frozenset(o for o in options if entry is not None and getattr(entry, o) is not None)
+        own = {o for o in options if getattr(entry, o) is not None}
+        if entry.family in FLOW_FAMILIES:
+            own.add("scheduler")  # a member's saved SD scheduler would not apply
+        return frozenset(own)
+
+    def learn_families(self, families: Mapping[str, str | None]) -> None:
+        """Note each model's family (by model name), read from its files at start-up."""
+        for name, family in families.items():
+            self.models[name] = replace(self.models[name], family=family)
 
     @property
     def fill_only(self) -> set[str]:
@@ -172,7 +186,8 @@ class Catalog:
             ),
             default_width=side(entry.width, base.default_width),
             default_height=side(entry.height, base.default_height),
-            default_scheduler=entry.scheduler or base.default_scheduler,
+            default_scheduler=entry.scheduler
+            or (FLOW_SCHEDULERS[0] if entry.family in FLOW_FAMILIES else base.default_scheduler),
         )
 
     def sources(self) -> list[tuple[str, str, str | None]]:
@@ -277,8 +292,8 @@ def _model(name: str, table: dict[str, Any], where: _Where) -> ModelEntry:
         if values.get(side, 0) % 8:
             raise where.error(f"{key}.{side}", f"must be a multiple of 8, got {values[side]}.")
     scheduler = values.get("scheduler")
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise where.error(f"{key}.scheduler", f"must be one of: {', '.join(SCHEDULERS)}.")
+    if scheduler is not None and scheduler not in ALL_SCHEDULERS:
+        raise where.error(f"{key}.scheduler", f"must be one of: {', '.join(ALL_SCHEDULERS)}.")
     if values.get("steps", 0) > values.get("max_steps", 150):
         raise where.error(f"{key}.steps", f"must not exceed max_steps ({values['max_steps']}).")
     _check_source(values, key, where)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bot.requests import MAX_PROMPT_CHARS, SCHEDULERS, InvalidRequest, Limits, RawOptions
+from bot.requests import ALL_SCHEDULERS, MAX_PROMPT_CHARS, InvalidRequest, Limits, RawOptions
 
 # Flags a member may write in a prompt, and the request option each one sets.
 FLAG_OPTIONS: dict[str, str] = {
@@ -62,10 +62,10 @@ def _shown(text: str, limit: int) -> str:
 def _scheduler_name(value: str) -> str:
     """`dpm++2m`, `euler_a` or `Euler-a` name the scheduler `DPM++ 2M` or `Euler a`."""
     wanted = re.sub(r"[^a-z0-9+]", "", value.lower())
-    for name in SCHEDULERS:
+    for name in ALL_SCHEDULERS:
         if re.sub(r"[^a-z0-9+]", "", name.lower()) == wanted:
             return name
-    allowed = ", ".join(n.replace(" ", "") for n in SCHEDULERS)
+    allowed = ", ".join(n.replace(" ", "") for n in ALL_SCHEDULERS)
     raise InvalidRequest("--scheduler", f"must be one of: {allowed}; got {value!r}.")
 
 

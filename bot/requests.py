@@ -13,21 +13,15 @@ from enum import StrEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+# The schedulers by the names members pick live with the families they apply to.
+from bot.families import ALL_SCHEDULERS as ALL_SCHEDULERS
+from bot.families import DEFAULT_SCHEDULER as DEFAULT_SCHEDULER
+from bot.families import SCHEDULERS as SCHEDULERS
+from bot.families import family_name, schedulers_for
+
 if TYPE_CHECKING:
     from bot.models import Catalog
 
-# Names a member understands, in the order shown in Discord's choice list.
-SCHEDULERS: tuple[str, ...] = (
-    "DPM++ 2M",
-    "Euler a",
-    "Euler",
-    "DDIM",
-    "PNDM",
-    "LMS",
-    "UniPC",
-    "LCM",
-)
-DEFAULT_SCHEDULER = "DPM++ 2M"
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 1500
@@ -280,7 +274,7 @@ def validate(
         guidance=_guidance(raw.guidance, limits),
         width=_side("width", raw.width, limits.default_width, limits),
         height=_side("height", raw.height, limits.default_height, limits),
-        scheduler=_scheduler(raw.scheduler, limits),
+        scheduler=_scheduler(raw.scheduler, limits, model.name, model.family),
         model=model.name,
         loras=loras,
     )
@@ -330,11 +324,19 @@ def _guidance(value: Any, limits: Limits) -> float:
     return round(guidance, 2)
 
 
-def _scheduler(value: Any, limits: Limits) -> str:
-    """A scheduler by the name members pick, so the pipelines only ever see known names."""
+def _scheduler(value: Any, limits: Limits, model: str, family: str | None) -> str:
+    """A scheduler by the name members pick, so the pipelines only ever see known names, and
+    only those `model`'s family runs with (a flow model's differ from SD's)."""
     scheduler = limits.default_scheduler if value is None else value
-    if scheduler not in SCHEDULERS:
-        raise InvalidRequest("scheduler", f"must be one of: {', '.join(SCHEDULERS)}.")
+    allowed = schedulers_for(family)
+    if scheduler in ALL_SCHEDULERS and scheduler not in allowed:
+        raise InvalidRequest(
+            "scheduler",
+            f"{scheduler} does not apply to {model}, a {family_name(family)} model; "
+            f"it runs with: {', '.join(allowed)}.",
+        )
+    if scheduler not in allowed:
+        raise InvalidRequest("scheduler", f"must be one of: {', '.join(allowed)}.")
     return scheduler
 
 

@@ -11,6 +11,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 from bot.db import Store, admission, jobs, members, moderation, quotas, speeds
@@ -18,6 +19,7 @@ from bot.db.members import MemberDefaults
 from bot.downloads import ModelNotAvailable, missing_sources
 from bot.eta import seconds_per_unit, wait_seconds
 from bot.executor import Executor, ExecutorTuning, JobResult, Outlets, Runner
+from bot.families import WEIGHTED_FAMILIES, family_name, model_family
 from bot.gate import Gate
 from bot.handoff import Undeliverable
 from bot.images import read_parameters
@@ -65,6 +67,31 @@ def prompt_chunks(runner: ModelRunner, request: GenerationRequest, limit: int) -
             )
         counts.append(chunks)
     return counts[0], counts[1]
+
+
+def check_prompt_syntax(request: GenerationRequest, family: str | None) -> None:
+    """Weights and `BREAK` only on families whose encoding reads them (SD, SDXL); on any
+    other an InvalidRequest says so for that model, instead of the syntax reaching the
+    encoder as literal text. A flow model reads no negative prompt, so only the prompt counts."""
+    if family is None or family in WEIGHTED_FAMILIES:
+        return
+    segments = parse_weights(request.prompt)
+    if len(segments) > 1 or any(f.weight != 1.0 for segment in segments for f in segment):
+        raise InvalidRequest(
+            "prompt",
+            f"{request.model} is a {family_name(family)} model, which takes no weights such as "
+            "`(word:1.2)`, `(word)` or `[word]` and no `BREAK` yet; write the prompt without "
+            "them (`\\(` for a literal bracket).",
+        )
+
+
+def model_families(catalog: Catalog, cache: Path) -> dict[str, str | None]:
+    """Each allowlisted model's family, from its files (those not on this machine left out)."""
+    return {
+        m.name: model_family(m.source, cache, m.revision)
+        for m in catalog.models.values()
+        if m.source not in catalog.missing
+    }
 
 
 def saved_defaults(raw: RawOptions, saved: MemberDefaults, catalog: Catalog) -> RawOptions:
@@ -148,6 +175,8 @@ class ImagineService:
         """Note the allowlisted sources not here (refused to members); load the default model."""
         sources, cache = self.catalog.sources(), self.settings.model_cache
         self.catalog.missing = await asyncio.to_thread(missing_sources, sources, cache)
+        families = await asyncio.to_thread(model_families, self.catalog, cache)
+        self.catalog.learn_families(families)
         if self.settings.executor == "ray":
             require_default_model(self.catalog)  # each worker loads it, on its own device
         else:
@@ -190,6 +219,7 @@ class ImagineService:
         request = validate(
             raw, self.settings.limits, self.catalog, init_image=shape, upload_size=upload_size
         )
+        check_prompt_syntax(request, self.catalog.models[request.model].family)
         prompt_chunks(self.runner, request, self.settings.max_prompt_chunks)
         return request
 

@@ -13,7 +13,7 @@ from discord.ext import commands
 from bot.models import MAX_LORAS_TEXT, MAX_NAME_CHARS
 from bot.prompts import ParsedPrompt, parse_weights, weighted_terms
 from bot.quota import cost_text, units_phrase
-from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
+from bot.requests import ALL_SCHEDULERS, GenerationRequest, RawOptions
 from bot.service import ImagineService, prompt_chunks
 from cogs.buttons import ConfirmView
 from cogs.common import loras_text, server_only, standing_text
@@ -48,7 +48,7 @@ class ImagineCog(commands.Cog):
         model="The model to draw with (see /models)",
         lora="LoRAs to add, as name:weight (weight from -2 to 2), separated by spaces",
     )
-    @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in SCHEDULERS])
+    @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in ALL_SCHEDULERS])
     async def imagine(
         self,
         interaction: discord.Interaction[ImagineBot],

@@ -16,7 +16,7 @@ from bot.db.members import MemberDefaults
 from bot.intake import quota_exempt
 from bot.models import MAX_NAME_CHARS
 from bot.quota import units_phrase
-from bot.requests import SCHEDULERS
+from bot.requests import ALL_SCHEDULERS
 from cogs.buttons import forget_me_view
 from cogs.common import frees_up_text, relative_time, role_ids, server_only, standing_text
 from cogs.models import age_restricted, model_choices
@@ -123,7 +123,7 @@ class MemberCog(commands.Cog):
         model="Default model, from the server's models (see /models)",
         reset="Forget all your defaults",
     )
-    @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in SCHEDULERS])
+    @app_commands.choices(scheduler=[app_commands.Choice(name=n, value=n) for n in ALL_SCHEDULERS])
     async def settings_command(
         self,
         interaction: discord.Interaction[ImagineBot],

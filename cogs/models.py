@@ -12,6 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.families import family_name
 from bot.models import MAX_LORAS_TEXT, Catalog
 from bot.requests import Limits
 from cogs.common import MAX_ANSWER
@@ -95,7 +96,9 @@ def lora_choices(catalog: Catalog, model: str | None, typed: str) -> list[app_co
 def defaults_line(catalog: Catalog, name: str, base: Limits) -> str:
     """A model's defaults and limits as /imagine applies them."""
     entry, limits = catalog.models[name], catalog.limits_for(name, base)
+    family = [family_name(entry.family)] if entry.family else []  # known once it is here
     parts = [
+        *family,
         f"{limits.default_steps} steps (at most {limits.max_steps})",
         f"guidance {limits.default_guidance:g}",
         f"{limits.default_width}×{limits.default_height}",

@@ -7,7 +7,7 @@ import discord
 
 from bot import operations
 from bot.models import Catalog
-from bot.requests import SCHEDULERS, GenerationRequest, RawOptions
+from bot.requests import ALL_SCHEDULERS, GenerationRequest, RawOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Discord shows a file whose name starts with this as a spoiler: how an image the safety
@@ -68,7 +68,7 @@ def raw_from_parameters(parameters: dict, catalog: Catalog) -> RawOptions:
         negative_prompt=parameters.get("negative_prompt"),
         steps=parameters.get("steps"),
         guidance=parameters.get("cfg_scale"),
-        scheduler=sampler if sampler in SCHEDULERS else None,
+        scheduler=sampler if sampler in ALL_SCHEDULERS else None,
         model=model,
         loras=loras or None,
     )

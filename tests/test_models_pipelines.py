@@ -216,8 +216,8 @@ def test_the_downloader_knows_every_built_in_source() -> None:
 
 
 def test_a_pipeline_class_the_bot_does_not_run_is_refused_by_name(tmp_path: Path) -> None:
-    folder = tmp_path / "flux"
+    folder = tmp_path / "audio"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelNotAvailable, match=r"FluxPipeline.*StableDiffusionXLPipeline"):
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDMPipeline"}))
+    with pytest.raises(ModelNotAvailable, match=r"AudioLDMPipeline.*StableDiffusionXLPipeline"):
         load_pipeline(str(folder), PipelineOptions(device="cpu", cache_dir=tmp_path))

@@ -1,5 +1,5 @@
-"""Loading a Stable Diffusion pipeline (SD 1.x/2.x, SDXL, their Turbo and LCM variants) from a
-Hub id, a local folder or a built-in source, ready on its device; finding a LoRA's file.
+"""Loading a pipeline (SD 1.x/2.x, SDXL, their Turbo and LCM variants; FLUX.1) from a Hub id,
+a local folder or a built-in source, ready on its device; finding a LoRA's file.
 
 Loading never downloads (bot/downloads.py does, on start or with `python -m bot download`):
 a Hub model is loaded from its complete cached snapshot (of the commit its allowlist entry
@@ -18,7 +18,12 @@ from typing import Any
 import huggingface_hub.constants
 import torch
 import transformers
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from bot.downloads import (
@@ -31,7 +36,10 @@ from bot.downloads import (
     needed_files,
 )
 from bot.pipelines.devices import resolve_device
-from bot.pipelines.tiny import BUILT_IN_LORAS, LORA_WEIGHT_NAME, built_in
+from bot.pipelines.tiny import BUILT_IN_LORAS, BUILT_IN_MODELS, LORA_WEIGHT_NAME, built_in
+from bot.pipelines.tiny_flow import TINY_FLUX, build_tiny_flux
+
+BUILT_IN_MODELS[TINY_FLUX] = ("tiny-flux", build_tiny_flux)
 
 __all__ = [
     "PIPELINE_FAMILIES",
@@ -46,7 +54,8 @@ __all__ = [
 # every mode (text, image, inpaint) from the loaded pipeline's modules, so a family appears
 # once: Turbo models are SD or SDXL loaded the same way (their guidance 0 and 1–4 steps come
 # from the allowlist entry), and an LCM model is SD 1.x with a guidance embedding in its UNet
-# (the "LCM" scheduler runs it).
+# (the "LCM" scheduler runs it). FLUX.1 [dev] and [schnell] load alike; the transformer's
+# config says whether it embeds guidance. bot/families.py names the same classes' families.
 PIPELINE_FAMILIES: dict[str, type[DiffusionPipeline]] = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionImg2ImgPipeline": StableDiffusionPipeline,
@@ -54,6 +63,9 @@ PIPELINE_FAMILIES: dict[str, type[DiffusionPipeline]] = {
     "LatentConsistencyModelPipeline": StableDiffusionPipeline,
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
     "StableDiffusionXLInpaintPipeline": StableDiffusionXLPipeline,
+    "FluxPipeline": FluxPipeline,
+    "FluxImg2ImgPipeline": FluxPipeline,
+    "FluxInpaintPipeline": FluxPipeline,
 }
 
 
@@ -210,14 +222,15 @@ def load_pipeline(model_id: str, options: PipelineOptions) -> DiffusionPipeline:
     if options.vae_decode_batch == 1:
         pipe.vae.enable_slicing()  # img2img's encoder then also takes one image at a time
     pipe.to(device)
-    if options.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+    unet = getattr(pipe, "unet", None)  # a flow model has a transformer instead
+    if options.channels_last and unet is not None:
+        unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if options.compile_unet:
         # One graph per (batch bucket, size): every size members use costs one compilation,
         # so allow more than torch's default of 8 before it falls back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        pipe.unet.compile(backend=options.compile_backend, dynamic=False)
+        (unet or pipe.transformer).compile(backend=options.compile_backend, dynamic=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

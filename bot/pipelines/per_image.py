@@ -27,6 +27,7 @@ from diffusers import (
 )
 
 from bot.operations import paste_back, repaint_mask
+from bot.pipelines.flow import FLOW_CLASSES, FlowPerImage
 from bot.requests import BatchKey, ImageSpec
 
 
@@ -112,9 +113,11 @@ GUIDED_CLASSES: dict[tuple[type[DiffusionPipeline], str], type[PerImageGuidance]
 }
 
 
-def guided_class(base: DiffusionPipeline, mode: str) -> type[PerImageGuidance]:
-    """The per-image-guidance class that runs `mode` with `base`'s modules."""
-    for (family, known_mode), cls in GUIDED_CLASSES.items():
+def guided_class(base: DiffusionPipeline, mode: str) -> type[PerImageGuidance | FlowPerImage]:
+    """The per-image-guidance class that runs `mode` with `base`'s modules (a UNet family's
+    here, a flow family's from bot/pipelines/flow.py)."""
+    classes = {**GUIDED_CLASSES, **FLOW_CLASSES}
+    for (family, known_mode), cls in classes.items():
         if mode == known_mode and isinstance(base, family):
             return cls
     raise ValueError(f"no {mode!r} pipeline for a {type(base).__name__}")

@@ -23,6 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from bot.pipelines.devices import memory_budget, module_bytes
+from bot.pipelines.flow import FlowPromptEncoder, is_flow
 from bot.pipelines.loading import (
     PipelineOptions,
     load_pipeline,
@@ -45,7 +46,7 @@ class Resident:
     """A loaded model: its pipeline, prompt encoder, bytes of weights and LoRAs loaded into it."""
 
     pipe: DiffusionPipeline
-    encoder: PromptEncoder
+    encoder: PromptEncoder | FlowPromptEncoder
     size: int
     adapters: set[str] = field(default_factory=set)
 
@@ -107,7 +108,8 @@ class ResidentModels:
                 size / 2**30,
                 self.budget / 2**30,
             )
-        resident = Resident(pipe, PromptEncoder.for_pipeline(pipe), size)
+        encoder = FlowPromptEncoder(pipe) if is_flow(pipe) else PromptEncoder.for_pipeline(pipe)
+        resident = Resident(pipe, encoder, size)
         tokenizer = copy.deepcopy(pipe.tokenizer)  # the pipeline reconfigures its own per call
         with self._lock:
             self._sizes[model] = size

@@ -25,6 +25,7 @@ from bot.pipelines.devices import (
     padded_batch_size,
     resolve_device,
 )
+from bot.pipelines.flow import FLOW_SCHEDULER, is_flow
 from bot.pipelines.loading import PipelineOptions
 from bot.pipelines.per_image import (
     guided_class,
@@ -82,11 +83,12 @@ def decode_latents(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode latents to [-1, 1] images, `slice_size` at a time, with a bad-output flag per
     image; NaN/Inf images are decoded once more with the VAE in float32, the usual cure for
-    fp16 overflow."""
+    fp16 overflow. A VAE with a shift (FLUX's) gets it added back after the scale."""
     scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
 
     def decode(chosen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        parts = (chosen.to(dtype) / scale).split(slice_size)
+        parts = (chosen.to(dtype) / scale + shift).split(slice_size)
         return torch.cat([vae.decode(part, return_dict=False)[0] for part in parts])
 
     with torch.no_grad():
@@ -132,8 +134,14 @@ _LATENT_RGB = torch.tensor(
 
 
 def latent_previews(latents: torch.Tensor) -> list[PIL.Image.Image]:
-    """One small RGB picture per image in the batch, straight from the latents."""
-    rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float().cpu(), _LATENT_RGB)
+    """One small RGB picture per image in the batch, straight from the latents; latents of
+    other than four channels (FLUX's 16) as the mean of every third channel, rougher still."""
+    channels = latents.shape[1]
+    mapping = _LATENT_RGB
+    if channels != 4:
+        mapping = torch.zeros(channels, 3)
+        mapping[torch.arange(channels), torch.arange(channels) % 3] = 3 / channels
+    rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float().cpu(), mapping)
     rgb = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     return [
         PIL.Image.fromarray(array).resize((array.shape[1] * 4, array.shape[0] * 4)) for array in rgb
@@ -193,7 +201,8 @@ class PipelineRunner:
         call costs. Also warms the kernels up, so the first member does not pay for it.
         `batch_limit` answers from what this finds."""
         side = self.options.largest_side
-        key = BatchKey(model, "text", side, side, steps=1, scheduler="Euler", cfg=True)
+        scheduler = FLOW_SCHEDULER if is_flow(self.models.load(model).pipe) else "Euler"
+        key = BatchKey(model, "text", side, side, steps=1, scheduler=scheduler, cfg=True)
         peaks: list[int] = []
         for images in (1, 2):
             before = meter.start()

@@ -1,0 +1,113 @@
+"""A FLUX model beside SD through the fake Discord: the allowlist holds the built-ins `tiny` and
+`tiny-flux`; /models names each one's family, /imagine on the FLUX entry delivers a PNG naming
+it, two members' jobs share one call with the seed-5 image as it is made alone, and an SD
+scheduler on the FLUX entry is refused with nothing queued."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from factories import pixels
+from harness.answers import job_id_of
+from harness.in_process import HeldRunner, allowlist_runner, running_bot
+
+from bot.db import jobs
+from bot.images import read_parameters
+
+MODELS_TOML = """
+default = "tiny"
+
+[models.tiny]
+source = "tiny"
+description = "SD 1.x at toy size"
+
+[models.flux]
+source = "tiny-flux"
+description = "FLUX.1 at toy size"
+steps = 2
+guidance = 3.5
+"""
+
+
+@pytest.fixture(scope="module")
+def models_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("allowlist") / "models.toml"
+    path.write_text(MODELS_TOML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def flux_runner(model_cache, models_file):
+    return allowlist_runner(model_cache, models_file, ("tiny", "flux"))
+
+
+@pytest.fixture
+async def flux_bot(discord_world, settings, models_file, flux_runner):
+    runner = HeldRunner(flux_runner)
+    settings = replace(settings, models_file=models_file)
+    async with running_bot(discord_world.fake, settings, runner=runner) as running:
+        try:
+            yield running
+        finally:
+            runner.release()
+
+
+async def delivered(inter):
+    """The job's id and the pixels and parameters of its first PNG."""
+    job_id = job_id_of((await inter.wait_response()).content)
+    result = await inter.wait_followup(timeout=30)
+    png = result.attachments[0]
+    return job_id, pixels(png), read_parameters(png.data)
+
+
+async def test_models_lists_both_families(discord_world, flux_bot):
+    w = discord_world
+    answer = await (await w.fake.slash_command(w.alice, w.channel, "models")).wait_response()
+    lines = answer.content.splitlines()
+    flux = next(i for i, line in enumerate(lines) if line.startswith("• **flux**"))
+    assert lines[flux + 1].startswith("  FLUX.1 · 2 steps") and "Flow Euler" in lines[flux + 1]
+    tiny = next(i for i, line in enumerate(lines) if line.startswith("• **tiny**"))
+    assert lines[tiny + 1].startswith("  SD 1.x/2.x · ") and "DPM++ 2M" in lines[tiny + 1]
+
+
+async def test_flux_jobs_of_two_members_share_a_call_and_keep_their_seed(discord_world, flux_bot):
+    w, runner = discord_world, flux_bot.runner
+    options = {"prompt": "a lighthouse", "model": "flux", "seed": 5}
+    alone_id, alone, parameters = await delivered(await flux_bot.imagine(w.alice, **options))
+    assert parameters["model"] == "flux" and parameters["sampler"] == "Flow Euler"
+    assert alone.shape == (64, 64, 3) and alone.std() > 1
+    await flux_bot.wait_idle()
+
+    runner.hold()
+    blocker = await flux_bot.imagine(w.mod, prompt="hold on", seed=1, steps=2)
+    await runner.wait_calls(2)
+    alice = await flux_bot.imagine(w.alice, **options)
+    bob = await flux_bot.imagine(w.bob, prompt="a harbour at night", model="flux", seed=9)
+    runner.release()
+    alice_id, batched, _ = await delivered(alice)
+    bob_id, other, _ = await delivered(bob)
+    await blocker.wait_followup(timeout=30)
+    await flux_bot.wait_idle()
+
+    records = [await flux_bot.store.read(jobs.get, i) for i in (alone_id, alice_id, bob_id)]
+    assert records[1].job.batch_id == records[2].job.batch_id != records[0].job.batch_id
+    key, specs = runner.calls[-1]
+    assert key.model == "flux" and sorted(s.seed for s in specs) == [5, 9]
+    assert np.abs(batched - alone).max() <= 1
+    assert np.abs(other - alone).mean() > 1
+
+
+async def test_an_sd_scheduler_on_the_flux_entry_is_refused_with_nothing_queued(
+    discord_world, flux_bot
+):
+    inter = await flux_bot.imagine(
+        discord_world.alice, prompt="a cat", model="flux", scheduler="DPM++ 2M"
+    )
+    response = await inter.wait_response()
+    assert response.ephemeral and "`scheduler`" in response.content
+    assert "DPM++ 2M does not apply to flux, a FLUX.1 model" in response.content
+    assert "Flow Euler" in response.content
+    assert await flux_bot.store.read(jobs.count) == 0
+    assert flux_bot.runner.calls == []

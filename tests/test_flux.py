@@ -1,0 +1,127 @@
+"""The FLUX family on the tiny random-weight `tiny-flux`, loaded through the real loading code:
+its files, batching with a seed and a guidance scale per image, and what validation refuses
+on a flow model (SD schedulers, weights and BREAK)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers/huggingface_hub read it
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from factories import pixels
+
+from bot.families import model_family
+from bot.models import Catalog, ModelEntry
+from bot.pipelines import PipelineOptions, PipelineRunner, load_pipeline
+from bot.requests import BatchKey, ImageSpec, InvalidRequest, Limits, RawOptions, validate
+from bot.service import check_prompt_syntax
+
+SPECS = [
+    ImageSpec("a red cat on a sofa", "", 11, guidance=3.5),
+    ImageSpec("a dog", "ignored", 22, guidance=2.0),
+    ImageSpec("mountains at dawn, oil painting", "", 33, guidance=5.0),
+]
+
+
+def key(**fields: object) -> BatchKey:
+    values = {"model": "tiny-flux", "mode": "text", "width": 64, "height": 64, "steps": 2}
+    return BatchKey(scheduler="Flow Euler", **{**values, **fields})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("flux-models")
+
+
+@pytest.fixture(scope="module")
+def runner(cache: Path) -> Iterator[PipelineRunner]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runner = PipelineRunner(PipelineOptions(device="cpu", cache_dir=cache))
+    runner.load("tiny-flux")
+    yield runner
+    torch.set_num_threads(threads)
+
+
+def test_tiny_flux_is_built_as_a_flux_model_and_loads_back(
+    runner: PipelineRunner, cache: Path
+) -> None:
+    index = json.loads((cache / "tiny-flux" / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    assert index["tokenizer_2"] == ["transformers", "T5Tokenizer"]
+    assert model_family("tiny-flux", cache) == "flux"
+    assert model_family(str(cache / "tiny-flux"), cache) == "flux"  # read from the folder
+    pipe = load_pipeline("tiny-flux", PipelineOptions(device="cpu", cache_dir=cache))
+    assert type(pipe) is FluxPipeline
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert pipe.transformer.config.guidance_embeds
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor
+
+
+def test_flux_image_is_the_same_alone_and_in_a_batch(runner: PipelineRunner) -> None:
+    batch = runner.generate(key(), SPECS)
+    for spec, in_batch in zip(SPECS, batch, strict=True):
+        (alone,) = runner.generate(key(), [spec])
+        assert np.abs(pixels(alone) - pixels(in_batch)).max() <= 1, spec
+        assert in_batch.image.size == (64, 64) and pixels(in_batch).std() > 1
+
+
+def test_flux_guidance_and_seed_are_each_images_own(runner: PipelineRunner) -> None:
+    spec = SPECS[0]
+    more = ImageSpec(spec.prompt, "", spec.seed, guidance=9.0)
+    other_seed = ImageSpec(spec.prompt, "", spec.seed + 1, guidance=spec.guidance)
+    first, guided, reseeded = runner.generate(key(), [spec, more, other_seed])
+    assert np.abs(pixels(first) - pixels(guided)).mean() > 0.5
+    assert np.abs(pixels(first) - pixels(reseeded)).mean() > 5
+
+
+def test_flux_reports_steps_with_previews(runner: PipelineRunner) -> None:
+    seen: list[tuple[int, int, int]] = []
+    runner.generate(
+        key(steps=3),
+        SPECS[:2],
+        progress=lambda done, total, previews: seen.append((done, total, len(previews or []))),
+        preview_every=1,
+    )
+    assert seen == [(1, 3, 2), (2, 3, 2), (3, 3, 0)]
+
+
+def flux_catalog() -> Catalog:
+    models = {
+        "tiny": ModelEntry("tiny", "tiny", family="sd"),
+        "flux": ModelEntry("flux", "tiny-flux", family="flux"),
+    }
+    return Catalog("tiny", models)
+
+
+def test_a_flux_model_defaults_to_the_flow_scheduler_and_refuses_sd_ones() -> None:
+    catalog = flux_catalog()
+    assert validate(RawOptions("a fox", model="flux"), Limits(), catalog).scheduler == "Flow Euler"
+    assert validate(RawOptions("a fox"), Limits(), catalog).scheduler == "DPM++ 2M"
+    with pytest.raises(InvalidRequest) as refused:
+        validate(RawOptions("a fox", model="flux", scheduler="Euler a"), Limits(), catalog)
+    assert str(refused.value) == (
+        "`scheduler`: Euler a does not apply to flux, a FLUX.1 model; it runs with: Flow Euler."
+    )
+    with pytest.raises(InvalidRequest, match="does not apply to tiny"):
+        validate(RawOptions("a fox", scheduler="Flow Euler"), Limits(), catalog)
+    assert "scheduler" in catalog.own_defaults("flux")
+
+
+@pytest.mark.parametrize("prompt", ["a (red:1.3) fox", "a [red] fox", "a fox BREAK a hill"])
+def test_weights_and_break_are_refused_on_flux_naming_the_model(prompt: str) -> None:
+    catalog = flux_catalog()
+    request = validate(RawOptions(prompt, model="flux"), Limits(), catalog)
+    with pytest.raises(InvalidRequest, match=r"flux is a FLUX\.1 model, which takes no weights"):
+        check_prompt_syntax(request, "flux")
+    check_prompt_syntax(validate(RawOptions(prompt), Limits(), catalog), "sd")  # SD reads them
+    plain = validate(RawOptions(r"a \(red\) fox", model="flux"), Limits(), catalog)
+    check_prompt_syntax(plain, "flux")
