@@ -44,6 +44,8 @@ SCHEDULERS: tuple[str, ...] = (
 DEFAULT_SCHEDULER = "DPM++ 2M"
 FLOW_SCHEDULERS: tuple[str, ...] = ("Flow Euler",)
 ALL_SCHEDULERS: tuple[str, ...] = SCHEDULERS + FLOW_SCHEDULERS
+# The side of a latent patch in pixels, where it is more than SD's 8: FLUX packs 2×2 latents.
+SIZE_STEPS: dict[str, int] = {"flux": 16}
 # Families whose prompt encoding takes AUTOMATIC1111 weights and BREAK.
 WEIGHTED_FAMILIES = frozenset({"sd", "sdxl"})
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.downloads import is_hub_model
-from bot.families import FLOW_FAMILIES, FLOW_SCHEDULERS
+from bot.families import FLOW_FAMILIES, FLOW_SCHEDULERS, SIZE_STEPS
 from bot.lora_text import MAX_LORAS_TEXT as MAX_LORAS_TEXT  # the cogs bound `lora:` with it
 from bot.lora_text import MAX_NAME_CHARS, NAME, Loras, lora_pairs, parse_loras, shown
 from bot.requests import ALL_SCHEDULERS, InvalidRequest, Limits
@@ -188,6 +188,7 @@ class Catalog:
             default_height=side(entry.height, base.default_height),
             default_scheduler=entry.scheduler
             or (FLOW_SCHEDULERS[0] if entry.family in FLOW_FAMILIES else base.default_scheduler),
+            size_step=SIZE_STEPS.get(entry.family or "", base.size_step),
         )
 
     def sources(self) -> list[tuple[str, str, str | None]]:

@@ -54,6 +54,7 @@ class Limits:
     default_height: int = 512
     default_strength: float = 0.6
     default_scheduler: str = DEFAULT_SCHEDULER
+    size_step: int = SIZE_STEP  # sides are multiples of it: the model family's patch grid
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,11 @@ def _side(option: str, value: Any, default: int, limits: Limits) -> int:
     if value is None:
         return default
     side = _integer(option, value, limits.min_side, limits.max_side)
-    if side % SIZE_STEP:
+    if side % limits.size_step:
         raise InvalidRequest(
             option,
-            f"must be a multiple of {SIZE_STEP} from {limits.min_side} to {limits.max_side}, "
-            f"got {side}.",
+            f"must be a multiple of {limits.size_step} from {limits.min_side} to "
+            f"{limits.max_side}, got {side}.",
         )
     return side
 
@@ -232,14 +233,16 @@ def _negative(prefix: str, member: str) -> str:
 def fitted_size(width: int, height: int, limits: Limits) -> tuple[int, int]:
     """The size an upload of `width`×`height` is drawn at: about the model's default area
     (`limits`, the model's own), the upload's aspect ratio, sides multiples of 8 within the
-    limits; an extreme ratio is centre-cropped to fit rather than stretched."""
-    low, high = -(-limits.min_side // 8) * 8, limits.max_side // 8 * 8
+    limits (of 16 on FLUX: `Limits.size_step`); an extreme ratio is centre-cropped to fit
+    rather than stretched."""
+    step = limits.size_step
+    low, high = -(-limits.min_side // step) * step, limits.max_side // step * step
     scale = math.sqrt(limits.default_width * limits.default_height / (width * height))
     scale = min(scale, high / max(width, height))  # the long side fits
     scale = max(scale, low / min(width, height))  # the short side is not too short
 
     def side(value: float) -> int:
-        return max(low, min(high, round(value * scale / 8) * 8))
+        return max(low, min(high, round(value * scale / step) * step))
 
     return side(width), side(height)
 

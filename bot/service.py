@@ -19,7 +19,7 @@ from bot.db.members import MemberDefaults
 from bot.downloads import ModelNotAvailable, missing_sources
 from bot.eta import seconds_per_unit, wait_seconds
 from bot.executor import Executor, ExecutorTuning, JobResult, Outlets, Runner
-from bot.families import WEIGHTED_FAMILIES, family_name, model_family
+from bot.families import SIZE_STEPS, WEIGHTED_FAMILIES, family_name, model_family
 from bot.gate import Gate
 from bot.handoff import Undeliverable
 from bot.images import read_parameters
@@ -69,10 +69,18 @@ def prompt_chunks(runner: ModelRunner, request: GenerationRequest, limit: int) -
     return counts[0], counts[1]
 
 
-def check_prompt_syntax(request: GenerationRequest, family: str | None) -> None:
-    """Weights and `BREAK` only on families whose encoding reads them (SD, SDXL); on any
-    other an InvalidRequest says so for that model, instead of the syntax reaching the
-    encoder as literal text. A flow model reads no negative prompt, so only the prompt counts."""
+def check_family(request: GenerationRequest, family: str | None) -> None:
+    """What the model's family cannot run, refused naming the model: weights and `BREAK`
+    where the encoding does not read them (only SD's and SDXL's do; a flow model reads no
+    negative prompt, so only the prompt counts), a size off the family's patch grid."""
+    step = SIZE_STEPS.get(family or "", 8)
+    for option, side in (("width", request.width), ("height", request.height)):
+        if side % step:
+            raise InvalidRequest(
+                option,
+                f"must be a multiple of {step} on {request.model}, a {family_name(family)} "
+                f"model; got {request.width}×{request.height}.",
+            )
     if family is None or family in WEIGHTED_FAMILIES:
         return
     segments = parse_weights(request.prompt)
@@ -219,7 +227,7 @@ class ImagineService:
         request = validate(
             raw, self.settings.limits, self.catalog, init_image=shape, upload_size=upload_size
         )
-        check_prompt_syntax(request, self.catalog.models[request.model].family)
+        check_family(request, self.catalog.models[request.model].family)
         prompt_chunks(self.runner, request, self.settings.max_prompt_chunks)
         return request
 

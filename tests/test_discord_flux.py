@@ -111,3 +111,38 @@ async def test_an_sd_scheduler_on_the_flux_entry_is_refused_with_nothing_queued(
     assert "Flow Euler" in response.content
     assert await flux_bot.store.read(jobs.count) == 0
     assert flux_bot.runner.calls == []
+
+
+async def press(w, bot, member, message, custom_id):
+    """Click a result's button; (the new job's record, its delivered pixels)."""
+    click = await w.fake.click_button(member, message, custom_id)
+    job_id = job_id_of((await click.wait_original(lambda m: "job #" in m.content)).content)
+    result = await click.wait_followup(timeout=30)
+    await bot.wait_idle()
+    return await bot.store.read(jobs.get, job_id), pixels(result.attachments[0]).astype(int)
+
+
+async def test_vary_upscale_and_zoom_out_work_on_a_flux_result(discord_world, flux_bot):
+    w = discord_world
+    inter = await flux_bot.imagine(w.alice, prompt="a mill", model="flux", seed=3, steps=4)
+    parent_id = job_id_of((await inter.wait_response()).content)
+    result = await inter.wait_followup(timeout=30)
+    parent = pixels(result.attachments[0]).astype(int)
+    await flux_bot.wait_idle()
+
+    varied, image = await press(w, flux_bot, w.bob, result, f"vary:{parent_id}:0:strong")
+    assert (varied.job.request.model, varied.job.request.mode) == ("flux", "image")
+    assert image.shape == (64, 64, 3) and np.abs(image - parent).mean() > 1
+
+    upscaled, image = await press(w, flux_bot, w.bob, result, f"op:{parent_id}:0:upscale-subtle")
+    assert (upscaled.job.request.model, upscaled.job.request.mode) == ("flux", "image")
+    assert image.shape == (128, 128, 3)
+
+    zoomed, image = await press(w, flux_bot, w.alice, result, f"op:{parent_id}:0:zoom-2")
+    request = zoomed.job.request
+    assert (request.model, request.mode, request.keep_box) == ("flux", "inpaint", (32, 32, 96, 96))
+    assert image.shape == (128, 128, 3)
+    assert np.array_equal(image[32 + 16 : 96 - 16, 32 + 16 : 96 - 16], parent[16:-16, 16:-16])
+    modes = [key.mode for key, _ in flux_bot.runner.calls[-3:]]
+    assert modes == ["image", "image", "inpaint"]
+    assert all(key.scheduler == "Flow Euler" for key, _ in flux_bot.runner.calls)

@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers/huggingface_hub read it
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,15 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from factories import pixels
+from PIL import Image
 
 from bot.families import model_family
 from bot.models import Catalog, ModelEntry
 from bot.pipelines import PipelineOptions, PipelineRunner, load_pipeline
+from bot.pipelines.flow import flow_strength
+from bot.pipelines.per_image import strength_for
 from bot.requests import BatchKey, ImageSpec, InvalidRequest, Limits, RawOptions, validate
-from bot.service import check_prompt_syntax
+from bot.service import check_family
 
 SPECS = [
     ImageSpec("a red cat on a sofa", "", 11, guidance=3.5),
@@ -121,7 +125,64 @@ def test_weights_and_break_are_refused_on_flux_naming_the_model(prompt: str) -> 
     catalog = flux_catalog()
     request = validate(RawOptions(prompt, model="flux"), Limits(), catalog)
     with pytest.raises(InvalidRequest, match=r"flux is a FLUX\.1 model, which takes no weights"):
-        check_prompt_syntax(request, "flux")
-    check_prompt_syntax(validate(RawOptions(prompt), Limits(), catalog), "sd")  # SD reads them
+        check_family(request, "flux")
+    check_family(validate(RawOptions(prompt), Limits(), catalog), "sd")  # SD reads them
     plain = validate(RawOptions(r"a \(red\) fox", model="flux"), Limits(), catalog)
-    check_prompt_syntax(plain, "flux")
+    check_family(plain, "flux")
+
+
+def test_flux_image_mode_denoises_the_keys_steps_per_image(runner: PipelineRunner) -> None:
+    (parent,) = runner.generate(key(), SPECS[:1])
+    image_key = key(mode="image", steps=4, image_steps=2)
+    specs = [replace(spec, init_image=parent.image) for spec in SPECS]
+    seen: list[tuple[int, int]] = []
+    batch = runner.generate(image_key, specs, progress=lambda d, t, _p: seen.append((d, t)))
+    assert seen == [(1, 2), (2, 2)]  # the last 2 of 4 steps, as SD's image-to-image counts
+    for spec, in_batch in zip(specs, batch, strict=True):
+        (alone,) = runner.generate(image_key, [spec])
+        assert np.abs(pixels(alone) - pixels(in_batch)).max() <= 1, spec
+        assert in_batch.image.size == (64, 64)
+
+
+@pytest.mark.parametrize(("steps", "image_steps"), [(4, 1), (10, 6), (22, 15), (7, 7)])
+def test_flow_strength_gives_fluxs_image_to_image_the_keys_steps(
+    steps: int, image_steps: int
+) -> None:
+    strength = flow_strength(steps, strength_for(steps, image_steps))
+    # diffusers' FluxImg2ImgPipeline.get_timesteps: steps - int(steps - steps × strength)
+    assert steps - int(max(steps - min(steps * strength, steps), 0)) == image_steps
+
+
+def test_flux_inpaint_keeps_the_box_and_is_the_same_alone(runner: PipelineRunner) -> None:
+    (parent,) = runner.generate(key(), SPECS[:1])
+    canvas = Image.new("RGB", (96, 64))
+    canvas.paste(parent.image, (16, 0))
+    box = (16, 0, 80, 64)
+    paint_key = key(mode="inpaint", width=96)
+    specs = [replace(spec, init_image=canvas, keep_box=box) for spec in SPECS[:2]]
+    batch = runner.generate(paint_key, specs)
+    for spec, in_batch in zip(specs, batch, strict=True):
+        (alone,) = runner.generate(paint_key, [spec])
+        assert np.abs(pixels(alone) - pixels(in_batch)).max() <= 1, spec
+        kept = pixels(in_batch)[16:-16, 32:64]  # inside the box, past the feather
+        assert np.array_equal(kept, pixels(parent)[16:-16, 16:48])
+
+
+def test_a_flux_size_off_its_16_pixel_grid_is_refused_naming_the_model() -> None:
+    catalog = flux_catalog()
+    # As Zoom Out ×1.5 makes of a 336-pixel parent: the size comes from the start picture.
+    request = replace(validate(RawOptions("a fox", model="flux"), Limits(), catalog), width=264)
+    with pytest.raises(InvalidRequest, match=r"`width`: must be a multiple of 16 on flux"):
+        check_family(request, "flux")
+    check_family(validate(RawOptions("a fox", width=264), Limits(), catalog), "sd")
+
+
+@pytest.mark.parametrize("upload", [(1000, 600), (333, 777), (4000, 90)])
+def test_an_upload_on_flux_is_drawn_on_its_16_pixel_grid(upload: tuple[int, int]) -> None:
+    catalog = flux_catalog()
+    raw = RawOptions("a fox", model="flux")
+    request = validate(raw, Limits(), catalog, init_image=("h", 8, 8), upload_size=upload)
+    assert request.width % 16 == 0 and request.height % 16 == 0
+    check_family(request, "flux")
+    with pytest.raises(InvalidRequest, match=r"multiple of 16 from 256 to 1024, got 520"):
+        validate(RawOptions("a fox", model="flux", width=520), Limits(), catalog)

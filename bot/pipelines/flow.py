@@ -8,6 +8,7 @@ What differs from Stable Diffusion, and where it is handled:
 - guidance: FLUX.1 [dev] is guidance-distilled, its transformer embeds the scale per sample;
   `FlowPerImage.guided_call` hands it each image's own. No classifier-free pass; [schnell]
   (no guidance embedding) ignores the scale, as in diffusers;
+- image-to-image: the runner's strength (chosen for SD's step count) becomes FLUX's own;
 - latents: packed 2×2 patches, unpacked here for decoding and previews; the VAE's shift is
   applied by the runner's own decoding.
 """
@@ -87,6 +88,10 @@ class FlowPerImage:
             return args, inputs
 
         width, height = _size(kwargs)
+        # FLUX image-to-image resizes to 1024² unless told the size (SD's keeps the image's).
+        kwargs.update(width=width, height=height)
+        if "strength" in kwargs:
+            kwargs["strength"] = flow_strength(kwargs["num_inference_steps"], kwargs["strength"])
         on_step = kwargs.pop("callback_on_step_end", None)
         if on_step is not None:
             kwargs["callback_on_step_end"] = self._unpacked(on_step, width, height)
@@ -107,6 +112,14 @@ class FlowPerImage:
             return tensors
 
         return callback
+
+
+def flow_strength(steps: int, strength: float) -> float:
+    """The strength for which diffusers' FLUX image-to-image denoises the steps SD's does at
+    `strength` (int(steps × strength): what the runner's strength is chosen for). FLUX counts
+    steps - int(steps - steps × strength) instead; the middle of its interval is exact."""
+    image_steps = min(int(steps * strength), steps)
+    return 1.0 if image_steps >= steps else (image_steps - 0.5) / steps
 
 
 def _size(kwargs: dict[str, Any]) -> tuple[int, int]:
