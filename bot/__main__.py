@@ -155,6 +155,7 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
         loras=args.lora,
     )
     try:
+        await service.check_sources()  # the model's family decides what validation allows
         request = service.validate(raw)
     except InvalidRequest as problem:
         await service.store.close()

@@ -179,12 +179,17 @@ class ImagineService:
     def remove_progress_listener(self, listener: ProgressListener) -> None:
         self._progress.remove(listener)
 
-    async def load_model(self) -> None:
-        """Note the allowlisted sources not here (refused to members); load the default model."""
+    async def check_sources(self) -> None:
+        """Note the allowlisted sources not here (refused to members) and each model's family
+        (which validation needs), without loading any weights."""
         sources, cache = self.catalog.sources(), self.settings.model_cache
         self.catalog.missing = await asyncio.to_thread(missing_sources, sources, cache)
         families = await asyncio.to_thread(model_families, self.catalog, cache)
         self.catalog.learn_families(families)
+
+    async def load_model(self) -> None:
+        """Check the allowlisted sources (`check_sources`); load the default model."""
+        await self.check_sources()
         if self.settings.executor == "ray":
             require_default_model(self.catalog)  # each worker loads it, on its own device
         else:

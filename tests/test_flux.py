@@ -8,7 +8,10 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers/huggingface_hub read it
 
+import argparse
+import dataclasses
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +23,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from factories import pixels
 from PIL import Image
 
+from bot.__main__ import generate
 from bot.families import model_family
 from bot.models import Catalog, ModelEntry
 from bot.pipelines import PipelineOptions, PipelineRunner, load_pipeline
@@ -186,3 +190,39 @@ def test_an_upload_on_flux_is_drawn_on_its_16_pixel_grid(upload: tuple[int, int]
     check_family(request, "flux")
     with pytest.raises(InvalidRequest, match=r"multiple of 16 from 256 to 1024, got 520"):
         validate(RawOptions("a fox", model="flux", width=520), Limits(), catalog)
+
+
+def test_without_a_guidance_embedding_guidance_changes_nothing(cache: Path) -> None:
+    """FLUX.1 [schnell]'s transformer embeds no guidance: the scale is ignored, as in diffusers."""
+    schnell = cache / "tiny-flux-schnell"
+    if not schnell.exists():
+        shutil.copytree(cache / "tiny-flux", schnell)
+        config = schnell / "transformer" / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": False}))
+    runner = PipelineRunner(PipelineOptions(device="cpu", cache_dir=cache))
+    assert not runner.load(str(schnell)).transformer.config.guidance_embeds
+    spec = SPECS[0]
+    low, high = runner.generate(
+        key(model=str(schnell)), [replace(spec, guidance=1.0), replace(spec, guidance=9.0)]
+    )
+    assert np.array_equal(pixels(low), pixels(high))
+
+
+async def test_the_command_line_refuses_an_sd_scheduler_on_a_flux_model(settings, capsys) -> None:
+    """`python -m bot generate` validates before the model loads: the family is read first."""
+    args = argparse.Namespace(
+        prompt="a fox",
+        seed=1,
+        negative_prompt=None,
+        steps=2,
+        guidance=None,
+        width=None,
+        height=None,
+        scheduler="Euler",
+        count=1,
+        model=None,
+        lora=None,
+        out=None,
+    )
+    assert await generate(dataclasses.replace(settings, model_id="tiny-flux"), args) == 2
+    assert "Euler does not apply to tiny-flux, a FLUX.1 model" in capsys.readouterr().err
