@@ -226,3 +226,13 @@ async def test_the_command_line_refuses_an_sd_scheduler_on_a_flux_model(settings
     )
     assert await generate(dataclasses.replace(settings, model_id="tiny-flux"), args) == 2
     assert "Euler does not apply to tiny-flux, a FLUX.1 model" in capsys.readouterr().err
+
+
+def test_a_flux_prompt_is_counted_in_t5_tokens(runner: PipelineRunner, cache: Path) -> None:
+    """The tiny T5 tokenizer reads every space as a token, the tiny CLIP one does not: 75
+    words of one letter are 150 T5 tokens, two chunks of 75."""
+    prompt = "a " * 75
+    assert runner.prompt_chunks("tiny-flux", prompt) == 2
+    fresh = PipelineRunner(PipelineOptions(device="cpu", cache_dir=cache))  # nothing loaded
+    assert fresh.prompt_chunks("tiny-flux", prompt) == 2
+    assert fresh.models.resident_models() == frozenset()

@@ -69,6 +69,16 @@ PIPELINE_FAMILIES: dict[str, type[DiffusionPipeline]] = {
 }
 
 
+# A family whose prompt is bounded by another tokenizer than its first: FLUX.1's CLIP reads
+# 77 tokens for the pooled embedding only; its T5 reads the prompt.
+PROMPT_TOKENIZERS: dict[type[DiffusionPipeline], str] = {FluxPipeline: "tokenizer_2"}
+
+
+def prompt_tokenizer(pipe: DiffusionPipeline) -> Any:
+    """A loaded pipeline's tokenizer that bounds the prompt's length."""
+    return getattr(pipe, PROMPT_TOKENIZERS.get(type(pipe), "tokenizer"))
+
+
 @dataclass
 class PipelineOptions:
     """How pipelines are loaded; one value per bot process, taken from the settings."""
@@ -184,13 +194,15 @@ def weights_bytes(model_id: str, options: PipelineOptions) -> int:
 
 
 def load_tokenizer(model_id: str, options: PipelineOptions) -> Any:
-    """The model's (first) tokenizer alone, for counting a prompt's chunks without loading
-    the weights."""
+    """The tokenizer that bounds a prompt's length, alone, for counting its chunks without
+    loading the weights: the (first) CLIP one, a flow model's T5 one (`prompt_tokenizer`)."""
     source = _model_folder(model_id, options)
-    kind = _model_index(source).get("tokenizer")
+    index = _model_index(source)
+    name = PROMPT_TOKENIZERS.get(pipeline_family(model_id, source), "tokenizer")
+    kind = index.get(name)
     if not kind:
         raise _not_available(model_id, options, "its tokenizer is not on this machine")
-    return getattr(transformers, kind[1]).from_pretrained(Path(source) / "tokenizer")
+    return getattr(transformers, kind[1]).from_pretrained(Path(source) / name)
 
 
 def load_pipeline(model_id: str, options: PipelineOptions) -> DiffusionPipeline:

@@ -29,6 +29,7 @@ from bot.pipelines.loading import (
     load_pipeline,
     load_tokenizer,
     lora_file,
+    prompt_tokenizer,
     weights_bytes,
 )
 from bot.pipelines.prompt_encoding import PromptEncoder
@@ -110,7 +111,8 @@ class ResidentModels:
             )
         encoder = FlowPromptEncoder(pipe) if is_flow(pipe) else PromptEncoder.for_pipeline(pipe)
         resident = Resident(pipe, encoder, size)
-        tokenizer = copy.deepcopy(pipe.tokenizer)  # the pipeline reconfigures its own per call
+        # A copy: the pipeline reconfigures its own per call.
+        tokenizer = copy.deepcopy(prompt_tokenizer(pipe))
         with self._lock:
             self._sizes[model] = size
             self._tokenizers.setdefault(model, tokenizer)
@@ -160,8 +162,8 @@ class ResidentModels:
         )
 
     def tokenizer(self, model: str) -> Any:
-        """`model`'s (first) tokenizer, kept after the model is unloaded; loaded alone from
-        its files if the model never was."""
+        """`model`'s tokenizer that bounds its prompts (`prompt_tokenizer`), kept after the
+        model is unloaded; loaded alone from its files if the model never was."""
         with self._lock:
             tokenizer = self._tokenizers.get(model)
         if tokenizer is None:

@@ -256,7 +256,8 @@ class PipelineRunner:
 
     def prompt_chunks(self, model: str, prompt: str) -> int:
         """The 75-token chunks `prompt` is encoded in (at least one; `BREAK` starts another),
-        from the model's tokenizer alone. Raises InvalidRequest on a weight syntax error."""
+        from the model's tokenizer alone (a flow model's T5 tokens, counted in chunks of 75
+        too). Raises InvalidRequest on a weight syntax error."""
         return len(tokenize_chunks(self.models.tokenizer(model), prompt))
 
     def generate(
