@@ -92,10 +92,7 @@ def held_runner(tiny_runner):
 @pytest.fixture
 async def imagine_bot(discord_world, settings, held_runner):
     """The bot, connected to `discord_world.fake`, running on `held_runner`."""
-    from harness.in_process import running_bot
+    from harness.in_process import held_bot
 
-    async with running_bot(discord_world.fake, settings, runner=held_runner) as running:
-        try:
-            yield running
-        finally:
-            held_runner.release()  # a test that failed while holding must not stall teardown
+    async with held_bot(discord_world.fake, settings, held_runner) as running:
+        yield running

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from factories import pixels
 from harness.answers import job_id_of
-from harness.in_process import HeldRunner, allowlist_runner, running_bot
+from harness.in_process import HeldRunner, allowlist_file, allowlist_runner, held_bot
 
 from bot.db import jobs
 from bot.images import read_parameters
@@ -33,9 +33,7 @@ guidance = 3.5
 
 @pytest.fixture(scope="module")
 def models_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("allowlist") / "models.toml"
-    path.write_text(MODELS_TOML)
-    return path
+    return allowlist_file(tmp_path_factory.mktemp("allowlist"), MODELS_TOML)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +43,9 @@ def flux_runner(model_cache, models_file):
 
 @pytest.fixture
 async def flux_bot(discord_world, settings, models_file, flux_runner):
-    runner = HeldRunner(flux_runner)
     settings = replace(settings, models_file=models_file)
-    async with running_bot(discord_world.fake, settings, runner=runner) as running:
-        try:
-            yield running
-        finally:
-            runner.release()
+    async with held_bot(discord_world.fake, settings, HeldRunner(flux_runner)) as running:
+        yield running
 
 
 async def delivered(inter):

@@ -14,7 +14,7 @@ import pytest
 from conftest import TEST_LIMITS
 from factories import pixels
 from harness.answers import embed_field, job_id_of
-from harness.in_process import HeldRunner, allowlist_runner, running_bot
+from harness.in_process import HeldRunner, allowlist_file, allowlist_runner, held_bot, running_bot
 from PIL import Image
 
 from bot.db import jobs, members
@@ -47,9 +47,7 @@ description = "A toy LoRA"
 
 @pytest.fixture(scope="module")
 def models_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("allowlist") / "models.toml"
-    path.write_text(MODELS_TOML)
-    return path
+    return allowlist_file(tmp_path_factory.mktemp("allowlist"), MODELS_TOML)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +59,9 @@ def models_runner(model_cache, models_file):
 @pytest.fixture
 async def models_bot(discord_world, settings, models_file, models_runner):
     """The bot on the allowlist (MODELS_FILE), its runner behind a gate."""
-    runner = HeldRunner(models_runner)
     settings = replace(settings, models_file=models_file)
-    async with running_bot(discord_world.fake, settings, runner=runner) as running:
-        try:
-            yield running
-        finally:
-            runner.release()
+    async with held_bot(discord_world.fake, settings, HeldRunner(models_runner)) as running:
+        yield running
 
 
 async def result_of(bot, member, **options):

@@ -13,7 +13,7 @@ from typing import Any
 import discord
 import pytest
 from harness.answers import attachment_names, job_id_of
-from harness.in_process import HeldRunner, allowlist_runner, running_bot
+from harness.in_process import HeldRunner, allowlist_file, allowlist_runner, held_bot
 
 from bot.db import jobs
 from bot.models import ModelsFileError, load_catalog
@@ -38,9 +38,7 @@ REFUSED = "tiny-adult works only in age-restricted channels; here choose one of:
 
 @pytest.fixture(scope="module")
 def models_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("allowlist") / "models.toml"
-    path.write_text(MODELS_TOML)
-    return path
+    return allowlist_file(tmp_path_factory.mktemp("allowlist"), MODELS_TOML)
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +69,8 @@ async def nsfw_bot(discord_world, settings, models_file, nsfw_runner, adult, req
     chosen = getattr(request, "param", None)
     runner = (HeldRunner if chosen is None else FlaggingRunner)(nsfw_runner)
     settings = replace(settings, models_file=models_file, nsfw_channels=chosen or "withhold")
-    async with running_bot(discord_world.fake, settings, runner=runner) as running:
-        try:
-            yield running
-        finally:
-            runner.release()
+    async with held_bot(discord_world.fake, settings, runner) as running:
+        yield running
 
 
 async def refusal(inter) -> str:

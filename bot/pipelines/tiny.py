@@ -122,14 +122,15 @@ def _tiny_unet() -> UNet2DConditionModel:
     )
 
 
-def _tiny_vae(**config: Any) -> AutoencoderKL:
-    """Four blocks give SD's VAE scale factor of 8: 64×64 pixels ↔ 8×8 latents."""
+def tiny_vae(latent_channels: int = 4, **config: Any) -> AutoencoderKL:
+    """Four blocks give SD's VAE scale factor of 8: 64×64 pixels ↔ 8×8 latents (FLUX's has
+    16 latent channels)."""
     return AutoencoderKL(
         sample_size=64,
         block_out_channels=(8, 8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
+        latent_channels=latent_channels,
         layers_per_block=1,
         norm_num_groups=4,
         **config,
@@ -142,7 +143,7 @@ def _tiny_pipeline(with_safety_checker: bool) -> StableDiffusionPipeline:
     ids = _text_ids(tokenizer)
     # Built in this order: the seed then gives every release the same weights (and pixels).
     unet = _tiny_unet()
-    vae = _tiny_vae()
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(**_SMALL, **ids, num_hidden_layers=2, max_position_embeddings=77)
     )
@@ -198,7 +199,7 @@ def _tiny_sdxl_pipeline() -> StableDiffusionXLPipeline:
         norm_num_groups=32,
     )
     return StableDiffusionXLPipeline(
-        vae=_tiny_vae(scaling_factor=0.13025, force_upcast=True),
+        vae=tiny_vae(scaling_factor=0.13025, force_upcast=True),
         text_encoder=CLIPTextModel(text),
         text_encoder_2=CLIPTextModelWithProjection(text),
         tokenizer=tokenizer,

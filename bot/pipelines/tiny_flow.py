@@ -12,14 +12,20 @@ import string
 from pathlib import Path
 
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
-from bot.pipelines.tiny import _SMALL, _refuse_foreign, _save_built, _text_ids, tiny_tokenizer
+from bot.pipelines.tiny import (
+    _SMALL,
+    _refuse_foreign,
+    _save_built,
+    _text_ids,
+    tiny_tokenizer,
+    tiny_vae,
+)
 
 TINY_FLUX = "tiny-flux"
 # The T5 sequence length of the tiny model (FLUX.1 reads 512 tokens, [schnell] 256).
@@ -63,14 +69,8 @@ def _tiny_flux_pipeline() -> FluxPipeline:
         guidance_embeds=True,
         axes_dims_rope=(4, 4, 8),
     )
-    vae = AutoencoderKL(
-        sample_size=64,
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+    vae = tiny_vae(
         latent_channels=16,
-        layers_per_block=1,
-        norm_num_groups=4,
         use_quant_conv=False,
         use_post_quant_conv=False,
         scaling_factor=0.3611,  # FLUX.1's VAE

@@ -181,3 +181,23 @@ async def running_bot(
     finally:
         await service.store.close()  # in case closing the service failed half-way
         discord.http.Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = saved
+
+
+def allowlist_file(folder: Path, text: str) -> Path:
+    """A models.toml holding `text` in `folder`, for a module's allowlist."""
+    path = folder / "models.toml"
+    path.write_text(text)
+    return path
+
+
+@asynccontextmanager
+async def held_bot(
+    fake: FakeDiscord, settings: Settings, runner: HeldRunner
+) -> AsyncIterator[RunningBot]:
+    """The bot on `runner`, its gate released however the test ends: a test that failed
+    while holding must not stall teardown."""
+    async with running_bot(fake, settings, runner=runner) as running:
+        try:
+            yield running
+        finally:
+            runner.release()
